@@ -1,0 +1,77 @@
+"""Loading of the compiled modules and the raw-pointer calling convention.
+
+The C++/CUDA modules do not link libtorch. Every kernel entry point takes integers: data pointers
+(``tensor.data_ptr()``), sizes, row strides in *elements*, dtype codes (below) and, for CUDA, the
+stream handle (``torch.cuda.current_stream().cuda_stream``). Output buffers are allocated in Python
+and written by the kernel. Inner (last-dim) strides are always 1: callers make that so.
+
+Routing entry points of ``_cpu`` and ``_cuda`` (``_cuda``'s take a trailing ``stream`` argument and
+``route`` also takes a ``workspace`` pointer, see ``route_workspace_numel``):
+
+route(ids, ids_is_int64, T, k, E, capacity, align, row_id_map, tokens_per_expert, expert_offsets)
+    ids [T, k] contiguous int32/int64, entries in [-1, E); capacity < 0 means none.
+    Writes row_id_map [T, k] int64, tokens_per_expert [E] int64, expert_offsets [E + 1] int64.
+permute(x, stride_x, elem_size, T, H, row_id_map, k, expert_offsets, tokens_per_expert, E,
+        num_rows, out)
+    Moves bytes: out[row_id_map[t, j]] = x[t] for every routed slot; every other row of out
+    [num_rows, H] (padding and the tail past expert_offsets[E]) is zeroed. Any element size.
+unpermute(y, stride_y, dtype, num_rows, H, row_id_map, T, k, probs, probs_dtype, out)
+    out[t] = sum_j probs[t, j] * y[row_id_map[t, j]] over slots with a row >= 0 (weight 1 when
+    probs == 0), accumulated in fp32 (fp64 for fp64), in slot order j = 0..k-1, cast to y's dtype.
+unpermute_bwd(grad_out, stride_g, y, stride_y, dtype, num_rows, H, row_id_map, T, k,
+              expert_offsets, tokens_per_expert, E, probs, probs_dtype, grad_y, grad_probs)
+    grad_y[row_id_map[t, j]] = probs[t, j] * grad_out[t] (plain copy when probs == 0), other rows
+    of grad_y zero; grad_probs[t, j] = <grad_out[t], y[row_id_map[t, j]]> accumulated in fp32
+    (fp64 for fp64), 0 for slots with row -1; grad_probs is skipped when probs == 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# dtype codes shared with csrc/common/dtype.h
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+    torch.float8_e4m3fn: 6,
+    torch.float8_e5m2: 7,
+    torch.uint8: 8,
+    torch.int8: 9,
+}
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPE_CODES[dtype]
+
+
+def _load(name: str):
+    try:
+        if name == "_cpu":
+            from compass_kernels import _cpu as mod
+        else:
+            from compass_kernels import _cuda as mod
+        return mod, None
+    except ImportError as e:  # not built, or built for another Python
+        return None, f"compass_kernels.{name} not importable: {e}"
+
+
+cpu_module, cpu_missing = _load("_cpu")
+cuda_module, cuda_missing = _load("_cuda")
+
+try:
+    from compass_kernels import _build_info as build_info
+except ImportError:
+    build_info = None
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def stream_of(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
