@@ -27,6 +27,8 @@ unpermute_bwd(grad_out, stride_g, y, stride_y, dtype, num_rows, H, row_id_map, T
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 # dtype codes shared with csrc/common/dtype.h
@@ -51,11 +53,7 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def _load(name: str):
     try:
-        if name == "_cpu":
-            from compass_kernels import _cpu as mod
-        else:
-            from compass_kernels import _cuda as mod
-        return mod, None
+        return importlib.import_module(f"compass_kernels.{name}"), None
     except ImportError as e:  # not built, or built for another Python
         return None, f"compass_kernels.{name} not importable: {e}"
 
@@ -64,7 +62,7 @@ cpu_module, cpu_missing = _load("_cpu")
 cuda_module, cuda_missing = _load("_cuda")
 
 try:
-    from compass_kernels import _build_info as build_info
+    build_info = importlib.import_module("compass_kernels._build_info")
 except ImportError:
     build_info = None
 
@@ -75,3 +73,21 @@ def ptr(t: torch.Tensor | None) -> int:
 
 def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _poison_enabled() -> bool:
+    import os
+
+    return os.environ.get("COMPASS_POISON", "0") == "1"
+
+
+def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty`` for kernel outputs. With ``COMPASS_POISON=1`` (tests) the buffer is filled
+    with NaN (floats) or all-ones bits (integers) first, so rows a kernel forgot to write show."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    if _poison_enabled() and out.numel():
+        if dtype.is_floating_point and out.element_size() > 1:
+            out.fill_(float("nan"))
+        else:
+            out.view(torch.uint8).fill_(0xFF) if out.element_size() == 1 else out.fill_(-1)
+    return out

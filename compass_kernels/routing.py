@@ -1,0 +1,366 @@
+"""MoE token routing: ``route`` -> ``permute`` -> (experts) -> ``unpermute``.
+
+This is Compass-v3's "custom memcpy operator" for the MoE dispatch and combine stages: the combine
+(unpermute) gathers each token's k expert outputs and sums them with the router weights in one pass,
+fp32 accumulation, no atomics, deterministic, instead of index_select + multiply + index_add.
+
+Stack (STYLE.md): references in ``routing_ref`` -> backend launchers here -> ``torch.library``
+custom ops with fake tensors and autograd -> the public functions ``route``, ``permute``,
+``unpermute``. No host synchronisation on the fast path: shapes come from arguments, value checks
+that read data run eagerly on CPU tensors and on GPU only with ``COMPASS_CHECK=1``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from compass_kernels import _backend, _ext
+from compass_kernels.routing_ref import (
+    num_rows_bound,
+    permute_ref,
+    route_ref,
+    unpermute_bwd_ref,
+    unpermute_ref,
+)
+
+__all__ = ["RoutingPlan", "route", "permute", "unpermute"]
+
+_ALL = ("torch", "cpu", "triton", "cuda")
+for _op in ("route", "permute", "unpermute", "unpermute_bwd"):
+    _backend.register(_op, *_ALL)
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Where every (token, slot) goes in the expert-contiguous permuted buffer.
+
+    row_id_map        [T, k] int64  row of each (token, slot); -1 where dropped or unrouted
+    tokens_per_expert [E] int64     kept assignments per expert (capacity applied, padding excluded)
+    expert_offsets    [E + 1] int64 start row of each expert's segment (padding included)
+    num_rows          int           static row count of the permuted buffer (>= expert_offsets[-1])
+    """
+
+    row_id_map: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    expert_offsets: torch.Tensor
+    num_rows: int
+    num_tokens: int
+    topk: int
+    num_experts: int
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (names the argument and what was expected)
+
+
+def _check_values() -> bool:
+    return os.environ.get("COMPASS_CHECK", "0") == "1"
+
+
+def _check_topk_ids(topk_ids, num_experts: int) -> None:
+    if not isinstance(topk_ids, torch.Tensor):
+        raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
+    if torch.compiler.is_compiling() or topk_ids.numel() == 0:
+        return
+    if topk_ids.device.type == "cpu" or _check_values():
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < -1 or hi >= num_experts:
+            bad = lo if lo < -1 else hi
+            raise ValueError(
+                f"topk_ids must hold values in [-1, num_experts) = [-1, {num_experts}), found {bad}"
+            )
+
+
+def _check_plan(plan) -> None:
+    if not isinstance(plan, RoutingPlan):
+        raise TypeError(f"plan must be a RoutingPlan (from compass_kernels.route), got {type(plan).__name__}")
+
+
+def _check_probs(probs, plan: RoutingPlan, device) -> None:
+    if probs is None:
+        return
+    if not isinstance(probs, torch.Tensor) or not probs.dtype.is_floating_point:
+        raise TypeError(f"probs must be a floating-point tensor, got {getattr(probs, 'dtype', type(probs))}")
+    if tuple(probs.shape) != (plan.num_tokens, plan.topk):
+        raise ValueError(f"probs must have shape [T, k] = [{plan.num_tokens}, {plan.topk}], got {tuple(probs.shape)}")
+    if probs.device != device:
+        raise ValueError(f"probs is on {probs.device}, expected {device}")
+
+
+def _check_rows(name: str, t, rows, device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    if t.shape[0] != rows:
+        raise ValueError(f"{name} must have {rows} rows (from the plan), got {t.shape[0]}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the plan is on {device}")
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take a row stride but need unit stride along the hidden dim."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# backend launchers: validate nothing (the public functions did), allocate, launch
+
+
+def _triton():
+    from compass_kernels.triton import routing as tr
+
+    return tr
+
+
+def _route_impl(topk_ids, num_experts: int, capacity: int, align: int):
+    backend = _backend.resolve("route", topk_ids.device)
+    cap = None if capacity < 0 else capacity
+    if backend == "torch":
+        return route_ref(topk_ids, num_experts, cap, align)
+    T, k = topk_ids.shape
+    ids = topk_ids.contiguous()
+    row = _ext.empty(T, k, dtype=torch.int64, device=ids.device)
+    tpe = _ext.empty(num_experts, dtype=torch.int64, device=ids.device)
+    off = _ext.empty(num_experts + 1, dtype=torch.int64, device=ids.device)
+    is64 = ids.dtype == torch.int64
+    if backend == "cpu":
+        _ext.cpu_module.route(ids.data_ptr(), is64, T, k, num_experts, capacity, align,
+                              row.data_ptr(), tpe.data_ptr(), off.data_ptr())
+    elif backend == "triton":
+        tr = _triton()
+        ws = _ext.empty(tr.route_workspace_numel(T, k, num_experts), dtype=torch.int64, device=ids.device)
+        tr.route(ids, num_experts, capacity, align, row, tpe, off, ws)
+    else:
+        m = _ext.cuda_module
+        ws = _ext.empty(m.route_workspace_numel(T, k, num_experts), dtype=torch.int64, device=ids.device)
+        m.route(ids.data_ptr(), is64, T, k, num_experts, capacity, align, row.data_ptr(), tpe.data_ptr(),
+                off.data_ptr(), ws.data_ptr(), _ext.stream_of(ids))
+    return row, tpe, off
+
+
+def _permute_impl(x, row_id_map, expert_offsets, tokens_per_expert, num_rows: int):
+    backend = _backend.resolve("permute", x.device)
+    if backend == "torch":
+        return permute_ref(x, row_id_map, num_rows)
+    x = _rowmajor(x)
+    T, H = x.shape
+    k = row_id_map.shape[1]
+    E = tokens_per_expert.shape[0]
+    out = _ext.empty(num_rows, H, dtype=x.dtype, device=x.device)
+    if backend == "triton":
+        _triton().permute(x, row_id_map, expert_offsets, tokens_per_expert, out)
+        return out
+    args = (x.data_ptr(), x.stride(0), x.element_size(), T, H, row_id_map.data_ptr(), k,
+            expert_offsets.data_ptr(), tokens_per_expert.data_ptr(), E, num_rows, out.data_ptr())
+    if backend == "cpu":
+        _ext.cpu_module.permute(*args)
+    else:
+        _ext.cuda_module.permute(*args, _ext.stream_of(x))
+    return out
+
+
+def _unpermute_impl(y, row_id_map, probs):
+    backend = _backend.resolve("unpermute", y.device)
+    if backend == "torch":
+        return unpermute_ref(y, row_id_map, probs)
+    y = _rowmajor(y)
+    probs = None if probs is None else probs.contiguous()
+    R, H = y.shape
+    T, k = row_id_map.shape
+    out = _ext.empty(T, H, dtype=y.dtype, device=y.device)
+    if backend == "triton":
+        _triton().unpermute(y, row_id_map, probs, out)
+        return out
+    pdt = _ext.dtype_code(probs.dtype) if probs is not None else 0
+    args = (y.data_ptr(), y.stride(0), _ext.dtype_code(y.dtype), R, H, row_id_map.data_ptr(), T, k,
+            _ext.ptr(probs), pdt, out.data_ptr())
+    if backend == "cpu":
+        _ext.cpu_module.unpermute(*args)
+    else:
+        _ext.cuda_module.unpermute(*args, _ext.stream_of(y))
+    return out
+
+
+def _unpermute_bwd_impl(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs):
+    backend = _backend.resolve("unpermute_bwd", y.device)
+    if backend == "torch":
+        return unpermute_bwd_ref(grad_out, y, row_id_map, probs)
+    grad_out, y, probs = _rowmajor(grad_out), _rowmajor(y), probs.contiguous()
+    R, H = y.shape
+    T, k = row_id_map.shape
+    E = tokens_per_expert.shape[0]
+    grad_y = _ext.empty(R, H, dtype=y.dtype, device=y.device)
+    grad_probs = _ext.empty(T, k, dtype=probs.dtype, device=y.device)
+    if backend == "triton":
+        _triton().unpermute_bwd(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs,
+                                grad_y, grad_probs)
+        return grad_y, grad_probs
+    args = (grad_out.data_ptr(), grad_out.stride(0), y.data_ptr(), y.stride(0), _ext.dtype_code(y.dtype),
+            R, H, row_id_map.data_ptr(), T, k, expert_offsets.data_ptr(), tokens_per_expert.data_ptr(), E,
+            probs.data_ptr(), _ext.dtype_code(probs.dtype), grad_y.data_ptr(), grad_probs.data_ptr())
+    if backend == "cpu":
+        _ext.cpu_module.unpermute_bwd(*args)
+    else:
+        _ext.cuda_module.unpermute_bwd(*args, _ext.stream_of(y))
+    return grad_y, grad_probs
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: schema, fake tensors, autograd
+
+
+@torch.library.custom_op("compass::route", mutates_args=())
+def _route_op(topk_ids: torch.Tensor, num_experts: int, capacity: int, align: int) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    return _route_impl(topk_ids, num_experts, capacity, align)
+
+
+@_route_op.register_fake
+def _(topk_ids, num_experts, capacity, align):
+    i64 = dict(dtype=torch.int64, device=topk_ids.device)
+    return (topk_ids.new_empty(topk_ids.shape, dtype=torch.int64), torch.empty(num_experts, **i64),
+            torch.empty(num_experts + 1, **i64))
+
+
+@torch.library.custom_op("compass::permute", mutates_args=())
+def _permute_op(x: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Tensor,
+                tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return _permute_impl(x, row_id_map, expert_offsets, tokens_per_expert, num_rows)
+
+
+@_permute_op.register_fake
+def _(x, row_id_map, expert_offsets, tokens_per_expert, num_rows):
+    return x.new_empty(num_rows, x.shape[1])
+
+
+def _permute_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[2], inputs[3])
+
+
+def _permute_backward(ctx, grad):
+    row_id_map, expert_offsets, tokens_per_expert = ctx.saved_tensors
+    # d x[t] = sum_j grad[row(t, j)]: the unweighted combine.
+    return _unpermute_op(grad, row_id_map, expert_offsets, tokens_per_expert, None), None, None, None, None
+
+
+_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+@torch.library.custom_op("compass::unpermute", mutates_args=())
+def _unpermute_op(y: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Tensor,
+                  tokens_per_expert: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    # expert_offsets and tokens_per_expert are only read by the backward (to zero padding rows).
+    return _unpermute_impl(y, row_id_map, probs)
+
+
+@_unpermute_op.register_fake
+def _(y, row_id_map, expert_offsets, tokens_per_expert, probs):
+    return y.new_empty(row_id_map.shape[0], y.shape[1])
+
+
+@torch.library.custom_op("compass::unpermute_bwd", mutates_args=())
+def _unpermute_bwd_op(grad_out: torch.Tensor, y: torch.Tensor, row_id_map: torch.Tensor,
+                      expert_offsets: torch.Tensor, tokens_per_expert: torch.Tensor,
+                      probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _unpermute_bwd_impl(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs)
+
+
+@_unpermute_bwd_op.register_fake
+def _(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs):
+    return y.new_empty(y.shape), probs.new_empty(probs.shape)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y, row_id_map, expert_offsets, tokens_per_expert, probs = inputs
+    ctx.has_probs = probs is not None
+    ctx.num_rows = y.shape[0]
+    ctx.save_for_backward(y if probs is not None else None, row_id_map, expert_offsets, tokens_per_expert, probs)
+
+
+def _unpermute_backward(ctx, grad):
+    y, row_id_map, expert_offsets, tokens_per_expert, probs = ctx.saved_tensors
+    if not ctx.has_probs:  # d y[row(t, j)] = grad[t]: a plain dispatch
+        grad_y = _permute_op(grad, row_id_map, expert_offsets, tokens_per_expert, ctx.num_rows)
+        return grad_y, None, None, None, None
+    grad_y, grad_probs = _unpermute_bwd_op(grad, y, row_id_map, expert_offsets, tokens_per_expert, probs)
+    return grad_y, None, None, None, grad_probs
+
+
+_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def route(topk_ids: torch.Tensor, num_experts: int, capacity: int | None = None, align: int = 1) -> RoutingPlan:
+    """Plan the dispatch of ``topk_ids [T, k]`` (int32/int64, entries in [-1, E)) to E experts.
+
+    Within an expert, assignments keep (token, slot) order; an assignment's row is
+    ``expert_offsets[e] + rank``. ``capacity=C`` drops ranks >= C (row -1); ``align=A`` pads each
+    expert's segment to a multiple of A rows (zero rows, never read back). ``num_rows`` is a static
+    bound (T * k without capacity or align), so nothing here waits on the device.
+    """
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be an int >= 1, got {align!r}")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+        raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
+    _check_topk_ids(topk_ids, num_experts)
+    T, k = topk_ids.shape
+    row_id_map, tokens_per_expert, expert_offsets = _route_op(
+        topk_ids, num_experts, -1 if capacity is None else capacity, align
+    )
+    return RoutingPlan(
+        row_id_map=row_id_map,
+        tokens_per_expert=tokens_per_expert,
+        expert_offsets=expert_offsets,
+        num_rows=num_rows_bound(T, k, num_experts, capacity, align),
+        num_tokens=T,
+        topk=k,
+        num_experts=num_experts,
+    )
+
+
+def permute(x: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = None):
+    """Dispatch: ``x [T, H]`` -> ``[num_rows, H]`` in expert-contiguous order (bit-exact, any dtype).
+
+    Padding rows are zero. With ``probs [T, k]`` also returns the permuted probs ``[num_rows]``.
+    Differentiable in x and probs.
+    """
+    _check_plan(plan)
+    _check_rows("x", x, plan.num_tokens, plan.row_id_map.device)
+    _check_probs(probs, plan, x.device)
+    xp = _permute_op(x, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, plan.num_rows)
+    if probs is None:
+        return xp
+    # probs are per (token, slot): permute them as T*k rows of width 1.
+    T, k = plan.num_tokens, plan.topk
+    pp = _permute_op(probs.reshape(T * k, 1), plan.row_id_map.reshape(T * k, 1), plan.expert_offsets,
+                     plan.tokens_per_expert, plan.num_rows)
+    return xp, pp.reshape(plan.num_rows)
+
+
+def unpermute(y: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Combine: ``out[t] = sum_j probs[t, j] * y[row(t, j)]`` over routed slots -> ``[T, H]``.
+
+    Gather and weighted sum fused in one pass, fp32 accumulation (fp64 for fp64), no atomics,
+    deterministic; output in y's dtype. Weight 1 without probs. Differentiable in y and probs
+    (``d probs[t, j] = <grad_out[t], y[row(t, j)]>``).
+    """
+    _check_plan(plan)
+    _check_rows("y", y, plan.num_rows, plan.row_id_map.device)
+    if not y.dtype.is_floating_point or y.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"y must be float32, float64, float16 or bfloat16, got {y.dtype}")
+    _check_probs(probs, plan, y.device)
+    return _unpermute_op(y, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, probs)

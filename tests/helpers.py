@@ -1,0 +1,68 @@
+"""Test helpers: routing patterns and a plain-loop oracle for route."""
+
+from __future__ import annotations
+
+import torch
+
+from compass_kernels import _backend
+
+
+def cpu_backends() -> list[str]:
+    """Backends that serve CPU tensors in this process (triton only under TRITON_INTERPRET=1)."""
+    return [b for b in ("torch", "cpu", "triton") if _backend.backend_status(b, "cpu")[0]]
+
+
+def make_ids(T: int, k: int, E: int, kind: str = "uniform", dtype=torch.int64, gen=None) -> torch.Tensor:
+    """topk_ids [T, k] for a routing pattern.
+
+    uniform: distinct experts per token (like top-k); skewed: Zipf-like load, distinct per token;
+    one: every slot on expert 0 (duplicates allowed); holes: uniform with ~25% of slots -1;
+    empty: experts E//2.. never used.
+    """
+    if T == 0:
+        return torch.empty(0, k, dtype=dtype)
+    if kind == "one":
+        return torch.zeros(T, k, dtype=dtype)
+    if kind in ("uniform", "holes", "empty"):
+        pool = E if kind != "empty" else max(1, E // 2)
+        if k <= pool:
+            ids = torch.rand(T, pool, generator=gen).argsort(dim=1)[:, :k]
+        else:
+            ids = torch.randint(0, pool, (T, k), generator=gen)
+        if kind == "holes":
+            ids = torch.where(torch.rand(T, k, generator=gen) < 0.25, -1, ids)
+        return ids.to(dtype)
+    if kind == "skewed":
+        w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
+        if k <= E:
+            ids = torch.multinomial(w.expand(T, E), k, replacement=False, generator=gen)
+        else:
+            ids = torch.multinomial(w.expand(T, E), k, replacement=True, generator=gen)
+        return ids.to(dtype)
+    raise ValueError(kind)
+
+
+def route_oracle(topk_ids: torch.Tensor, E: int, capacity=None, align: int = 1):
+    """A plain Python loop: the independent oracle for route (and for route_ref itself)."""
+    T, k = topk_ids.shape
+    ids = topk_ids.tolist()
+    count = [0] * E
+    rank = [[-1] * k for _ in range(T)]
+    for t in range(T):
+        for j in range(k):
+            e = ids[t][j]
+            if e >= 0:
+                rank[t][j] = count[e]
+                count[e] += 1
+    kept = [c if capacity is None else min(c, capacity) for c in count]
+    off = [0]
+    for e in range(E):
+        off.append(off[-1] + (kept[e] + align - 1) // align * align)
+    row = [[-1] * k for _ in range(T)]
+    for t in range(T):
+        for j in range(k):
+            e = ids[t][j]
+            if e >= 0 and (capacity is None or rank[t][j] < capacity):
+                row[t][j] = off[e] + rank[t][j]
+    return (torch.tensor(row, dtype=torch.int64).reshape(T, k), torch.tensor(kept, dtype=torch.int64),
+            torch.tensor(off, dtype=torch.int64))
