@@ -75,6 +75,13 @@ def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def _check_values() -> bool:
+    """COMPASS_CHECK=1: also run the value checks that read device data (they synchronise)."""
+    import os
+
+    return os.environ.get("COMPASS_CHECK", "0") == "1"
+
+
 def _poison_enabled() -> bool:
     import os
 

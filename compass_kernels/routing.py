@@ -12,7 +12,6 @@ that read data run eagerly on CPU tensors and on GPU only with ``COMPASS_CHECK=1
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -56,10 +55,6 @@ class RoutingPlan:
 # validation (names the argument and what was expected)
 
 
-def _check_values() -> bool:
-    return os.environ.get("COMPASS_CHECK", "0") == "1"
-
-
 def _check_topk_ids(topk_ids, num_experts: int) -> None:
     if not isinstance(topk_ids, torch.Tensor):
         raise TypeError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
@@ -69,7 +64,7 @@ def _check_topk_ids(topk_ids, num_experts: int) -> None:
         raise ValueError(f"topk_ids must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
     if torch.compiler.is_compiling() or topk_ids.numel() == 0:
         return
-    if topk_ids.device.type == "cpu" or _check_values():
+    if topk_ids.device.type == "cpu" or _ext._check_values():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < -1 or hi >= num_experts:
             bad = lo if lo < -1 else hi

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -67,6 +69,10 @@ def test_unpermute_matches_reference(kernel_backend, T, H, k, E, kind, capacity,
     if kernel_backend == "cpu":
         # Same slot order, separate multiply and add, fp32 accumulator: bit-identical.
         assert torch.equal(got, want)
+        return
+    if kernel_backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        # Triton's interpreter truncates fp32 -> bf16 instead of rounding to nearest: allow 1 ulp.
+        assert ((got.double() - want.double()).abs() <= want.double().abs() * 2**-7 + 1e-30).all()
         return
     # Other backends may reduce the k slots in another order: within ~2x the error of plain
     # PyTorch in the low precision, measured against a float64 oracle.
