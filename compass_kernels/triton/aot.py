@@ -99,8 +99,9 @@ def compile_case(case, capability: int = 90):
                  if sig[arg].startswith("*") or arg in div16}
         src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
         opts = {"num_warps": options.get("num_warps", 4)}
-        if "num_stages" in options:
-            opts["num_stages"] = options["num_stages"]
+        for key in ("num_stages", "enable_fp_fusion"):
+            if key in options:
+                opts[key] = options[key]
         t0 = time.perf_counter()
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=opts)
         row["seconds"] = time.perf_counter() - t0

@@ -438,7 +438,7 @@ def _aot_cases():
                            "stride_out": i32, "H": i32, "k": i32},
                           {"HAS_PROBS": has_probs, "ACC": acc, "BLOCK_H": _COMBINE_BLOCK_H},
                           f"unpermute_{dt}{'_probs' if has_probs else ''}",
-                          {"div16": ("stride_y", "stride_out", "H")}))
+                          {"div16": ("stride_y", "stride_out", "H"), "enable_fp_fusion": False}))
     bwd_div16 = {"div16": ("stride_g", "stride_y", "stride_gy", "H"), "num_warps": _BWD_WARPS}
     for dt, acc in (("bf16", tl.float32), ("fp16", tl.float32), ("fp32", tl.float32),
                     ("fp64", tl.float64)):
