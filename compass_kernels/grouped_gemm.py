@@ -1,0 +1,153 @@
+"""Grouped GEMM over expert-contiguous rows: ``y[offsets[e]:offsets[e+1]] = x[...] @ w[e]``.
+
+The MoE experts run as one grouped GEMM over the rows that ``permute`` produced (``offsets`` is
+``plan.expert_offsets``). Any group may be empty, sizes need no alignment, rows outside
+``[offsets[0], offsets[-1])`` are zero. Autograd: dx is a grouped GEMM with w transposed, dw the
+K-grouped GEMM ``dw[e] = x_e^T dy_e``; ``ctx.needs_input_grad`` skips what is not needed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from compass_kernels import _backend, _ext
+from compass_kernels.grouped_gemm_ref import grouped_gemm_ref, grouped_gemm_wgrad_ref
+
+__all__ = ["grouped_gemm"]
+
+_backend.register("grouped_gemm", "torch", "cpu")
+_backend.register("grouped_gemm_wgrad", "torch", "cpu")
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check(x, w, offsets, trans_b: bool) -> None:
+    for name, t, dim in (("x", x, 2), ("w", w, 3), ("offsets", offsets, 1)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != dim:
+            raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    layout = "[E, N, K]" if trans_b else "[E, K, N]"
+    K = w.shape[2] if trans_b else w.shape[1]
+    if x.shape[1] != K:
+        raise ValueError(f"x [M, K] has K = {x.shape[1]} but w {layout} has K = {K}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    if w.dtype != x.dtype:
+        raise TypeError(f"w must have x's dtype {x.dtype}, got {w.dtype}")
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"offsets must be int64 (plan.expert_offsets), got {offsets.dtype}")
+    if offsets.shape[0] != w.shape[0] + 1:
+        raise ValueError(f"offsets must have E + 1 = {w.shape[0] + 1} entries for w with E = {w.shape[0]}, "
+                         f"got {offsets.shape[0]}")
+    for name, t in (("w", w), ("offsets", offsets)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+    if torch.compiler.is_compiling() or not (x.device.type == "cpu" or _ext._check_values()):
+        return
+    if offsets.numel() and (offsets.diff() < 0).any():
+        raise ValueError(f"offsets must be non-decreasing, got {offsets.tolist()}")
+    if offsets.numel() and (int(offsets[0]) < 0 or int(offsets[-1]) > x.shape[0]):
+        raise ValueError(f"offsets must lie in [0, M] = [0, {x.shape[0]}], got {offsets[0].item()}..{offsets[-1].item()}")
+
+
+# ---------------------------------------------------------------------------------------------
+# backends
+
+
+def _gemm_cpu(x, w, offsets, trans_b: bool) -> torch.Tensor:
+    """Each group's product written straight into its slice of y by torch's BLAS (no cat copies).
+
+    Offsets live in host memory here, so reading them is not a device sync.
+    """
+    N = w.shape[1] if trans_b else w.shape[2]
+    y = torch.empty(x.shape[0], N, dtype=x.dtype)
+    b = offsets.tolist()
+    y[: b[0]].zero_()
+    y[b[-1]:].zero_()
+    for e in range(w.shape[0]):
+        if b[e + 1] > b[e]:
+            torch.mm(x[b[e]: b[e + 1]], w[e].t() if trans_b else w[e], out=y[b[e]: b[e + 1]])
+    return y
+
+
+def _wgrad_cpu(x, dy, offsets, num_groups: int, trans_b: bool) -> torch.Tensor:
+    K, N = x.shape[1], dy.shape[1]
+    dw = torch.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype)
+    b = offsets.tolist()
+    for e in range(num_groups):
+        if b[e + 1] > b[e]:
+            xe, ge = x[b[e]: b[e + 1]], dy[b[e]: b[e + 1]]
+            torch.mm(ge.t() if trans_b else xe.t(), xe if trans_b else ge, out=dw[e])
+        else:
+            dw[e].zero_()
+    return dw
+
+
+def _gemm_impl(x, w, offsets, trans_b):
+    backend = _backend.resolve("grouped_gemm", x.device)
+    if backend == "cpu":
+        return _gemm_cpu(x, w, offsets, trans_b)
+    return grouped_gemm_ref(x, w, offsets, trans_b)
+
+
+def _wgrad_impl(x, dy, offsets, num_groups, trans_b):
+    backend = _backend.resolve("grouped_gemm_wgrad", x.device)
+    if backend == "cpu":
+        return _wgrad_cpu(x, dy, offsets, num_groups, trans_b)
+    return grouped_gemm_wgrad_ref(x, dy, offsets, num_groups, trans_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("compass::grouped_gemm", mutates_args=())
+def _gemm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_b: bool) -> torch.Tensor:
+    return _gemm_impl(x, w, offsets, trans_b)
+
+
+@_gemm_op.register_fake
+def _(x, w, offsets, trans_b):
+    return x.new_empty(x.shape[0], w.shape[1] if trans_b else w.shape[2])
+
+
+@torch.library.custom_op("compass::grouped_gemm_wgrad", mutates_args=())
+def _wgrad_op(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, num_groups: int,
+              trans_b: bool) -> torch.Tensor:
+    return _wgrad_impl(x, dy, offsets, num_groups, trans_b)
+
+
+@_wgrad_op.register_fake
+def _(x, dy, offsets, num_groups, trans_b):
+    K, N = x.shape[1], dy.shape[1]
+    return x.new_empty(num_groups, *((N, K) if trans_b else (K, N)))
+
+
+def _setup(ctx, inputs, output):
+    x, w, offsets, trans_b = inputs
+    ctx.trans_b = trans_b
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _backward(ctx, dy):
+    x, w, offsets = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:  # dx = dy @ w[e]^T: the same grouped GEMM with the layout flipped
+        dx = _gemm_op(dy, w, offsets, not ctx.trans_b)
+    if ctx.needs_input_grad[1]:
+        dw = _wgrad_op(x, dy, offsets, w.shape[0], ctx.trans_b)
+    return dx, dw, None, None
+
+
+_gemm_op.register_autograd(_backward, setup_context=_setup)
+
+
+def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, trans_b: bool = False) -> torch.Tensor:
+    """``x [M, K]``, ``w [E, K, N]`` (``[E, N, K]`` with ``trans_b=True``, the nn.Linear layout),
+    ``offsets [E + 1]`` int64 -> ``y [M, N]`` with ``y[offsets[e]:offsets[e+1]] = x[...] @ w[e]``.
+
+    fp32 accumulation for fp32/bf16/fp16 (fp64 for fp64); rows outside the groups are zero.
+    """
+    _check(x, w, offsets, trans_b)
+    return _gemm_op(x, w, offsets, trans_b)
