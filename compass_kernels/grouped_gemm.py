@@ -15,8 +15,8 @@ from compass_kernels.grouped_gemm_ref import grouped_gemm_ref, grouped_gemm_wgra
 
 __all__ = ["grouped_gemm"]
 
-_backend.register("grouped_gemm", "torch", "cpu")
-_backend.register("grouped_gemm_wgrad", "torch", "cpu")
+_backend.register("grouped_gemm", "torch", "cpu", "triton")
+_backend.register("grouped_gemm_wgrad", "torch", "cpu", "triton")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -43,6 +43,9 @@ def _check(x, w, offsets, trans_b: bool) -> None:
     for name, t in (("w", w), ("offsets", offsets)):
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, expected x's device {x.device}")
+    N = w.shape[1] if trans_b else w.shape[2]
+    if K * N >= 2**31:
+        raise ValueError(f"w[e] must have fewer than 2^31 elements, got K x N = {K} x {N}")
     if torch.compiler.is_compiling() or not (x.device.type == "cpu" or _ext._check_values()):
         return
     if offsets.numel() and (offsets.diff() < 0).any():
@@ -61,7 +64,7 @@ def _gemm_cpu(x, w, offsets, trans_b: bool) -> torch.Tensor:
     Offsets live in host memory here, so reading them is not a device sync.
     """
     N = w.shape[1] if trans_b else w.shape[2]
-    y = torch.empty(x.shape[0], N, dtype=x.dtype)
+    y = _ext.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
     b = offsets.tolist()
     y[: b[0]].zero_()
     y[b[-1]:].zero_()
@@ -73,7 +76,7 @@ def _gemm_cpu(x, w, offsets, trans_b: bool) -> torch.Tensor:
 
 def _wgrad_cpu(x, dy, offsets, num_groups: int, trans_b: bool) -> torch.Tensor:
     K, N = x.shape[1], dy.shape[1]
-    dw = torch.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype)
+    dw = _ext.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype, device=x.device)
     b = offsets.tolist()
     for e in range(num_groups):
         if b[e + 1] > b[e]:
@@ -84,10 +87,25 @@ def _wgrad_cpu(x, dy, offsets, num_groups: int, trans_b: bool) -> torch.Tensor:
     return dw
 
 
+def _triton():
+    from compass_kernels.triton import grouped_gemm as tg
+
+    return tg
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    """Kernels need unit stride along the last dim; the row stride is free."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
 def _gemm_impl(x, w, offsets, trans_b):
     backend = _backend.resolve("grouped_gemm", x.device)
     if backend == "cpu":
         return _gemm_cpu(x, w, offsets, trans_b)
+    if backend == "triton":
+        y = _ext.empty(x.shape[0], w.shape[1] if trans_b else w.shape[2], dtype=x.dtype, device=x.device)
+        _triton().grouped_gemm(_rowmajor(x), w.contiguous(), offsets.contiguous(), trans_b, y)
+        return y
     return grouped_gemm_ref(x, w, offsets, trans_b)
 
 
@@ -95,6 +113,11 @@ def _wgrad_impl(x, dy, offsets, num_groups, trans_b):
     backend = _backend.resolve("grouped_gemm_wgrad", x.device)
     if backend == "cpu":
         return _wgrad_cpu(x, dy, offsets, num_groups, trans_b)
+    if backend == "triton":
+        K, N = x.shape[1], dy.shape[1]
+        dw = _ext.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype, device=x.device)
+        _triton().grouped_gemm_wgrad(_rowmajor(x), _rowmajor(dy), offsets.contiguous(), trans_b, dw)
+        return dw
     return grouped_gemm_wgrad_ref(x, dy, offsets, num_groups, trans_b)
 
 

@@ -41,12 +41,15 @@ def _loop_fp64(x, w, offsets, trans_b):
     return grouped_gemm_ref(x.double(), w.double(), offsets, trans_b)
 
 
+def _maxabs(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
 def _within_2x_of_torch(got, x, w, offsets, trans_b):
     """Error vs fp64 at most 2x plain PyTorch's error in the same dtype (+ a floor for fp32)."""
     exact = _loop_fp64(x, w, offsets, trans_b)
     plain = grouped_gemm_ref(x, w, offsets, trans_b)  # torch matmul in x's dtype, fp32 accumulation
-    err = (got.double() - exact).abs().max().item() if got.numel() else 0.0
-    base = (plain.double() - exact).abs().max().item() if got.numel() else 0.0
+    err, base = _maxabs(got.double() - exact), _maxabs(plain.double() - exact)
     assert err <= 2 * base + 1e-5, (err, base)
 
 
@@ -141,3 +144,19 @@ def test_opcheck_and_compile():
     g2 = torch.autograd.grad(moe(x, w, offsets).sum(), (x, w))
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M,K,N,sizes,start", [c for c in CASES if c[0] <= 41])
+def test_grouped_gemm_backends(kernel_backend, M, K, N, sizes, start, dtype, trans_b):
+    """Forward, dgrad and wgrad of each compiled backend against the references."""
+    if kernel_backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly (DESIGN.md); bf16 runs on GPU")
+    x, w, offsets = _inputs(M, K, N, sizes, start, dtype, trans_b)
+    _within_2x_of_torch(ck.grouped_gemm(x, w, offsets, trans_b=trans_b), x, w, offsets, trans_b)
+    dy = torch.randn(M, N).to(dtype)
+    dw = gg._wgrad_op(x, dy, offsets, len(sizes), trans_b)
+    want = grouped_gemm_wgrad_ref(x.double(), dy.double(), offsets, len(sizes), trans_b)
+    plain = grouped_gemm_wgrad_ref(x, dy, offsets, len(sizes), trans_b).double()
+    assert _maxabs(dw.double() - want) <= 2 * _maxabs(plain - want) + 1e-5

@@ -10,15 +10,16 @@ Each kernel module listed in ``MODULES`` defines ``AOT_CASES``, a list of tuples
 ``signature`` maps runtime argument names to Triton types ("*bf16", "*i64", "i32", ...);
 constexpr arguments may be left out of it (they are filled in from ``constexprs``). ``options``
 is an optional dict: ``num_warps`` (default 4), ``num_stages`` and ``div16``, the names of
-integer arguments to compile as multiples of 16, as the JIT does for such values at launch.
+integer arguments to compile as multiples of 16, as the JIT does for such values at launch, and
+``expect_in_ptx``, strings the PTX must contain (``("wgmma",)`` for Hopper matrix kernels).
 Pointer arguments are always compiled as 16-byte aligned (what the JIT sees for torch
 allocations).
 
 For each case this prints shared memory bytes, num_warps, registers and spill bytes (from
 ``ptxas -v`` on the generated PTX, with the flags Triton itself uses) and exits non-zero if a
-compile fails or ptxas reports spills. Kernels must be real JIT functions: with
-``TRITON_INTERPRET=1`` they are interpreter objects and cannot be compiled, so running this
-module as a script unsets it before triton is imported.
+compile fails, ptxas reports spills or an expected PTX string is missing. Kernels must be real
+JIT functions: with ``TRITON_INTERPRET=1`` they are interpreter objects and cannot be compiled,
+so running this module as a script unsets it before triton is imported.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 # Kernel modules whose AOT_CASES are compiled; later kernel files add themselves here.
 MODULES = [
     "compass_kernels.triton.routing",
+    "compass_kernels.triton.grouped_gemm",
 ]
 
 
@@ -111,6 +113,8 @@ def compile_case(case, capability: int = 90):
         arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
         row["regs"], row["spills"], row["ptxas_log"] = _ptxas_usage(compiled.asm["ptx"], arch)
         row["cubin_bytes"] = len(compiled.asm.get("cubin", b""))
+        row["expected"] = list(options.get("expect_in_ptx", ()))
+        row["missing"] = [s for s in row["expected"] if s not in compiled.asm["ptx"]]
     except Exception as e:  # report every failure, keep going
         row["error"] = f"{type(e).__name__}: {str(e).strip()[:2000]}"
     return row
@@ -148,11 +152,14 @@ def main(argv=None) -> int:
             failed += 1
             print(f"{r['name']:<{width}}  FAILED: {r['error']}")
             continue
-        bad = r["spills"] > 0
+        bad = r["spills"] > 0 or bool(r["missing"])
         failed += bad
         regs = "?" if r["regs"] is None else r["regs"]
+        found = [s for s in r["expected"] if s not in r["missing"]]
         print(f"{r['name']:<{width}}  {r['shared']:>6}  {r['num_warps']:>5}  {regs:>4}  "
-              f"{r['spills']:>5}  {r['seconds']:>5.1f}" + ("  SPILLS" if bad else ""))
+              f"{r['spills']:>5}  {r['seconds']:>5.1f}" + ("  SPILLS" if r["spills"] else "")
+              + "".join(f"  ptx:{s}" for s in found)
+              + "".join(f"  MISSING:{s}" for s in r["missing"]))
         if args.verbose:
             print(r["ptxas_log"])
     print(f"{len(rows)} cases for sm_{args.arch}, {failed} failed, "
