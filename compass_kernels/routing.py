@@ -105,6 +105,11 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _row_stride(t: torch.Tensor) -> int:
+    """The row stride the kernels see; with fewer than two rows torch may report anything."""
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # backend launchers: validate nothing (the public functions did), allocate, launch
 
@@ -153,7 +158,7 @@ def _permute_impl(x, row_id_map, expert_offsets, tokens_per_expert, num_rows: in
     if backend == "triton":
         _triton().permute(x, row_id_map, expert_offsets, tokens_per_expert, out)
         return out
-    args = (x.data_ptr(), x.stride(0), x.element_size(), T, H, row_id_map.data_ptr(), k,
+    args = (x.data_ptr(), _row_stride(x), x.element_size(), T, H, row_id_map.data_ptr(), k,
             expert_offsets.data_ptr(), tokens_per_expert.data_ptr(), E, num_rows, out.data_ptr())
     if backend == "cpu":
         _ext.cpu_module.permute(*args)
@@ -175,7 +180,7 @@ def _unpermute_impl(y, row_id_map, probs):
         _triton().unpermute(y, row_id_map, probs, out)
         return out
     pdt = _ext.dtype_code(probs.dtype) if probs is not None else 0
-    args = (y.data_ptr(), y.stride(0), _ext.dtype_code(y.dtype), R, H, row_id_map.data_ptr(), T, k,
+    args = (y.data_ptr(), _row_stride(y), _ext.dtype_code(y.dtype), R, H, row_id_map.data_ptr(), T, k,
             _ext.ptr(probs), pdt, out.data_ptr())
     if backend == "cpu":
         _ext.cpu_module.unpermute(*args)
@@ -198,7 +203,7 @@ def _unpermute_bwd_impl(grad_out, y, row_id_map, expert_offsets, tokens_per_expe
         _triton().unpermute_bwd(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs,
                                 grad_y, grad_probs)
         return grad_y, grad_probs
-    args = (grad_out.data_ptr(), grad_out.stride(0), y.data_ptr(), y.stride(0), _ext.dtype_code(y.dtype),
+    args = (grad_out.data_ptr(), _row_stride(grad_out), y.data_ptr(), _row_stride(y), _ext.dtype_code(y.dtype),
             R, H, row_id_map.data_ptr(), T, k, expert_offsets.data_ptr(), tokens_per_expert.data_ptr(), E,
             probs.data_ptr(), _ext.dtype_code(probs.dtype), grad_y.data_ptr(), grad_probs.data_ptr())
     if backend == "cpu":
