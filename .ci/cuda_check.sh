@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # CI compile check for compass_kernels._cuda. Needs nvcc (CUDA 13) and the Python env with
-# pybind11 and triton; needs no GPU. It
+# pybind11, triton and nvidia-cutlass; needs no GPU. It
 #   1. configures and builds only the _cuda target (clean first, so ptxas reports every kernel),
-#   2. fails if any kernel or device function reports non-zero spill stores or loads (ptxas -v),
-#   3. prints registers / spills / shared memory per kernel and architecture,
-#   4. dumps the SASS with the cuobjdump shipped in triton's wheel and fails unless sm_90a code
-#      is present; prints the number of SASS functions per architecture.
+#   2. dumps the SASS with the cuobjdump shipped in triton's wheel and fails unless sm_90a code
+#      is present; prints the number of SASS functions per architecture,
+#   3. prints registers / spills / shared memory / HGMMA count per kernel, architecture and
+#      source file, and fails if
+#        - any kernel or device function reports non-zero spill stores or loads (ptxas -v),
+#        - an sm_90a CUTLASS grouped GEMM kernel (cutlass::device_kernel<GemmUniversal>) has no
+#          HGMMA (wgmma) instruction, i.e. fell back to a non-tensor-core or stub path,
+#        - the build configured sm_90a grouped GEMM instances (csrc/cuda/sm90/*.cu) but the .so
+#          does not hold one GemmUniversal kernel per instance file.
 # Usage: .ci/cuda_check.sh [build-dir]   (default build/cuda-check)
+# Time: ~3-4 min on 2 cores (6 CUTLASS instances at ~90 s of nvcc each, 2 at a time).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -22,6 +28,10 @@ echo "== configure ($BUILD_DIR)"
 cmake -S . -B "$BUILD_DIR" -G Ninja -DCOMPASS_CUDA=1 -DCMAKE_BUILD_TYPE=Release \
   -Dpybind11_DIR="$("$PYTHON" -m pybind11 --cmakedir)" >"$BUILD_DIR/configure.log" 2>&1 ||
   { cat "$BUILD_DIR/configure.log"; exit 1; }
+# Number of sm_90a grouped GEMM instance files the configure step took (0 without CUTLASS/90a).
+SM90_INSTANCES="$(sed -n 's/.*compass: \([0-9]*\) sm_90a CUTLASS grouped GEMM instances.*/\1/p' "$BUILD_DIR/configure.log")"
+SM90_INSTANCES="${SM90_INSTANCES:-0}"
+echo "   sm_90a CUTLASS grouped GEMM instances: $SM90_INSTANCES"
 
 echo "== build _cuda"
 # --clean-first: an up-to-date object would print no ptxas lines and the check would see nothing.
@@ -31,63 +41,6 @@ if ! cmake --build "$BUILD_DIR" --target _cuda --clean-first >"$PTXAS_LOG" 2>&1;
   exit 1
 fi
 build_end=$(date +%s)
-
-echo "== ptxas report"
-"$PYTHON" - "$PTXAS_LOG" <<'EOF'
-import re, subprocess, sys
-
-log = open(sys.argv[1]).read().splitlines()
-entry_re = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
-func_re = re.compile(r"Function properties for (\S+)")
-spill_re = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-used_re = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
-
-rows, bad, cur = [], [], None  # cur = [name, arch, stack, spill_st, spill_ld, regs, smem]
-for line in log:
-    if m := entry_re.search(line):
-        cur = [m.group(1), m.group(2), 0, 0, 0, None, 0]
-        rows.append(cur)
-    elif m := func_re.search(line):
-        # Properties of the entry just announced, or of a non-inlined device function (whose
-        # spills count too, but which gets no row of its own).
-        if cur is None or m.group(1) != cur[0]:
-            cur = [m.group(1), "(device fn)", 0, 0, 0, None, 0]
-    elif (m := spill_re.search(line)) and cur is not None:
-        cur[2:5] = [int(g) for g in m.groups()]
-        if cur[3] or cur[4]:
-            bad.append(f"{cur[0]} [{cur[1]}]: {cur[3]} B spill stores, {cur[4]} B spill loads")
-    elif (m := used_re.search(line)) and cur is not None:
-        cur[5] = int(m.group(1))
-        cur[6] = int(m.group(2) or 0)
-
-if not rows:
-    sys.exit("FAIL: no 'Compiling entry function' lines in the build log (is -Xptxas=-v set?)")
-
-names = sorted({r[0] for r in rows})
-try:
-    dem = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-except (OSError, subprocess.CalledProcessError):
-    dem = names
-short = {}
-for n, d in zip(names, dem):
-    d = re.sub(r"compass::cuda::(\(anonymous namespace\)::)?", "", d)
-    d = re.sub(r"^void ", "", d)
-    d = re.sub(r"\(.*\)$", "", d)  # drop the parameter list: the template arguments identify it
-    short[n] = d
-
-w = max(len(s) for s in short.values())
-print(f"{'kernel':<{w}}  {'arch':<7} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'stack':>5} {'smem':>6}")
-for name, arch, stack, st, ld, regs, smem in sorted(rows, key=lambda r: (short[r[0]], r[1])):
-    print(f"{short[name]:<{w}}  {arch:<7} {regs if regs is not None else '?':>4} {st:>8} {ld:>8} {stack:>5} {smem:>6}")
-archs = sorted({r[1] for r in rows})
-print(f"{len(rows)} kernel compilations ({', '.join(archs)}), max registers "
-      f"{max(r[5] or 0 for r in rows)}")
-if bad:
-    print("FAIL: register spills:", *bad, sep="\n  ", file=sys.stderr)
-    sys.exit(1)
-print("OK: zero spill stores / loads")
-EOF
 
 echo "== SASS (cuobjdump from triton's wheel)"
 CUOBJDUMP="$("$PYTHON" -c 'import triton,os;print(os.path.join(os.path.dirname(triton.__file__),"backends/nvidia/bin/cuobjdump"))')"
@@ -106,6 +59,134 @@ if ! awk '/^Fatbin elf code/{elf=1;next} /^Fatbin ptx code/{elf=0;next} elf && /
   exit 1
 fi
 echo "OK: sm_90a SASS present ($SO)"
+
+echo "== ptxas + SASS report"
+"$PYTHON" - "$PTXAS_LOG" "$SASS_LOG" "$SM90_INSTANCES" <<'EOF'
+import collections, os, re, subprocess, sys
+
+log = open(sys.argv[1]).read().splitlines()
+sass = open(sys.argv[2]).read().splitlines()
+sm90_instances = int(sys.argv[3])
+
+# ---- ptxas -v: one row per (entry function, arch), tagged with the source file being built.
+# Ninja prints "[i/n] Building CUDA object .../<file>.cu.o" when a command finishes, followed
+# by that command's (buffered) output, so the last such line names the source of what follows.
+src_re = re.compile(r"^\[\d+/\d+\] Building \w+ object \S*?([\w.]+)\.o$")
+entry_re = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+func_re = re.compile(r"Function properties for (\S+)")
+spill_re = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+used_re = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+rows, bad, cur, src = [], [], None, "?"  # cur = [name, arch, stack, spill_st, spill_ld, regs, smem, src]
+for line in log:
+    if m := src_re.search(line):
+        src = m.group(1)
+    elif m := entry_re.search(line):
+        cur = [m.group(1), m.group(2), 0, 0, 0, None, 0, src]
+        rows.append(cur)
+    elif m := func_re.search(line):
+        # Properties of the entry just announced, or of a non-inlined device function (whose
+        # spills count too, but which gets no row of its own).
+        if cur is None or m.group(1) != cur[0]:
+            cur = [m.group(1), "(device fn)", 0, 0, 0, None, 0, src]
+    elif (m := spill_re.search(line)) and cur is not None:
+        cur[2:5] = [int(g) for g in m.groups()]
+        if cur[3] or cur[4]:
+            bad.append(tuple(cur))
+    elif (m := used_re.search(line)) and cur is not None:
+        cur[5] = int(m.group(1))
+        cur[6] = int(m.group(2) or 0)
+
+if not rows:
+    sys.exit("FAIL: no 'Compiling entry function' lines in the build log (is -Xptxas=-v set?)")
+
+# ---- SASS: HGMMA (sm_90 wgmma) instructions per (function, arch).
+hgmma = collections.Counter()
+elf, arch, fn = False, None, None
+for line in sass:
+    if line.startswith("Fatbin elf code"):
+        elf = True
+    elif line.startswith("Fatbin ptx code"):
+        elf = False
+    elif elf and "arch = " in line:
+        arch = line.split("arch = ")[1].split()[0]
+    elif elf and "Function :" in line:
+        fn = line.split("Function :")[1].strip()
+        hgmma[(fn, arch)] += 0
+    elif elf and fn and "HGMMA" in line:
+        hgmma[(fn, arch)] += 1
+
+names = sorted({r[0] for r in rows})
+try:
+    dem = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+except (OSError, subprocess.CalledProcessError):
+    dem = names
+demangled = dict(zip(names, dem))
+def drop_params(d):
+    """Drops the trailing (balanced) parameter list: the template arguments identify a kernel."""
+    if not d.endswith(")"):
+        return d
+    depth = 0
+    for i in range(len(d) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(d[i], 0)
+        if depth == 0:
+            return d[:i]
+    return d
+
+def is_sm90_gemm(name, arch):
+    # Matched on the mangled name: c++filt gives up on CUTLASS's 2,000-character templates.
+    return arch.startswith("sm_90") and name.startswith("_ZN7cutlass13device_kernel") and "GemmUniversal" in name
+
+short = {}
+for n, d in demangled.items():
+    if n.startswith("_ZN7cutlass13device_kernel"):  # name the schedule and the element type only
+        sched = re.search(r"KernelPtrArrayTmaWarpSpecialized(Cooperative|Pingpong)", n)
+        elem = re.search(r"(bfloat16_t|half_t)", n)
+        d = (f"cutlass GemmUniversal<{elem.group(1) if elem else '?'}, "
+             f"PtrArray{sched.group(1) if sched else '?'}>" if "GemmUniversal" in n else "cutlass device_kernel<?>")
+    d = re.sub(r"compass::cuda::(\(anonymous namespace\)::)?", "", d)
+    d = re.sub(r"^void ", "", d)
+    d = drop_params(d)
+    d = re.sub(r"\(GemmOp\)(\d)", lambda m: ("kXW", "kXWt", "kWgrad")[int(m.group(1))], d)
+    d = d.replace("cutlass::bfloat16_t", "bf16").replace("cutlass::half_t", "f16")
+    short[n] = d
+
+w = max(len(s) for s in short.values())
+ws = max(len(r[7]) for r in rows)
+print(f"{'kernel':<{w}}  {'source':<{ws}}  {'arch':<7} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'stack':>5} {'smem':>6} {'HGMMA':>5}")
+no_hgmma, gemm_kernels = [], set()
+for name, arch, stack, st, ld, regs, smem, src in sorted(rows, key=lambda r: (r[7], short[r[0]], r[1])):
+    n_hgmma = hgmma.get((name, arch))
+    if is_sm90_gemm(name, arch):
+        gemm_kernels.add(name)
+        if not n_hgmma:
+            no_hgmma.append(f"{short[name]} [{arch}, {src}]: {n_hgmma or 0} HGMMA")
+    col = "-" if n_hgmma is None else str(n_hgmma)
+    print(f"{short[name]:<{w}}  {src:<{ws}}  {arch:<7} {regs if regs is not None else '?':>4} {st:>8} {ld:>8} "
+          f"{stack:>5} {smem:>6} {col:>5}")
+archs = sorted({r[1] for r in rows})
+print(f"{len(rows)} kernel compilations ({', '.join(archs)}), max registers "
+      f"{max(r[5] or 0 for r in rows)}; {len(gemm_kernels)} sm_90a CUTLASS grouped GEMM kernels, HGMMA "
+      f"counts {sorted(hgmma[(n, 'sm_90a')] for n in gemm_kernels)}")
+
+fail = False
+if bad:
+    print("FAIL: register spills:", *(f"{short.get(n, n[:160])} [{a}, {src}]: {st} B spill stores, {ld} B spill loads"
+                                      for n, a, _, st, ld, _, _, src in bad), sep="\n  ", file=sys.stderr)
+    fail = True
+if no_hgmma:
+    print("FAIL: sm_90a grouped GEMM kernels without HGMMA:", *no_hgmma, sep="\n  ", file=sys.stderr)
+    fail = True
+if len(gemm_kernels) != sm90_instances:
+    print(f"FAIL: {sm90_instances} sm_90a grouped GEMM instance files configured, but {len(gemm_kernels)} "
+          "CUTLASS GemmUniversal kernels compiled for sm_90a", file=sys.stderr)
+    fail = True
+if fail:
+    sys.exit(1)
+print("OK: zero spill stores / loads" + (f"; HGMMA in all {len(gemm_kernels)} sm_90a grouped GEMM kernels"
+                                          if gemm_kernels else ""))
+EOF
 
 end=$(date +%s)
 echo "== done in $((end - start)) s (build $((build_end - start)) s)"

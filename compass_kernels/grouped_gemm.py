@@ -15,8 +15,8 @@ from compass_kernels.grouped_gemm_ref import grouped_gemm_ref, grouped_gemm_wgra
 
 __all__ = ["grouped_gemm"]
 
-_backend.register("grouped_gemm", "torch", "cpu", "triton")
-_backend.register("grouped_gemm_wgrad", "torch", "cpu", "triton")
+_backend.register("grouped_gemm", "torch", "cpu", "triton", "cuda")
+_backend.register("grouped_gemm_wgrad", "torch", "cpu", "triton", "cuda")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -98,10 +98,57 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
+def _cutlass_serves(*tensors, trans_b: bool, K: int, N: int) -> bool:
+    """The sm_90a CUTLASS instances take bf16/fp16 with 16-byte aligned rows on a Hopper GPU;
+    everything else (fp32, Ampere, odd K or N) runs the Triton kernel."""
+    t0 = tensors[0]
+    return (t0.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(t0.device)[0] == 9
+            and _ext.cuda_module.grouped_gemm_supported(_ext.dtype_code(t0.dtype), trans_b, K, N)
+            and all(t.data_ptr() % 16 == 0 for t in tensors))
+
+
+def _gemm_cuda(x, w, offsets, trans_b):
+    M, K = x.shape
+    E, N = w.shape[0], (w.shape[1] if trans_b else w.shape[2])
+    x, w, offsets = x.contiguous(), w.contiguous(), offsets.contiguous()
+    if not _cutlass_serves(x, w, trans_b=trans_b, K=K, N=N):
+        return None
+    m, code = _ext.cuda_module, _ext.dtype_code(x.dtype)
+    y = _ext.empty(M, N, dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        nbytes = m.grouped_gemm_workspace_bytes(M, K, N, E, code, trans_b)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+        m.grouped_gemm(x.data_ptr(), w.data_ptr(), offsets.data_ptr(), y.data_ptr(), M, K, N, E, code, trans_b,
+                       ws.data_ptr(), nbytes, _ext.stream_of(x))
+    return y
+
+
+def _wgrad_cuda(x, dy, offsets, num_groups, trans_b):
+    M, K = x.shape
+    N = dy.shape[1]
+    x, dy, offsets = x.contiguous(), dy.contiguous(), offsets.contiguous()
+    if not _cutlass_serves(x, dy, trans_b=trans_b, K=K, N=N):
+        return None
+    m, code = _ext.cuda_module, _ext.dtype_code(x.dtype)
+    dw = _ext.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        nbytes = m.grouped_gemm_wgrad_workspace_bytes(M, K, N, num_groups, code, trans_b)
+        ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
+        m.grouped_gemm_wgrad(x.data_ptr(), dy.data_ptr(), offsets.data_ptr(), dw.data_ptr(), M, K, N, num_groups,
+                             code, trans_b, ws.data_ptr(), nbytes, _ext.stream_of(x))
+    return dw
+
+
 def _gemm_impl(x, w, offsets, trans_b):
     backend = _backend.resolve("grouped_gemm", x.device)
     if backend == "cpu":
         return _gemm_cpu(x, w, offsets, trans_b)
+    if backend == "cuda":
+        y = _gemm_cuda(x, w, offsets, trans_b)
+        if y is not None:
+            return y
+        backend = "triton"
     if backend == "triton":
         y = _ext.empty(x.shape[0], w.shape[1] if trans_b else w.shape[2], dtype=x.dtype, device=x.device)
         _triton().grouped_gemm(_rowmajor(x), w.contiguous(), offsets.contiguous(), trans_b, y)
@@ -113,6 +160,11 @@ def _wgrad_impl(x, dy, offsets, num_groups, trans_b):
     backend = _backend.resolve("grouped_gemm_wgrad", x.device)
     if backend == "cpu":
         return _wgrad_cpu(x, dy, offsets, num_groups, trans_b)
+    if backend == "cuda":
+        dw = _wgrad_cuda(x, dy, offsets, num_groups, trans_b)
+        if dw is not None:
+            return dw
+        backend = "triton"
     if backend == "triton":
         K, N = x.shape[1], dy.shape[1]
         dw = _ext.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype, device=x.device)

@@ -1,7 +1,8 @@
 // pybind11 module compass_kernels._cuda: raw pointers, sizes, row strides, dtype codes and a
 // stream handle in; no libtorch. The calling convention is the docstring of
 // compass_kernels/_ext.py; every entry point here takes a trailing `stream` (cudaStream_t as an
-// integer) and `route` also takes `workspace` (route_workspace_numel(T, k, E) int64s).
+// integer); `route` also takes `workspace` (route_workspace_numel(T, k, E) int64s) and the grouped
+// GEMMs take `workspace` + `workspace_bytes` (grouped_gemm[_wgrad]_workspace_bytes(...) bytes).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -28,6 +29,15 @@ void unpermute_bwd(const void* grad_out, int64_t stride_g, const void* y, int64_
                    int64_t num_rows, int64_t H, const int64_t* row_id_map, int64_t T, int64_t k,
                    const int64_t* expert_offsets, const int64_t* tokens_per_expert, int64_t E,
                    const void* probs, int probs_dtype, void* grad_y, void* grad_probs, cudaStream_t stream);
+// Defined in grouped_gemm.cu.
+bool grouped_gemm_supported(int dtype, bool trans_b, int64_t K, int64_t N);
+int64_t grouped_gemm_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b);
+int64_t grouped_gemm_wgrad_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b);
+void grouped_gemm(const void* x, const void* w, const int64_t* offsets, void* y, int64_t M, int64_t K, int64_t N,
+                  int64_t E, int dtype, bool trans_b, void* workspace, int64_t workspace_bytes, cudaStream_t stream);
+void grouped_gemm_wgrad(const void* x, const void* dy, const int64_t* offsets, void* dw, int64_t M, int64_t K,
+                        int64_t N, int64_t E, int dtype, bool trans_b, void* workspace, int64_t workspace_bytes,
+                        cudaStream_t stream);
 }  // namespace cuda
 }  // namespace compass
 
@@ -122,6 +132,47 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("probs_dtype"), py::arg("grad_y"), py::arg("grad_probs"), py::arg("stream"), nogil,
       "grad_y[row_id_map[t, j]] = probs[t, j] * grad_out[t], other rows zero; grad_probs[t, j] = "
       "<grad_out[t], y[row_id_map[t, j]]> (skipped when probs == 0).");
+
+  m.def("grouped_gemm_supported", &cc::grouped_gemm_supported, py::arg("dtype"), py::arg("trans_b"), py::arg("K"),
+        py::arg("N"),
+        "Whether the compiled sm_90a CUTLASS instances serve this grouped GEMM (bf16/fp16, K and N multiples "
+        "of 8). The caller also checks 16-byte pointer alignment and compute capability 9.x.");
+
+  m.def("grouped_gemm_workspace_bytes", &cc::grouped_gemm_workspace_bytes, py::arg("M"), py::arg("K"), py::arg("N"),
+        py::arg("E"), py::arg("dtype"), py::arg("trans_b"),
+        "Bytes of device scratch (128-byte aligned) that grouped_gemm(...) needs on the current device.");
+
+  m.def(
+      "grouped_gemm",
+      [](uintptr_t x, uintptr_t w, uintptr_t offsets, uintptr_t y, int64_t M, int64_t K, int64_t N, int64_t E,
+         int dtype, bool trans_b, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
+        cc::grouped_gemm(as_ptr<const void>(x), as_ptr<const void>(w), as_ptr<const int64_t>(offsets),
+                         as_ptr<void>(y), M, K, N, E, dtype, trans_b, as_ptr<void>(workspace), workspace_bytes,
+                         as_stream(stream));
+      },
+      py::arg("x"), py::arg("w"), py::arg("offsets"), py::arg("y"), py::arg("M"), py::arg("K"), py::arg("N"),
+      py::arg("E"), py::arg("dtype"), py::arg("trans_b"), py::arg("workspace"), py::arg("workspace_bytes"),
+      py::arg("stream"), nogil,
+      "y [M, N] rows offsets[e]:offsets[e+1] = x[rows] @ w[e] (w [E, K, N]; trans_b: @ w[e]^T, w [E, N, K]), fp32 "
+      "accumulation; rows outside [offsets[0], offsets[E]) zero.");
+
+  m.def("grouped_gemm_wgrad_workspace_bytes", &cc::grouped_gemm_wgrad_workspace_bytes, py::arg("M"), py::arg("K"),
+        py::arg("N"), py::arg("E"), py::arg("dtype"), py::arg("trans_b"),
+        "Bytes of device scratch (128-byte aligned) that grouped_gemm_wgrad(...) needs on the current device.");
+
+  m.def(
+      "grouped_gemm_wgrad",
+      [](uintptr_t x, uintptr_t dy, uintptr_t offsets, uintptr_t dw, int64_t M, int64_t K, int64_t N, int64_t E,
+         int dtype, bool trans_b, uintptr_t workspace, int64_t workspace_bytes, uintptr_t stream) {
+        cc::grouped_gemm_wgrad(as_ptr<const void>(x), as_ptr<const void>(dy), as_ptr<const int64_t>(offsets),
+                               as_ptr<void>(dw), M, K, N, E, dtype, trans_b, as_ptr<void>(workspace),
+                               workspace_bytes, as_stream(stream));
+      },
+      py::arg("x"), py::arg("dy"), py::arg("offsets"), py::arg("dw"), py::arg("M"), py::arg("K"), py::arg("N"),
+      py::arg("E"), py::arg("dtype"), py::arg("trans_b"), py::arg("workspace"), py::arg("workspace_bytes"),
+      py::arg("stream"), nogil,
+      "dw[e] = x_e^T @ dy_e ([E, K, N]; trans_b: dy_e^T @ x_e, [E, N, K]) over the rows of group e; empty groups "
+      "zero.");
 
   // Architectures this module was compiled for, e.g. ["90a", "80"] (from COMPASS_CUDA_ARCHS).
   py::list archs;

@@ -1,0 +1,186 @@
+// Grouped GEMM entry points of compass_kernels._cuda: argument checks, the choice of compiled
+// instance, and the device's SM count. The kernels are the CUTLASS sm_90a instances in sm90/
+// (built only when CUTLASS is found and 90a is targeted: COMPASS_HAVE_SM90_GROUPED_GEMM); the
+// Python layer asks grouped_gemm_supported() first and otherwise uses the Triton backend.
+//
+// Contract (all pointers are device pointers; no host read of device data, no allocation, no
+// sync, so the ops are CUDA-graph capturable; scratch is the caller's `workspace`):
+//   grouped_gemm: y [M, N] rows offsets[e]:offsets[e+1] = x[rows] @ w[e] (w [E, K, N]) or
+//     @ w[e]^T (trans_b, w [E, N, K]); fp32 accumulation; rows outside [offsets[0], offsets[E])
+//     are zero; K = 0 -> y = 0.
+//   grouped_gemm_wgrad: dw[e] = x_e^T @ dy_e ([E, K, N]) or dy_e^T @ x_e (trans_b, [E, N, K]);
+//     empty groups -> exact zeros.
+#include <atomic>
+#include <cstdint>
+#include <string>
+
+#include "cuda/common.cuh"
+#include "cuda/grouped_gemm.h"
+
+namespace compass {
+namespace cuda {
+namespace {
+
+// One compiled tile config per (dtype, op), so the choice depends on the op, not on the shape:
+// 3 layouts x 2 dtypes already fill the CI's budget of 6 CUTLASS instances (~90 s of nvcc each).
+// Forward: cooperative 128x128x64; wgrad: pingpong 128x128x64 (see sm90/grouped_gemm_sm90.cuh).
+const GroupedGemmInstance* find_instance(int dtype, GemmOp op) {
+#if defined(COMPASS_HAVE_SM90_GROUPED_GEMM)
+  const bool fwd_t = op == GemmOp::kXWt;
+  switch (static_cast<DType>(dtype)) {
+    case DType::kBFloat16:
+      return op == GemmOp::kWgrad ? &kSm90Bf16Wgrad : fwd_t ? &kSm90Bf16XWt : &kSm90Bf16XW;
+    case DType::kFloat16:
+      return op == GemmOp::kWgrad ? &kSm90F16Wgrad : fwd_t ? &kSm90F16XWt : &kSm90F16XW;
+    default: break;
+  }
+#else
+  (void)dtype;
+  (void)op;
+#endif
+  return nullptr;
+}
+
+// Why (dtype, K, N) cannot be served, or "" if it can.
+std::string unsupported_reason(int dtype, int64_t K, int64_t N) {
+#if !defined(COMPASS_HAVE_SM90_GROUPED_GEMM)
+  (void)dtype;
+  (void)K;
+  (void)N;
+  return "this _cuda build has no sm_90a CUTLASS grouped GEMM (needs CUTLASS headers and 90a in "
+         "COMPASS_CUDA_ARCHS)";
+#else
+  if (find_instance(dtype, GemmOp::kXW) == nullptr)
+    return std::string("dtype ") + dtype_name(dtype) + " has no CUTLASS instance (bfloat16 and float16 only)";
+  if (K < 0 || N < 0) return "K and N must be >= 0";
+  constexpr int64_t kTmaAlignElems = 8;  // 16-byte TMA rows of 16-bit elements
+  if (K % kTmaAlignElems != 0 || N % kTmaAlignElems != 0)
+    return "K = " + std::to_string(K) + " and N = " + std::to_string(N) +
+           " must be multiples of 8 (TMA needs 16-byte rows)";
+  if (K > INT32_MAX || N > INT32_MAX) return "K and N must be < 2^31";
+  return "";
+#endif
+}
+
+const GroupedGemmInstance& instance_or_throw(int dtype, GemmOp op, int64_t K, int64_t N, const char* what) {
+  const std::string why = unsupported_reason(dtype, K, N);
+  check_arg(why.empty(), what, why);
+  return *find_instance(dtype, op);
+}
+
+struct Device {
+  int id;
+  int sm_count;
+};
+
+// The current device and its SM count (queried once per device): host-side calls, not stream
+// operations, so fine under graph capture. The persistent grid and the per-SM TMA descriptor
+// slots of the workspace are sized by it.
+Device current_device(const char* what) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> sm_counts[kMaxDevices] = {};
+  Device d{};
+  cudaError_t err = cudaGetDevice(&d.id);
+  if (err == cudaSuccess) {
+    d.sm_count = d.id >= 0 && d.id < kMaxDevices ? sm_counts[d.id].load(std::memory_order_relaxed) : 0;
+    if (d.sm_count <= 0) {
+      err = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, d.id);
+      if (err == cudaSuccess && d.id >= 0 && d.id < kMaxDevices)
+        sm_counts[d.id].store(d.sm_count, std::memory_order_relaxed);
+    }
+  }
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("compass._cuda.") + what + ": " + cudaGetErrorString(err));
+  return d;
+}
+
+void check_sizes(int64_t M, int64_t K, int64_t N, int64_t E, const char* what) {
+  check_arg(M >= 0 && K >= 0 && N >= 0 && E >= 0, what,
+            "sizes must be >= 0, got M=" + std::to_string(M) + " K=" + std::to_string(K) +
+                " N=" + std::to_string(N) + " E=" + std::to_string(E));
+  check_arg(M <= INT32_MAX && E <= INT32_MAX, what, "M and E must be < 2^31 (CUTLASS shapes are int32)");
+}
+
+GemmOp fwd_op(bool trans_b) { return trans_b ? GemmOp::kXWt : GemmOp::kXW; }
+
+}  // namespace
+
+bool grouped_gemm_supported(int dtype, bool trans_b, int64_t K, int64_t N) {
+  (void)trans_b;  // every layout is compiled for each supported dtype
+  return unsupported_reason(dtype, K, N).empty();
+}
+
+int64_t grouped_gemm_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b) {
+  const char* what = "grouped_gemm_workspace_bytes";
+  check_sizes(M, K, N, E, what);
+  const GroupedGemmInstance& inst = instance_or_throw(dtype, fwd_op(trans_b), K, N, what);
+  return static_cast<int64_t>(inst.workspace_bytes(E, current_device(what).sm_count));
+}
+
+int64_t grouped_gemm_wgrad_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b) {
+  const char* what = "grouped_gemm_wgrad_workspace_bytes";
+  (void)trans_b;  // the workspace holds E groups' arguments whichever operand comes first
+  check_sizes(M, K, N, E, what);
+  const GroupedGemmInstance& inst = instance_or_throw(dtype, GemmOp::kWgrad, K, N, what);  // both layouts
+  return static_cast<int64_t>(inst.workspace_bytes(E, current_device(what).sm_count));
+}
+
+void grouped_gemm(const void* x, const void* w, const int64_t* offsets, void* y, int64_t M, int64_t K, int64_t N,
+                  int64_t E, int dtype, bool trans_b, void* workspace, int64_t workspace_bytes,
+                  cudaStream_t stream) {
+  const char* what = "grouped_gemm";
+  check_sizes(M, K, N, E, what);
+  const GroupedGemmInstance& inst = instance_or_throw(dtype, fwd_op(trans_b), K, N, what);
+  if (M == 0 || N == 0) return;  // y is empty
+  check_arg(y != nullptr && offsets != nullptr, what, "y and offsets must not be null");
+  check_arg(K == 0 || (x != nullptr && (E == 0 || w != nullptr)), what, "x and w must not be null");
+  check_arg(workspace_bytes >= 0, what, "workspace_bytes must be >= 0");
+  const Device dev = current_device(what);
+  GroupedGemmCall call;
+  call.a = x;
+  call.b = w;
+  call.offsets = offsets;
+  call.d = y;
+  call.M = M;
+  call.K = K;
+  call.N = N;
+  call.E = E;
+  call.workspace = workspace;
+  call.workspace_bytes = static_cast<size_t>(workspace_bytes);
+  call.device = dev.id;
+  call.sm_count = dev.sm_count;
+  call.stream = stream;
+  inst.run(call);
+}
+
+void grouped_gemm_wgrad(const void* x, const void* dy, const int64_t* offsets, void* dw, int64_t M, int64_t K,
+                        int64_t N, int64_t E, int dtype, bool trans_b, void* workspace, int64_t workspace_bytes,
+                        cudaStream_t stream) {
+  const char* what = "grouped_gemm_wgrad";
+  check_sizes(M, K, N, E, what);
+  const GroupedGemmInstance& inst = instance_or_throw(dtype, GemmOp::kWgrad, K, N, what);  // both layouts
+  if (E == 0 || K == 0 || N == 0) return;  // dw is empty
+  check_arg(dw != nullptr && offsets != nullptr, what, "dw and offsets must not be null");
+  check_arg(M == 0 || (x != nullptr && dy != nullptr), what, "x and dy must not be null");
+  check_arg(workspace_bytes >= 0, what, "workspace_bytes must be >= 0");
+  const Device dev = current_device(what);
+  // dw[e] = a_e^T @ b_e with (a, b) = (x, dy) -> [K, N], or (dy, x) -> [N, K] for trans_b.
+  GroupedGemmCall call;
+  call.a = trans_b ? dy : x;
+  call.b = trans_b ? x : dy;
+  call.offsets = offsets;
+  call.d = dw;
+  call.M = M;
+  call.K = trans_b ? N : K;
+  call.N = trans_b ? K : N;
+  call.E = E;
+  call.workspace = workspace;
+  call.workspace_bytes = static_cast<size_t>(workspace_bytes);
+  call.device = dev.id;
+  call.sm_count = dev.sm_count;
+  call.stream = stream;
+  inst.run(call);
+}
+
+}  // namespace cuda
+}  // namespace compass
