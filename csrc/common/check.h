@@ -1,0 +1,55 @@
+// Argument checks for the raw-pointer entry points. Every failure throws std::invalid_argument
+// (pybind11 turns it into ValueError) with a message naming the argument and what was expected.
+// The Python layer validates first; these are defence in depth against out-of-bounds writes.
+#pragma once
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "common/dtype.h"
+
+namespace compass {
+
+// check(cond, "x must be ", 3, " got ", 4): the message is only built on failure.
+template <class... Parts>
+[[noreturn]] void fail(const Parts&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  throw std::invalid_argument(os.str());
+}
+
+template <class... Parts>
+inline void check(bool cond, const Parts&... parts) {
+  if (!cond) fail(parts...);
+}
+
+inline void check_nonneg(const char* name, int64_t v) {
+  check(v >= 0, name, " must be >= 0, got ", v);
+}
+
+inline void check_positive(const char* name, int64_t v) {
+  check(v >= 1, name, " must be >= 1, got ", v);
+}
+
+// A buffer that will be touched (numel > 0) must not be null.
+inline void check_ptr(const char* name, uintptr_t p, int64_t numel) {
+  check(p != 0 || numel == 0, name, " is a null pointer but ", numel, " elements are accessed");
+}
+
+// Row strides are in elements; rows may be padded (stride > H) but must not overlap.
+inline void check_row_stride(const char* name, int64_t stride, int64_t H) {
+  check(stride >= H, name, " must be >= H = ", H, " (row stride in elements), got ", stride);
+}
+
+inline bool is_float_dtype(int code) {
+  return code == int(DType::kFloat32) || code == int(DType::kFloat64) ||
+         code == int(DType::kFloat16) || code == int(DType::kBFloat16);
+}
+
+inline void check_float_dtype(const char* name, int code) {
+  check(is_float_dtype(code), name, " must be float32, float64, float16 or bfloat16, got code ",
+        code, " (", dtype_name(code), ")");
+}
+
+}  // namespace compass
