@@ -4,15 +4,18 @@
 #   1. configures and builds only the _cuda target (clean first, so ptxas reports every kernel),
 #   2. dumps the SASS with the cuobjdump shipped in triton's wheel and fails unless sm_90a code
 #      is present; prints the number of SASS functions per architecture,
-#   3. prints registers / spills / shared memory / HGMMA count per kernel, architecture and
-#      source file, and fails if
+#   3. prints registers / spills / shared memory / HGMMA and QGMMA counts per kernel,
+#      architecture and source file, and fails if
 #        - any kernel or device function reports non-zero spill stores or loads (ptxas -v),
 #        - an sm_90a CUTLASS grouped GEMM kernel (cutlass::device_kernel<GemmUniversal>) has no
-#          HGMMA (wgmma) instruction, i.e. fell back to a non-tensor-core or stub path,
+#          wgmma instruction of its kind: HGMMA for bf16/fp16, QGMMA for the FP8 (e4m3) kernels,
+#          i.e. fell back to a non-tensor-core or stub path,
 #        - the build configured sm_90a grouped GEMM instances (csrc/cuda/sm90/*.cu) but the .so
 #          does not hold one GemmUniversal kernel per instance file.
 # Usage: .ci/cuda_check.sh [build-dir]   (default build/cuda-check)
-# Time: ~3-4 min on 2 cores (6 CUTLASS instances at ~90 s of nvcc each, 2 at a time).
+# Time: ~6.5 CPU-minutes in all (8 CUTLASS instances, ~26 s of nvcc CPU each for bf16/fp16 and
+# ~35 s for FP8, plus the rest), i.e. ~4 min of wall time on 2 idle cores; 14 min measured with
+# the 2 cores ~3x oversubscribed by other jobs.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -100,8 +103,9 @@ for line in log:
 if not rows:
     sys.exit("FAIL: no 'Compiling entry function' lines in the build log (is -Xptxas=-v set?)")
 
-# ---- SASS: HGMMA (sm_90 wgmma) instructions per (function, arch).
+# ---- SASS: HGMMA (16-bit) and QGMMA (FP8) sm_90 wgmma instructions per (function, arch).
 hgmma = collections.Counter()
+qgmma = collections.Counter()
 elf, arch, fn = False, None, None
 for line in sass:
     if line.startswith("Fatbin elf code"):
@@ -113,8 +117,11 @@ for line in sass:
     elif elf and "Function :" in line:
         fn = line.split("Function :")[1].strip()
         hgmma[(fn, arch)] += 0
+        qgmma[(fn, arch)] += 0
     elif elf and fn and "HGMMA" in line:
         hgmma[(fn, arch)] += 1
+    elif elf and fn and "QGMMA" in line:
+        qgmma[(fn, arch)] += 1
 
 names = sorted({r[0] for r in rows})
 try:
@@ -138,13 +145,22 @@ def is_sm90_gemm(name, arch):
     # Matched on the mangled name: c++filt gives up on CUTLASS's 2,000-character templates.
     return arch.startswith("sm_90") and name.startswith("_ZN7cutlass13device_kernel") and "GemmUniversal" in name
 
+def is_fp8(name):
+    return "float_e4m3_t" in name or "float_e5m2_t" in name
+
 short = {}
 for n, d in demangled.items():
     if n.startswith("_ZN7cutlass13device_kernel"):  # name the schedule and the element type only
-        sched = re.search(r"KernelPtrArrayTmaWarpSpecialized(Cooperative|Pingpong)", n)
+        sched = re.search(r"KernelPtrArrayTmaWarpSpecialized(Cooperative|Pingpong)(FP8Blockwise|FP8FastAccum)?", n)
         elem = re.search(r"(bfloat16_t|half_t)", n)
-        d = (f"cutlass GemmUniversal<{elem.group(1) if elem else '?'}, "
-             f"PtrArray{sched.group(1) if sched else '?'}>" if "GemmUniversal" in n else "cutlass device_kernel<?>")
+        elem = elem.group(1) if elem else "?"
+        if is_fp8(n):  # e4m3 inputs; the output type, and the scaling (blockwise mainloop or EVT epilogue)
+            elem = "e4m3->" + elem
+            scaling = ", blockwise scales" if "Blockwise" in n else ", row scales (EVT)" if "ColBroadcast" in n else ""
+        else:
+            scaling = ""
+        d = (f"cutlass GemmUniversal<{elem}, PtrArray{sched.group(1) if sched else '?'}{scaling}>"
+             if "GemmUniversal" in n else "cutlass device_kernel<?>")
     d = re.sub(r"compass::cuda::(\(anonymous namespace\)::)?", "", d)
     d = re.sub(r"^void ", "", d)
     d = drop_params(d)
@@ -154,21 +170,26 @@ for n, d in demangled.items():
 
 w = max(len(s) for s in short.values())
 ws = max(len(r[7]) for r in rows)
-print(f"{'kernel':<{w}}  {'source':<{ws}}  {'arch':<7} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'stack':>5} {'smem':>6} {'HGMMA':>5}")
+print(f"{'kernel':<{w}}  {'source':<{ws}}  {'arch':<7} {'regs':>4} {'spill st':>8} {'spill ld':>8} {'stack':>5} {'smem':>6} "
+      f"{'HGMMA':>5} {'QGMMA':>5}")
 no_hgmma, gemm_kernels = [], set()
 for name, arch, stack, st, ld, regs, smem, src in sorted(rows, key=lambda r: (r[7], short[r[0]], r[1])):
-    n_hgmma = hgmma.get((name, arch))
+    n_hgmma, n_qgmma = hgmma.get((name, arch)), qgmma.get((name, arch))
     if is_sm90_gemm(name, arch):
         gemm_kernels.add(name)
-        if not n_hgmma:
-            no_hgmma.append(f"{short[name]} [{arch}, {src}]: {n_hgmma or 0} HGMMA")
-    col = "-" if n_hgmma is None else str(n_hgmma)
+        kind, count = ("QGMMA", n_qgmma) if is_fp8(name) else ("HGMMA", n_hgmma)
+        if not count:
+            no_hgmma.append(f"{short[name]} [{arch}, {src}]: {count or 0} {kind}")
+    hcol = "-" if n_hgmma is None else str(n_hgmma)
+    qcol = "-" if n_qgmma is None else str(n_qgmma)
     print(f"{short[name]:<{w}}  {src:<{ws}}  {arch:<7} {regs if regs is not None else '?':>4} {st:>8} {ld:>8} "
-          f"{stack:>5} {smem:>6} {col:>5}")
+          f"{stack:>5} {smem:>6} {hcol:>5} {qcol:>5}")
 archs = sorted({r[1] for r in rows})
+fp8_kernels = sorted(n for n in gemm_kernels if is_fp8(n))
 print(f"{len(rows)} kernel compilations ({', '.join(archs)}), max registers "
       f"{max(r[5] or 0 for r in rows)}; {len(gemm_kernels)} sm_90a CUTLASS grouped GEMM kernels, HGMMA "
-      f"counts {sorted(hgmma[(n, 'sm_90a')] for n in gemm_kernels)}")
+      f"counts {sorted(hgmma[(n, 'sm_90a')] for n in gemm_kernels if not is_fp8(n))}, QGMMA counts (FP8) "
+      f"{sorted(qgmma[(n, 'sm_90a')] for n in fp8_kernels)}")
 
 fail = False
 if bad:
@@ -176,7 +197,8 @@ if bad:
                                       for n, a, _, st, ld, _, _, src in bad), sep="\n  ", file=sys.stderr)
     fail = True
 if no_hgmma:
-    print("FAIL: sm_90a grouped GEMM kernels without HGMMA:", *no_hgmma, sep="\n  ", file=sys.stderr)
+    print("FAIL: sm_90a grouped GEMM kernels without HGMMA (16-bit) / QGMMA (FP8):", *no_hgmma, sep="\n  ",
+          file=sys.stderr)
     fail = True
 if len(gemm_kernels) != sm90_instances:
     print(f"FAIL: {sm90_instances} sm_90a grouped GEMM instance files configured, but {len(gemm_kernels)} "
@@ -184,7 +206,8 @@ if len(gemm_kernels) != sm90_instances:
     fail = True
 if fail:
     sys.exit(1)
-print("OK: zero spill stores / loads" + (f"; HGMMA in all {len(gemm_kernels)} sm_90a grouped GEMM kernels"
+print("OK: zero spill stores / loads" + (f"; HGMMA in all {len(gemm_kernels) - len(fp8_kernels)} 16-bit and QGMMA "
+                                          f"in all {len(fp8_kernels)} FP8 sm_90a grouped GEMM kernels"
                                           if gemm_kernels else ""))
 EOF
 

@@ -5,6 +5,7 @@ signature; see ``backend_info()`` for what is built here and ``use_backend`` to 
 """
 
 from compass_kernels._backend import BACKENDS, backend_info, use_backend
+from compass_kernels.fp8 import Fp8Tensor, dequantize_fp8, grouped_gemm_fp8, quantize_fp8, smooth_scales
 from compass_kernels.grouped_gemm import grouped_gemm
 from compass_kernels.ot import otpo_weights, sinkhorn
 from compass_kernels.routing import RoutingPlan, permute, route, unpermute
@@ -13,13 +14,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "Fp8Tensor",
     "RoutingPlan",
     "backend_info",
+    "dequantize_fp8",
     "grouped_gemm",
+    "grouped_gemm_fp8",
     "otpo_weights",
     "permute",
+    "quantize_fp8",
     "route",
     "sinkhorn",
+    "smooth_scales",
     "unpermute",
     "use_backend",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -38,7 +39,8 @@ def _megatron(x, ids, probs, E):
 
 def demo(tokens: int, hidden: int, reps: int) -> int:
     info = ck.backend_info()
-    print(f"compass-kernels {ck.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"compass-kernels {ck.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
     print("backend for CPU tensors:", info["chosen"].get("permute@cpu"))
     print(f"{'shape':16} {'routing':8} {'compass ms':>10} {'megatron ms':>11} {'speed-up':>8} {'GB/s':>6}  check")
     ok = True
@@ -70,7 +72,21 @@ def demo(tokens: int, hidden: int, reps: int) -> int:
     return 0 if ok else 1
 
 
+# glibc maps allocations above 32 MiB fresh and unmaps them on free: each new [8192, 2048] fp32
+# output then costs ~35 ms of page faults here, 6x the permute kernel. The demo keeps freed memory
+# in the heap (as jemalloc/tcmalloc would) unless the user set GLIBC_TUNABLES; peers run alike.
+_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def _reexec_with_malloc_tunables(argv: list[str]) -> None:
+    if "GLIBC_TUNABLES" in os.environ or sys.platform != "linux":
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=_MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable, "-m", "compass_kernels.cli", *argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="compass", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="print backend_info() as JSON")
@@ -78,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--tokens", type=int, default=8192)
     d.add_argument("--hidden", type=int, default=2048)
     d.add_argument("--reps", type=int, default=5)
+    d.add_argument("--system-malloc", action="store_true",
+                   help="keep glibc's default malloc settings (fresh pages for every large tensor)")
     args = ap.parse_args(argv)
+    if args.cmd == "demo" and not args.system_malloc:
+        _reexec_with_malloc_tunables(argv)
     if args.cmd == "info":
         print(json.dumps(ck.backend_info(), indent=1))
         return 0

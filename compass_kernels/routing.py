@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from compass_kernels import _backend, _ext
+from compass_kernels.fp8 import Fp8Tensor, permute_fp8
 from compass_kernels.routing_ref import (
     num_rows_bound,
     permute_ref,
@@ -336,8 +337,11 @@ def permute(x: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = Non
     """Dispatch: ``x [T, H]`` -> ``[num_rows, H]`` in expert-contiguous order (bit-exact, any dtype).
 
     Padding rows are zero. With ``probs [T, k]`` also returns the permuted probs ``[num_rows]``.
-    Differentiable in x and probs.
+    Differentiable in x and probs. An ``Fp8Tensor`` ("row" or "block" scales) comes back as one,
+    its codes and scale rows moved together.
     """
+    if isinstance(x, Fp8Tensor):
+        return permute_fp8(x, plan, probs, permute)
     _check_plan(plan)
     _check_rows("x", x, plan.num_tokens, plan.row_id_map.device)
     _check_probs(probs, plan, x.device)

@@ -2,7 +2,7 @@
 // stream handle in; no libtorch. The calling convention is the docstring of
 // compass_kernels/_ext.py; every entry point here takes a trailing `stream` (cudaStream_t as an
 // integer); `route` also takes `workspace` (route_workspace_numel(T, k, E) int64s) and the grouped
-// GEMMs take `workspace` + `workspace_bytes` (grouped_gemm[_wgrad]_workspace_bytes(...) bytes).
+// GEMMs take `workspace` + `workspace_bytes` (grouped_gemm[_wgrad|_fp8]_workspace_bytes(...) bytes).
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -38,6 +38,13 @@ void grouped_gemm(const void* x, const void* w, const int64_t* offsets, void* y,
 void grouped_gemm_wgrad(const void* x, const void* dy, const int64_t* offsets, void* dw, int64_t M, int64_t K,
                         int64_t N, int64_t E, int dtype, bool trans_b, void* workspace, int64_t workspace_bytes,
                         cudaStream_t stream);
+// Defined in grouped_gemm_fp8.cu.
+bool grouped_gemm_fp8_supported(int x_gran, int w_gran, int64_t K, int64_t N, int out_dtype);
+int64_t grouped_gemm_fp8_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int x_gran, int w_gran,
+                                         int out_dtype);
+void grouped_gemm_fp8(const void* x, const float* x_scale, const void* w, const float* w_scale,
+                      const int64_t* offsets, void* y, int64_t M, int64_t K, int64_t N, int64_t E, int x_gran,
+                      int w_gran, int out_dtype, void* workspace, int64_t workspace_bytes, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace compass
 
@@ -173,6 +180,34 @@ PYBIND11_MODULE(_cuda, m) {
       py::arg("stream"), nogil,
       "dw[e] = x_e^T @ dy_e ([E, K, N]; trans_b: dy_e^T @ x_e, [E, N, K]) over the rows of group e; empty groups "
       "zero.");
+
+  m.def("grouped_gemm_fp8_supported", &cc::grouped_gemm_fp8_supported, py::arg("x_gran"), py::arg("w_gran"),
+        py::arg("K"), py::arg("N"), py::arg("out_dtype"),
+        "Whether a compiled sm_90a CUTLASS FP8 grouped GEMM serves these scale granularities (tensor=0, row=1, "
+        "block=2, block2d=3: row/row or block/block2d with block size 128), K and N (multiples of 16) and out "
+        "dtype (bfloat16). The caller also checks 16-byte x/w/y alignment and compute capability 9.x.");
+
+  m.def("grouped_gemm_fp8_workspace_bytes", &cc::grouped_gemm_fp8_workspace_bytes, py::arg("M"), py::arg("K"),
+        py::arg("N"), py::arg("E"), py::arg("x_gran"), py::arg("w_gran"), py::arg("out_dtype"),
+        "Bytes of device scratch (128-byte aligned) that grouped_gemm_fp8(...) needs on the current device.");
+
+  m.def(
+      "grouped_gemm_fp8",
+      [](uintptr_t x, uintptr_t x_scale, uintptr_t w, uintptr_t w_scale, uintptr_t offsets, uintptr_t y, int64_t M,
+         int64_t K, int64_t N, int64_t E, int x_gran, int w_gran, int out_dtype, uintptr_t workspace,
+         int64_t workspace_bytes, uintptr_t stream) {
+        cc::grouped_gemm_fp8(as_ptr<const void>(x), as_ptr<const float>(x_scale), as_ptr<const void>(w),
+                             as_ptr<const float>(w_scale), as_ptr<const int64_t>(offsets), as_ptr<void>(y), M, K, N,
+                             E, x_gran, w_gran, out_dtype, as_ptr<void>(workspace), workspace_bytes,
+                             as_stream(stream));
+      },
+      py::arg("x"), py::arg("x_scale"), py::arg("w"), py::arg("w_scale"), py::arg("offsets"), py::arg("y"),
+      py::arg("M"), py::arg("K"), py::arg("N"), py::arg("E"), py::arg("x_gran"), py::arg("w_gran"),
+      py::arg("out_dtype"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"), nogil,
+      "y [M, N] rows offsets[e]:offsets[e+1] = (sx * x[rows]) @ (sw[e] * w[e])^T, x [M, K] and w [E, N, K] "
+      "float8_e4m3fn, fp32 accumulation; rows outside [offsets[0], offsets[E]) zero. Scales fp32, contiguous: "
+      "row/row: x_scale [M], w_scale [E, N]; block/block2d: x_scale [M, ceil(K/128)] (row-major, as "
+      "quantize_fp8 makes it), w_scale [E, ceil(N/128), ceil(K/128)].");
 
   // Architectures this module was compiled for, e.g. ["90a", "80"] (from COMPASS_CUDA_ARCHS).
   py::list archs;

@@ -1,0 +1,10 @@
+// CUTLASS sm_90a FP8 grouped GEMM instance: e4m3 x e4m3 -> bfloat16, 1x128 x blocks and 128x128
+// w blocks applied in the mainloop (DeepSeek-V3 blockwise scaling). See grouped_gemm_fp8_sm90.cuh.
+#include "cuda/sm90/grouped_gemm_fp8_sm90.cuh"
+
+namespace compass {
+namespace cuda {
+COMPASS_SM90_GROUPED_GEMM_FP8_INSTANCE(kSm90Fp8BlockBf16, "sm90_fp8_block_bf16_coop128x128x128_c1x2",
+                                       cutlass::bfloat16_t, DType::kBFloat16, Fp8Scaling::kBlockBlock2d);
+}  // namespace cuda
+}  // namespace compass
