@@ -37,6 +37,15 @@ def ratios(rows: dict) -> dict:
                 if (p, shape, kind, peer) in rows:
                     name = "efficiency" if peer == "dense" else f"speedup_vs_{peer}"
                     out[f"gemm/{shape}/{kind}/{name}"] = rows[(p, shape, kind, peer)]["median_s"] / r["median_s"]
+        if p == "quant" and impl == "compass":
+            if (p, shape, kind, "eager") in rows:
+                out[f"quant/{shape}/{kind}/speedup_vs_eager"] = rows[(p, shape, kind, "eager")]["median_s"] / r["median_s"]
+            if (p, shape, "all", "copy") in rows:
+                out[f"quant/{shape}/{kind}/fraction_of_copy"] = r["gbps"] / rows[(p, shape, "all", "copy")]["gbps"]
+        if p == "ot" and impl == "compass":
+            for peer in ("pot_loop", "pot_official", "pot_numpy", "pot_batch"):
+                if (p, shape, kind, peer) in rows:
+                    out[f"ot/{shape}/{kind}/speedup_vs_{peer}"] = rows[(p, shape, kind, peer)]["median_s"] / r["median_s"]
         if p == "op" and impl in ("permute", "unpermute") and (p, shape, kind, "copy") in rows:
             out[f"op/{shape}/{impl}/fraction_of_copy"] = r["gbps"] / rows[(p, shape, kind, "copy")]["gbps"]
     return out

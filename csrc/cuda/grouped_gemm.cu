@@ -10,12 +10,12 @@
 //     are zero; K = 0 -> y = 0.
 //   grouped_gemm_wgrad: dw[e] = x_e^T @ dy_e ([E, K, N]) or dy_e^T @ x_e (trans_b, [E, N, K]);
 //     empty groups -> exact zeros.
-#include <atomic>
 #include <cstdint>
 #include <string>
 
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.h"
+#include "cuda/gemm_host.h"
 
 namespace compass {
 namespace cuda {
@@ -68,39 +68,6 @@ const GroupedGemmInstance& instance_or_throw(int dtype, GemmOp op, int64_t K, in
   return *find_instance(dtype, op);
 }
 
-struct Device {
-  int id;
-  int sm_count;
-};
-
-// The current device and its SM count (queried once per device): host-side calls, not stream
-// operations, so fine under graph capture. The persistent grid and the per-SM TMA descriptor
-// slots of the workspace are sized by it.
-Device current_device(const char* what) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> sm_counts[kMaxDevices] = {};
-  Device d{};
-  cudaError_t err = cudaGetDevice(&d.id);
-  if (err == cudaSuccess) {
-    d.sm_count = d.id >= 0 && d.id < kMaxDevices ? sm_counts[d.id].load(std::memory_order_relaxed) : 0;
-    if (d.sm_count <= 0) {
-      err = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, d.id);
-      if (err == cudaSuccess && d.id >= 0 && d.id < kMaxDevices)
-        sm_counts[d.id].store(d.sm_count, std::memory_order_relaxed);
-    }
-  }
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("compass._cuda.") + what + ": " + cudaGetErrorString(err));
-  return d;
-}
-
-void check_sizes(int64_t M, int64_t K, int64_t N, int64_t E, const char* what) {
-  check_arg(M >= 0 && K >= 0 && N >= 0 && E >= 0, what,
-            "sizes must be >= 0, got M=" + std::to_string(M) + " K=" + std::to_string(K) +
-                " N=" + std::to_string(N) + " E=" + std::to_string(E));
-  check_arg(M <= INT32_MAX && E <= INT32_MAX, what, "M and E must be < 2^31 (CUTLASS shapes are int32)");
-}
-
 GemmOp fwd_op(bool trans_b) { return trans_b ? GemmOp::kXWt : GemmOp::kXW; }
 
 }  // namespace
@@ -112,7 +79,7 @@ bool grouped_gemm_supported(int dtype, bool trans_b, int64_t K, int64_t N) {
 
 int64_t grouped_gemm_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b) {
   const char* what = "grouped_gemm_workspace_bytes";
-  check_sizes(M, K, N, E, what);
+  check_gemm_sizes(M, K, N, E, what);
   const GroupedGemmInstance& inst = instance_or_throw(dtype, fwd_op(trans_b), K, N, what);
   return static_cast<int64_t>(inst.workspace_bytes(E, current_device(what).sm_count));
 }
@@ -120,7 +87,7 @@ int64_t grouped_gemm_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E,
 int64_t grouped_gemm_wgrad_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b) {
   const char* what = "grouped_gemm_wgrad_workspace_bytes";
   (void)trans_b;  // the workspace holds E groups' arguments whichever operand comes first
-  check_sizes(M, K, N, E, what);
+  check_gemm_sizes(M, K, N, E, what);
   const GroupedGemmInstance& inst = instance_or_throw(dtype, GemmOp::kWgrad, K, N, what);  // both layouts
   return static_cast<int64_t>(inst.workspace_bytes(E, current_device(what).sm_count));
 }
@@ -129,7 +96,7 @@ void grouped_gemm(const void* x, const void* w, const int64_t* offsets, void* y,
                   int64_t E, int dtype, bool trans_b, void* workspace, int64_t workspace_bytes,
                   cudaStream_t stream) {
   const char* what = "grouped_gemm";
-  check_sizes(M, K, N, E, what);
+  check_gemm_sizes(M, K, N, E, what);
   const GroupedGemmInstance& inst = instance_or_throw(dtype, fwd_op(trans_b), K, N, what);
   if (M == 0 || N == 0) return;  // y is empty
   check_arg(y != nullptr && offsets != nullptr, what, "y and offsets must not be null");
@@ -157,7 +124,7 @@ void grouped_gemm_wgrad(const void* x, const void* dy, const int64_t* offsets, v
                         int64_t N, int64_t E, int dtype, bool trans_b, void* workspace, int64_t workspace_bytes,
                         cudaStream_t stream) {
   const char* what = "grouped_gemm_wgrad";
-  check_sizes(M, K, N, E, what);
+  check_gemm_sizes(M, K, N, E, what);
   const GroupedGemmInstance& inst = instance_or_throw(dtype, GemmOp::kWgrad, K, N, what);  // both layouts
   if (E == 0 || K == 0 || N == 0) return;  // dw is empty
   check_arg(dw != nullptr && offsets != nullptr, what, "dw and offsets must not be null");

@@ -9,12 +9,12 @@
 //   y [M, N] rows offsets[e]:offsets[e+1] = (sx ⊙ x_q[rows]) @ (sw[e] ⊙ w_q[e])^T, x_q [M, K] and
 //   w_q [E, N, K] float8_e4m3fn, fp32 accumulation, bf16 out; rows outside
 //   [offsets[0], offsets[E]) are zero; K = 0 -> y = 0. Scale layouts: cuda/grouped_gemm_fp8.h.
-#include <atomic>
 #include <cstdint>
 #include <string>
 
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm_fp8.h"
+#include "cuda/gemm_host.h"
 
 namespace compass {
 namespace cuda {
@@ -81,38 +81,6 @@ const GroupedGemmFp8Instance& instance_or_throw(int x_gran, int w_gran, int64_t 
   return *find_instance(x_gran, w_gran, out_dtype);
 }
 
-struct Device {
-  int id;
-  int sm_count;
-};
-
-// The current device and its SM count, queried once per device (the same cache as
-// grouped_gemm.cu's; host-side calls, not stream operations, so fine under graph capture).
-Device current_device(const char* what) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> sm_counts[kMaxDevices] = {};
-  Device d{};
-  cudaError_t err = cudaGetDevice(&d.id);
-  if (err == cudaSuccess) {
-    d.sm_count = d.id >= 0 && d.id < kMaxDevices ? sm_counts[d.id].load(std::memory_order_relaxed) : 0;
-    if (d.sm_count <= 0) {
-      err = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, d.id);
-      if (err == cudaSuccess && d.id >= 0 && d.id < kMaxDevices)
-        sm_counts[d.id].store(d.sm_count, std::memory_order_relaxed);
-    }
-  }
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("compass._cuda.") + what + ": " + cudaGetErrorString(err));
-  return d;
-}
-
-void check_sizes(int64_t M, int64_t K, int64_t N, int64_t E, const char* what) {
-  check_arg(M >= 0 && K >= 0 && N >= 0 && E >= 0, what,
-            "sizes must be >= 0, got M=" + std::to_string(M) + " K=" + std::to_string(K) +
-                " N=" + std::to_string(N) + " E=" + std::to_string(E));
-  check_arg(M <= INT32_MAX && E <= INT32_MAX, what, "M and E must be < 2^31 (CUTLASS shapes are int32)");
-}
-
 }  // namespace
 
 bool grouped_gemm_fp8_supported(int x_gran, int w_gran, int64_t K, int64_t N, int out_dtype) {
@@ -122,7 +90,7 @@ bool grouped_gemm_fp8_supported(int x_gran, int w_gran, int64_t K, int64_t N, in
 int64_t grouped_gemm_fp8_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int x_gran, int w_gran,
                                          int out_dtype) {
   const char* what = "grouped_gemm_fp8_workspace_bytes";
-  check_sizes(M, K, N, E, what);
+  check_gemm_sizes(M, K, N, E, what);
   const GroupedGemmFp8Instance& inst = instance_or_throw(x_gran, w_gran, K, N, out_dtype, what);
   // Independent of M: the scales are read in place (no transposed copy in the workspace).
   return static_cast<int64_t>(inst.workspace_bytes(E, current_device(what).sm_count));
@@ -132,7 +100,7 @@ void grouped_gemm_fp8(const void* x, const float* x_scale, const void* w, const 
                       const int64_t* offsets, void* y, int64_t M, int64_t K, int64_t N, int64_t E, int x_gran,
                       int w_gran, int out_dtype, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
   const char* what = "grouped_gemm_fp8";
-  check_sizes(M, K, N, E, what);
+  check_gemm_sizes(M, K, N, E, what);
   const GroupedGemmFp8Instance& inst = instance_or_throw(x_gran, w_gran, K, N, out_dtype, what);
   if (M == 0 || N == 0) return;  // y is empty
   check_arg(y != nullptr && offsets != nullptr, what, "y and offsets must not be null");

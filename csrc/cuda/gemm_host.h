@@ -1,0 +1,50 @@
+// Host-side helpers shared by the grouped GEMM entry points (bf16/fp16 and FP8): the current
+// device's SM count and the size checks. No CUTLASS here.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime.h>
+
+#include "cuda/common.cuh"
+
+namespace compass {
+namespace cuda {
+
+struct Device {
+  int id;
+  int sm_count;
+};
+
+// The current device and its SM count, queried once per device: host-side calls, not stream
+// operations, so fine under graph capture. The persistent grid and the per-SM TMA descriptor slots
+// of the workspace are sized by it.
+inline Device current_device(const char* what) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> sm_counts[kMaxDevices] = {};
+  Device d{};
+  cudaError_t err = cudaGetDevice(&d.id);
+  if (err == cudaSuccess) {
+    d.sm_count = d.id >= 0 && d.id < kMaxDevices ? sm_counts[d.id].load(std::memory_order_relaxed) : 0;
+    if (d.sm_count <= 0) {
+      err = cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, d.id);
+      if (err == cudaSuccess && d.id >= 0 && d.id < kMaxDevices)
+        sm_counts[d.id].store(d.sm_count, std::memory_order_relaxed);
+    }
+  }
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("compass._cuda.") + what + ": " + cudaGetErrorString(err));
+  return d;
+}
+
+inline void check_gemm_sizes(int64_t M, int64_t K, int64_t N, int64_t E, const char* what) {
+  check_arg(M >= 0 && K >= 0 && N >= 0 && E >= 0, what,
+            "sizes must be >= 0, got M=" + std::to_string(M) + " K=" + std::to_string(K) +
+                " N=" + std::to_string(N) + " E=" + std::to_string(E));
+  check_arg(M <= INT32_MAX && E <= INT32_MAX, what, "M and E must be < 2^31 (CUTLASS shapes are int32)");
+}
+
+}  // namespace cuda
+}  // namespace compass
