@@ -5,6 +5,10 @@ The C++/CUDA modules do not link libtorch. Every kernel entry point takes intege
 stream handle (``torch.cuda.current_stream().cuda_stream``). Output buffers are allocated in Python
 and written by the kernel. Inner (last-dim) strides are always 1: callers make that so.
 
+The contracts of the other op families sit next to their kernels: FP8 quantization in
+``csrc/cpu/fp8.cpp``, Sinkhorn / OTPO in ``csrc/cpu/ot.cpp``, the grouped GEMMs in
+``csrc/cuda/grouped_gemm.h`` and ``csrc/cuda/grouped_gemm_fp8.h`` (pybind docstrings in module.cu).
+
 Routing entry points of ``_cpu`` and ``_cuda`` (``_cuda``'s take a trailing ``stream`` argument and
 ``route`` also takes a ``workspace`` pointer, see ``route_workspace_numel``):
 
