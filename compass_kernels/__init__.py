@@ -9,6 +9,7 @@ from compass_kernels.fp8 import Fp8Tensor, dequantize_fp8, grouped_gemm_fp8, qua
 from compass_kernels.grouped_gemm import grouped_gemm
 from compass_kernels.ot import otpo_weights, sinkhorn
 from compass_kernels.routing import RoutingPlan, permute, route, unpermute
+from compass_kernels.sort_chunks import sort_chunks
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "route",
     "sinkhorn",
     "smooth_scales",
+    "sort_chunks",
     "unpermute",
     "use_backend",
 ]

@@ -41,6 +41,7 @@ from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 # Kernel modules whose AOT_CASES are compiled; later kernel files add themselves here.
 MODULES = [
     "compass_kernels.triton.routing",
+    "compass_kernels.triton.sort_chunks",
     "compass_kernels.triton.ot",
     "compass_kernels.triton.grouped_gemm",
     "compass_kernels.triton.fp8",
