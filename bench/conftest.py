@@ -2,6 +2,7 @@
 
 Each case records the bytes it must move (extra_info["bytes"]); bench/report.py turns the JSON into
 GB/s, fractions of the copy ceiling and ratios to the peers, and checks them against the baseline.
+COMPASS_BENCH_QUICK=1 shrinks the shapes of the suites that adopt bench/quick.py (CI: tests/test_bench_quick.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(os.cpu_count() or 1)
+
+from quick import QUICK  # noqa: E402
+
+# Quick mode checks that the suites run, not their speed: one thread, because on a busy 2-core CI
+# machine every OpenMP region of a tiny op can stall for a scheduler slice (~5 ms measured).
+torch.set_num_threads(1 if QUICK else os.cpu_count() or 1)
+
+
+def pytest_report_header(config):
+    return "compass bench: quick mode (COMPASS_BENCH_QUICK=1), small shapes" if QUICK else None
 
 
 @pytest.fixture(autouse=True)
