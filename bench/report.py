@@ -37,6 +37,8 @@ def ratios(rows: dict) -> dict:
                 if (p, shape, kind, peer) in rows:
                     name = "efficiency" if peer == "dense" else f"speedup_vs_{peer}"
                     out[f"gemm/{shape}/{kind}/{name}"] = rows[(p, shape, kind, peer)]["median_s"] / r["median_s"]
+        if p in ("moe_fwd", "moe_fwdbwd") and impl == "compass" and (p, shape, kind, "naive") in rows:
+            out[f"{p}/{shape}/{kind}/speedup_vs_naive"] = rows[(p, shape, kind, "naive")]["median_s"] / r["median_s"]
         if p == "quant" and impl == "compass":
             if (p, shape, kind, "eager") in rows:
                 out[f"quant/{shape}/{kind}/speedup_vs_eager"] = rows[(p, shape, kind, "eager")]["median_s"] / r["median_s"]

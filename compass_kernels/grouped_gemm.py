@@ -58,31 +58,108 @@ def _check(x, w, offsets, trans_b: bool) -> None:
 # backends
 
 
+# CPU: groups go to torch's BLAS as few, batched calls. One torch.mm per small group leaves both BLAS
+# threads splitting a small product (and paying a thread-team handoff per group); a torch.bmm over two
+# or more groups gives each thread whole products. Adjacent equal-size groups (uniform routing) are one
+# bmm over zero-copy [n, m, K] views; any two groups form a batch of 2 through as_strided views (a
+# constant batch stride always exists for two items); groups of >= _CPU_BIG rows run alone.
+_CPU_BIG = 1024  # rows; a product this tall already keeps both threads busy
+_CPU_PAD = 32  # rows a group may be padded by (its extra rows land in rows that are written later)
+
+
+def _pair(t: torch.Tensor, e: int, f: int, m: int | None = None) -> torch.Tensor:
+    """[2, ...] view of items (or rows) e and f (e < f) of t; with m, rows e.. and f.. of a 2-D t, m each."""
+    if m is None:
+        return t.as_strided((2, *t.shape[1:]), ((f - e) * t.stride(0), *t.stride()[1:]),
+                            t.storage_offset() + e * t.stride(0))
+    return t.as_strided((2, m, t.shape[1]), ((f - e) * t.stride(0), t.stride(0), t.stride(1)),
+                        t.storage_offset() + e * t.stride(0))
+
+
+def _cpu_schedule(b: list[int], pad: bool, M: int):
+    """Yields ("run", e, f): groups e..f-1 are nonempty and of equal size; ("one", e); or
+    ("pair", e, g, m): groups e < g (nothing nonempty between) over their first m rows, where m may pass
+    g's end by up to _CPU_PAD rows when pad is set (those rows belong to later groups or to the tail)."""
+    E = len(b) - 1
+    sz = [b[e + 1] - b[e] for e in range(E)]
+    nxt = [E] * (E + 1)  # first nonempty group at or after e
+    for e in range(E - 1, -1, -1):
+        nxt[e] = e if sz[e] else nxt[e + 1]
+    e = nxt[0]
+    while e < E:
+        m = sz[e]
+        f = e + 1
+        while f < E and sz[f] == m:
+            f += 1
+        if f - e >= 2:
+            yield "run", e, f
+            e = nxt[f]
+            continue
+        g = nxt[e + 1]
+        if m >= _CPU_BIG or g >= E or sz[g] >= _CPU_BIG:
+            yield "one", e
+            e = g
+            continue
+        mg = sz[g]
+        padded = pad and mg < m <= mg + _CPU_PAD and b[g] + m <= M
+        yield "pair", e, g, (m if padded else min(m, mg))
+        e = nxt[g + 1]
+
+
 def _gemm_cpu(x, w, offsets, trans_b: bool) -> torch.Tensor:
     """Each group's product written straight into its slice of y by torch's BLAS (no cat copies).
 
     Offsets live in host memory here, so reading them is not a device sync.
     """
-    N = w.shape[1] if trans_b else w.shape[2]
-    y = _ext.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+    M, K = x.shape
+    wk = w.transpose(1, 2) if trans_b else w  # [E, K, N] view
+    N = wk.shape[2]
+    y = _ext.empty(M, N, dtype=x.dtype, device=x.device)
     b = offsets.tolist()
     y[: b[0]].zero_()
+    for op, e, *rest in _cpu_schedule(b, True, M):
+        s = b[e]
+        if op == "run":
+            f = rest[0]
+            n, m = f - e, b[e + 1] - s
+            torch.bmm(x[s: s + n * m].view(n, m, K), wk[e:f], out=y[s: s + n * m].view(n, m, N))
+        elif op == "one":
+            torch.mm(x[s: b[e + 1]], wk[e], out=y[s: b[e + 1]])
+        else:  # a padded pair writes past g's rows, into rows a later call (or the zeroing below) rewrites
+            g, m = rest
+            torch.bmm(_pair(x, s, b[g], m), _pair(wk, e, g), out=_pair(y, s, b[g], m))
+            for h in (e, g):
+                if b[h + 1] - b[h] > m:
+                    torch.mm(x[b[h] + m: b[h + 1]], wk[h], out=y[b[h] + m: b[h + 1]])
     y[b[-1]:].zero_()
-    for e in range(w.shape[0]):
-        if b[e + 1] > b[e]:
-            torch.mm(x[b[e]: b[e + 1]], w[e].t() if trans_b else w[e], out=y[b[e]: b[e + 1]])
     return y
 
 
 def _wgrad_cpu(x, dy, offsets, num_groups: int, trans_b: bool) -> torch.Tensor:
     K, N = x.shape[1], dy.shape[1]
     dw = _ext.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype, device=x.device)
+    a_, b_ = (dy, x) if trans_b else (x, dy)  # dw[e] = a_e^T b_e
     b = offsets.tolist()
-    for e in range(num_groups):
-        if b[e + 1] > b[e]:
-            xe, ge = x[b[e]: b[e + 1]], dy[b[e]: b[e + 1]]
-            torch.mm(ge.t() if trans_b else xe.t(), xe if trans_b else ge, out=dw[e])
+    done = [False] * num_groups
+    for op, e, *rest in _cpu_schedule(b, False, x.shape[0]):  # no padding: extra rows would add to dw
+        s = b[e]
+        if op == "run":
+            f = rest[0]
+            n, m = f - e, b[e + 1] - s
+            torch.bmm(a_[s: s + n * m].view(n, m, -1).transpose(1, 2), b_[s: s + n * m].view(n, m, -1), out=dw[e:f])
+            done[e:f] = [True] * n
+        elif op == "one":
+            torch.mm(a_[s: b[e + 1]].t(), b_[s: b[e + 1]], out=dw[e])
+            done[e] = True
         else:
+            g, m = rest
+            torch.bmm(_pair(a_, s, b[g], m).transpose(1, 2), _pair(b_, s, b[g], m), out=_pair(dw, e, g))
+            for h in (e, g):
+                if b[h + 1] - b[h] > m:
+                    dw[h].addmm_(a_[b[h] + m: b[h + 1]].t(), b_[b[h] + m: b[h + 1]])
+            done[e] = done[g] = True
+    for e in range(num_groups):
+        if not done[e]:
             dw[e].zero_()
     return dw
 
