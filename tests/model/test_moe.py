@@ -108,11 +108,10 @@ def test_backend_torch_vs_cpu(capacity_factor):
             out, router = m(xb)
             grads = torch.autograd.grad((out * g).sum(), [xb, *m.parameters()])
             results[backend] = (out, router["aux"], router["z"], *grads)
-    # The forward is bit-exact (data movement is exact and both grouped GEMMs call the same BLAS mm
-    # per expert); the backward's dx / dw GEMMs see differently laid-out operands (transposed views
-    # vs copies), so BLAS may block the sums differently: fp32 rounding (~1e-6 seen) is allowed.
-    assert torch.equal(results["torch"][0], results["cpu"][0])
-    for a, b in zip(results["torch"][1:], results["cpu"][1:]):
+    # Routing is exact, but the cpu grouped GEMM batches small groups into bmm calls while the
+    # reference loops torch.mm per expert, so BLAS blocks the sums differently: fp32 rounding
+    # (~2e-7 seen in the forward, ~1e-6 in the backward) is allowed.
+    for a, b in zip(results["torch"], results["cpu"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
