@@ -34,16 +34,18 @@ fullgraph=True (untested; the local route / permute / grouped GEMM / sort_chunks
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 import compass_kernels as ck
 from compass_model.config import CompassConfig
-from compass_model.moe import MoE, Router, SwiGLU, load_balancing_loss, nvtx_range, router_stats, router_z_loss
+from compass_model.moe import (
+    MoE,
+    Router,
+    SwiGLU,
+    nvtx_range,
+)
 
 __all__ = ["EPDispatcher", "EPMoE", "all_to_all", "average_gradients", "check_ep_size", "expert_params",
            "fully_shard_replicated", "is_expert_param", "scale_expert_gradients", "shard_moe_layers"]
@@ -187,45 +189,13 @@ class EPMoE(MoE):
                 ep_moe.shared.load_state_dict(moe.shared.state_dict())
         return ep_moe
 
-    def capacity(self, num_tokens: int) -> int | None:
-        if self.capacity_factor is None or not self.training:
-            return None
-        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
-
-    def forward(self, x: torch.Tensor):
-        E = self.num_experts
-        x_TD = x.reshape(-1, x.shape[-1])
-        T = x_TD.shape[0]
-        with nvtx_range("router"):
-            logits_TE, scores_TE, ids_TK, gates_TK = self.router(x_TD)
-            counts_E = torch.zeros(E, device=x.device).scatter_add_(
-                0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), device=x.device))
-        with nvtx_range("permute"):
-            plan = ck.route(ids_TK, E, capacity=self.capacity(T))
-            xp_ND = ck.permute(x_TD, plan)
+    def _dispatch(self, xp_ND: torch.Tensor, plan):
         with nvtx_range("dispatch"):
-            xe_MD, offsets_L, state = self.dispatcher.dispatch(xp_ND, plan.tokens_per_expert)
-        with nvtx_range("expert_fc1"):
-            h_MF2 = ck.grouped_gemm(xe_MD, self.w13_EDF, offsets_L)
-        with nvtx_range("activation"):
-            gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
-            a_MF = F.silu(gate_MF) * up_MF
-        with nvtx_range("expert_fc2"):
-            y_MD = ck.grouped_gemm(a_MF, self.w2_EFD, offsets_L)
+            return self.dispatcher.dispatch(xp_ND, plan.tokens_per_expert)
+
+    def _combine(self, y_MD: torch.Tensor, state) -> torch.Tensor:
         with nvtx_range("combine"):
-            y_ND = self.dispatcher.combine(y_MD, state)
-        with nvtx_range("unpermute"):
-            out_TD = ck.unpermute(y_ND, plan, probs=gates_TK)
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
-        if self.training and self.router.bias_rate > 0:
-            self.router.load += counts_E
-        router = {
-            "aux": load_balancing_loss(scores_TE, counts_E),
-            "z": router_z_loss(logits_TE),
-            "stats": router_stats(counts_E, plan.tokens_per_expert),
-        }
-        return out_TD.reshape(x.shape), router
+            return self.dispatcher.combine(y_MD, state)
 
 
 def shard_moe_layers(model: nn.Module, config: CompassConfig, group: dist.ProcessGroup | None = None) -> nn.Module:

@@ -171,13 +171,15 @@ class MoE(nn.Module):
         with nvtx_range("permute"):
             plan = ck.route(ids_TK, E, capacity=self.capacity(T))
             xp_RD = ck.permute(x_TD, plan)
+        xe_MD, offsets, state = self._dispatch(xp_RD, plan)
         with nvtx_range("expert_fc1"):
-            h_RF2 = ck.grouped_gemm(xp_RD, self.w13_EDF, plan.expert_offsets)
+            h_MF2 = ck.grouped_gemm(xe_MD, self.w13_EDF, offsets)
         with nvtx_range("activation"):
-            gate_RF, up_RF = h_RF2.chunk(2, dim=-1)
-            a_RF = F.silu(gate_RF) * up_RF
+            gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
+            a_MF = F.silu(gate_MF) * up_MF
         with nvtx_range("expert_fc2"):
-            y_RD = ck.grouped_gemm(a_RF, self.w2_EFD, plan.expert_offsets)
+            y_MD = ck.grouped_gemm(a_MF, self.w2_EFD, offsets)
+        y_RD = self._combine(y_MD, state)
         with nvtx_range("unpermute"):
             out_TD = ck.unpermute(y_RD, plan, probs=gates_TK)
         if self.shared is not None:
@@ -190,3 +192,11 @@ class MoE(nn.Module):
             "stats": router_stats(counts_E, plan.tokens_per_expert),
         }
         return out_TD.reshape(x.shape), router
+
+    def _dispatch(self, xp_RD: torch.Tensor, plan):
+        """Where the permuted rows meet their experts: here, in place (rows, plan.expert_offsets, no
+        state). Expert parallelism (compass_model.distributed.EPMoE) overrides this pair."""
+        return xp_RD, plan.expert_offsets, None
+
+    def _combine(self, y_MD: torch.Tensor, state) -> torch.Tensor:
+        return y_MD
