@@ -34,6 +34,7 @@ from compass_kernels.fp8_ref import (
     scale_shape,
     smooth_scales_ref,
 )
+from compass_kernels.grouped_gemm import check_offset_values
 
 __all__ = ["Fp8Tensor", "quantize_fp8", "dequantize_fp8", "grouped_gemm_fp8", "smooth_scales",
            "GRANULARITY_CODES"]
@@ -176,13 +177,7 @@ def _check_gemm(q_x, q_w, offsets, out_dtype) -> None:
     for name, t in (("q_w", q_w.data), ("offsets", offsets)):
         if t.device != q_x.device:
             raise ValueError(f"{name} is on {t.device}, expected q_x's device {q_x.device}")
-    if torch.compiler.is_compiling() or not (offsets.device.type == "cpu" or _ext._check_values()):
-        return
-    if offsets.numel() and (offsets.diff() < 0).any():
-        raise ValueError(f"offsets must be non-decreasing, got {offsets.tolist()}")
-    if offsets.numel() and (int(offsets[0]) < 0 or int(offsets[-1]) > q_x.shape[0]):
-        raise ValueError(f"offsets must lie in [0, M] = [0, {q_x.shape[0]}], got "
-                         f"{offsets[0].item()}..{offsets[-1].item()}")
+    check_offset_values(offsets, q_x.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------

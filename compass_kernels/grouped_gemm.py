@@ -46,12 +46,18 @@ def _check(x, w, offsets, trans_b: bool) -> None:
     N = w.shape[1] if trans_b else w.shape[2]
     if K * N >= 2**31:
         raise ValueError(f"w[e] must have fewer than 2^31 elements, got K x N = {K} x {N}")
-    if torch.compiler.is_compiling() or not (x.device.type == "cpu" or _ext._check_values()):
+    check_offset_values(offsets, x.shape[0])
+
+
+def check_offset_values(offsets: torch.Tensor, M: int) -> None:
+    """Value checks that read ``offsets``: eager CPU tensors only (free there), or GPU tensors with
+    COMPASS_CHECK=1 (they synchronise); never under torch.compile."""
+    if torch.compiler.is_compiling() or not (offsets.device.type == "cpu" or _ext._check_values()):
         return
     if offsets.numel() and (offsets.diff() < 0).any():
         raise ValueError(f"offsets must be non-decreasing, got {offsets.tolist()}")
-    if offsets.numel() and (int(offsets[0]) < 0 or int(offsets[-1]) > x.shape[0]):
-        raise ValueError(f"offsets must lie in [0, M] = [0, {x.shape[0]}], got {offsets[0].item()}..{offsets[-1].item()}")
+    if offsets.numel() and (int(offsets[0]) < 0 or int(offsets[-1]) > M):
+        raise ValueError(f"offsets must lie in [0, M] = [0, {M}], got {offsets[0].item()}..{offsets[-1].item()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +115,8 @@ def _cpu_schedule(b: list[int], pad: bool, M: int):
 def _gemm_cpu(x, w, offsets, trans_b: bool) -> torch.Tensor:
     """Each group's product written straight into its slice of y by torch's BLAS (no cat copies).
 
-    Offsets live in host memory here, so reading them is not a device sync.
+    Offsets live in host memory here, so reading them (tolist) is not a device sync; this path only
+    serves CPU tensors.
     """
     M, K = x.shape
     wk = w.transpose(1, 2) if trans_b else w  # [E, K, N] view
