@@ -235,11 +235,12 @@ class CompassConfig:
 # Arctic-style dense residual FFN; "fewer but larger experts" keeps the routed ones at 283M each).
 PRESETS: dict[str, dict] = {
     # Trains on a 2-core CPU in seconds (~40 ms a step at 8 x 64 tokens, one thread): 0.45M parameters
-    # (0.67M with MTP), bytes as tokens. Bytes are a skewed vocabulary and each of the 16 experts sees
+    # (0.67M with MTP), bytes as tokens (ByteTokenizer: 259 ids, padded to 264). max_seq_len 256 is
+    # the base context of `compass demo`'s first stages (its long-context stage scales it x4 by YaRN). Bytes are a skewed vocabulary and each of the 16 experts sees
     # ~64 assignments a batch, so the aux coefficient is 0.1: over 200 steps 0.01 held the normalised
     # load entropy at ~0.77, 0.03 at ~0.90, 0.1 at ~0.95 (no aux loss: ~0.3-0.7).
-    "tiny": dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=16,
-                 top_k=2, expert_ffn_dim=64, aux_loss_coef=0.1, mtp_depth=1, max_seq_len=64),
+    "tiny": dict(vocab_size=264, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=16,
+                 top_k=2, expert_ffn_dim=64, aux_loss_coef=0.1, mtp_depth=1, max_seq_len=256),
     # A one-GPU development model (0.23B total, 0.08B active) with the dense-first and shared-expert paths.
     "small": dict(vocab_size=32768, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, num_experts=16,
                   top_k=2, expert_ffn_dim=1024, n_dense_layers=1, shared_expert_dim=1024, mtp_depth=1,

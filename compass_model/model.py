@@ -62,13 +62,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_heads * hd, d, bias=False)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x_BSD, cos_SR, sin_SR, input_pos=None):
+    def forward(self, x_BSD, cos_SR, sin_SR, input_pos=None, attn_mask_BSS=None):
+        """``attn_mask_BSS``: bool ``[B, S, S]`` (True = may attend), e.g. the document-causal mask
+        of packed rows; None = causal. ``cos/sin``: ``[S, R]`` or per-row ``[B, 1, S, R]``."""
         B, S, _ = x_BSD.shape
         q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)       # [B, H, S, hd]
         k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)    # [B, KV, S, hd]
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_SR, sin_SR), apply_rope(k, cos_SR, sin_SR)
-        mask = None
+        mask = None if attn_mask_BSS is None else attn_mask_BSS[:, None]
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)                                  # [B, KV, L, hd]
             mask = torch.arange(k.shape[2], device=x_BSD.device)[None, :] <= input_pos[:, None]   # [S, L]
@@ -89,8 +91,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = MoE(config) if moe else SwiGLU(config.d_model, config.dense_ffn_dim)
 
-    def forward(self, x_BSD, cos_SR, sin_SR, input_pos=None):
-        h = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, input_pos)
+    def forward(self, x_BSD, cos_SR, sin_SR, input_pos=None, attn_mask_BSS=None):
+        h = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, input_pos, attn_mask_BSS)
         if isinstance(self.ffn, MoE):
             f, router = self.ffn(self.ffn_norm(h))
             return h + f, router
@@ -109,9 +111,9 @@ class MTPModule(nn.Module):
         self.proj = nn.Linear(2 * d, d, bias=False)
         self.block = Block(config, moe=config.n_moe_layers > 0)
 
-    def forward(self, h_BSD, emb_BSD, cos_SR, sin_SR, input_pos=None):
+    def forward(self, h_BSD, emb_BSD, cos_SR, sin_SR, input_pos=None, attn_mask_BSS=None):
         x = self.proj(torch.cat([self.emb_norm(emb_BSD), self.hidden_norm(h_BSD)], dim=-1))
-        return self.block(x, cos_SR, sin_SR, input_pos)
+        return self.block(x, cos_SR, sin_SR, input_pos, attn_mask_BSS)
 
 
 @dataclass
@@ -175,8 +177,14 @@ class CompassForCausalLM(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]
 
-    def _rope(self, S: int, input_pos):
+    def _rope(self, S: int, input_pos, position_ids=None):
         n = self.rope_cos.shape[0]
+        if position_ids is not None:            # packed rows: per-row positions -> [B, 1, S, R]
+            if position_ids.device.type == "cpu" and position_ids.numel() and not torch.compiler.is_compiling():
+                if int(position_ids.max()) >= n or int(position_ids.min()) < 0:
+                    raise ValueError(f"position_ids must be in [0, max_seq_len = {n}), got "
+                                     f"[{int(position_ids.min())}, {int(position_ids.max())}]")
+            return self.rope_cos[position_ids][:, None], self.rope_sin[position_ids][:, None]
         if input_pos is None:
             if S > n:
                 raise ValueError(f"sequence length {S} exceeds max_seq_len = {n}")
@@ -187,40 +195,52 @@ class CompassForCausalLM(nn.Module):
                 raise ValueError(f"position {int(input_pos.max())} exceeds max_seq_len = {n}")
         return self.rope_cos[input_pos], self.rope_sin[input_pos]
 
-    def _trunk(self, input_ids: torch.Tensor, input_pos=None):
+    def _trunk(self, input_ids: torch.Tensor, input_pos=None, position_ids=None, attention_mask=None):
         """-> last block output ``h [B, S, D]`` (before the final norm), the routers, (cos, sin)."""
-        cos, sin = self._rope(input_ids.shape[1], input_pos)
+        cos, sin = self._rope(input_ids.shape[1], input_pos, position_ids)
         x = self.embed(input_ids)
         routers = []
         for layer in self.layers:
-            x, r = layer(x, cos, sin, input_pos)
+            x, r = layer(x, cos, sin, input_pos, attention_mask)
             if r is not None:
                 routers.append(r)
         return x, routers, (cos, sin)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                loss_mask: torch.Tensor | None = None) -> CompassOutput:
+                loss_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, num_tokens=None) -> CompassOutput:
         """``input_ids [B, S]`` -> ``CompassOutput``. With labels: ``lm`` the (mask-weighted) CE,
         ``mtp`` the mean CE over MTP depths (depth k at position i predicts labels[:, i + k]), and
         ``aux`` / ``z`` averaged over the MoE blocks that ran, so their coefficients do not depend on
-        depth. ``loss = lm + mtp_loss_weight mtp + alpha(step) aux + z_loss_coef z``."""
+        depth. ``loss = lm + mtp_loss_weight mtp + alpha(step) aux + z_loss_coef z``.
+
+        Packed rows (``compass_model.data.PackedBatch``): ``position_ids [B, S]`` restart per document
+        (RoPE), ``attention_mask [B, S, S]`` bool keeps documents apart, and an MTP position counts only
+        if the token k ahead is in the same document (its position is k more). ``num_tokens``: the
+        LM loss denominator (the global mask sum under gradient accumulation); None = this batch's."""
         c = self.config
         S = input_ids.shape[1]
-        h, routers, (cos, sin) = self._trunk(input_ids)
+        h, routers, (cos, sin) = self._trunk(input_ids, None, position_ids, attention_mask)
         hidden = self.norm(h)
         logits = self.head(hidden)
         losses: dict[str, torch.Tensor] = {}
         if labels is not None:
-            losses["lm"] = sft_mixed_loss(logits, labels, loss_mask)
+            losses["lm"] = sft_mixed_loss(logits, labels, loss_mask, num_tokens)
             mtp_ce = []
             h_k = h
             for k, module in enumerate(self.mtp, start=1):
                 if S - k < 1:
                     break
-                h_k, r = module(h_k[:, : S - k], self.embed(input_ids[:, k:]), cos[: S - k], sin[: S - k])
+                n = S - k
+                mask_k = None if attention_mask is None else attention_mask[:, :n, :n]
+                h_k, r = module(h_k[:, :n], self.embed(input_ids[:, k:]), cos[..., :n, :], sin[..., :n, :],
+                                None, mask_k)
                 routers += [r] if r is not None else []
-                mask_k = None if loss_mask is None else loss_mask[:, k:]
-                mtp_ce.append(sft_mixed_loss(self.head(self.norm(h_k)), labels[:, k:], mask_k))
+                w_k = None if loss_mask is None else loss_mask[:, k:]
+                if position_ids is not None:
+                    same_doc = (position_ids[:, k:] == position_ids[:, :n] + k).float()
+                    w_k = same_doc if w_k is None else w_k * same_doc
+                mtp_ce.append(sft_mixed_loss(self.head(self.norm(h_k)), labels[:, k:], w_k))
             losses["mtp"] = torch.stack(mtp_ce).mean() if mtp_ce else logits.new_zeros((), dtype=torch.float32)
         zero = logits.new_zeros((), dtype=torch.float32)
         losses["aux"] = torch.stack([r["aux"] for r in routers]).mean() if routers else zero

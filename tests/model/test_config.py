@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from compass_model import PRESETS, CompassConfig
+from compass_model.data import ByteTokenizer
 
 
 def test_compass_v3_parameter_counts():
@@ -27,7 +28,7 @@ def test_presets_are_valid_and_ordered():
     assert sizes == sorted(sizes)
     assert CompassConfig.from_preset("proxy-2b").num_parameters() == pytest.approx(2e9, rel=0.1)
     tiny = CompassConfig.from_preset("tiny")
-    assert tiny.vocab_size == 256 and tiny.head_dim == 16 and tiny.dense_ffn_dim == 128
+    assert tiny.vocab_size >= ByteTokenizer.vocab_size and tiny.head_dim == 16 and tiny.dense_ffn_dim == 128
     assert CompassConfig.from_preset("tiny", d_model=128).head_dim == 32      # derived from the override
     with pytest.raises(ValueError, match="unknown preset"):
         CompassConfig.from_preset("huge")

@@ -8,7 +8,7 @@ import torch
 
 from compass_model import CompassConfig, CompassForCausalLM, sample
 
-CFG = CompassConfig.from_preset("tiny").replace(shared_expert_dim=32, n_layers=3, n_dense_layers=1)
+CFG = CompassConfig.from_preset("tiny", vocab_size=256, max_seq_len=64).replace(shared_expert_dim=32, n_layers=3, n_dense_layers=1)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from compass_model import CompassConfig, CompassForCausalLM, aux_loss_coefficien
 from compass_model.model import Block
 from compass_model.rope import rope_cache
 
-TINY = CompassConfig.from_preset("tiny")
+TINY = CompassConfig.from_preset("tiny", vocab_size=256, max_seq_len=64)  # the shapes below assume these
 
 
 def _batch(B=2, S=12, V=256):
