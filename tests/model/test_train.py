@@ -20,7 +20,7 @@ def _corpus() -> torch.Tensor:
 
 
 def train_tiny(steps: int, batch: int = 8, seed: int = 0, **overrides):
-    cfg = CompassConfig.from_preset("tiny", **overrides)
+    cfg = CompassConfig.from_preset("tiny", **{"max_seq_len": 64, **overrides})
     torch.manual_seed(seed)
     model = CompassForCausalLM(cfg)
     data = _corpus()

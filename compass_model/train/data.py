@@ -1,0 +1,156 @@
+"""What each training stage reads: deterministic micro-batches as a function of (seed, stage, step).
+
+Batches are drawn afresh for every step from a seeded RNG keyed by the step, so a resumed run sees
+exactly the batches an uninterrupted one would, with no data cursor to save.
+
+Sources per stage kind (``StageConfig.data``):
+  general        generated corpus, mostly general text, some commerce (SEA languages + English)
+  ecommerce      generated corpus, mostly commerce, plus task texts (prompt + answer as plain text)
+  reasoning      price tasks with worked reasoning, plus commerce corpus
+  long_context   long catalogues (``retrieve`` with many items) at the stage's context, plus corpus
+  sft            generated tasks (e-commerce: full-sequence loss) + general instructions (answer-only)
+A ``--data FILE`` replaces the generated source: ``{"text"}`` records for pretraining stages,
+``{"prompt","response","domain"}`` for SFT.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from compass_model.data import (
+    LANGS,
+    CorpusConfig,
+    PackedBatch,
+    generate_corpus,
+    load_sft_jsonl,
+    load_text_jsonl,
+    make_tasks,
+    pack_pretraining,
+    pack_sft,
+    prompt_weight_for,
+)
+from compass_model.data.corpus import GENERAL
+
+PRETRAIN_KINDS = ("general", "ecommerce", "reasoning", "long_context")
+SFT_KIND = "sft"
+# Task-seed offsets keep the splits apart: training draws tasks from seed + 1, alignment prompts from
+# seed + 2, evaluation from seed + 1000 (compass_model.train.evaluate).
+TRAIN_TASK_SEED, ALIGN_TASK_SEED, EVAL_TASK_SEED = 1, 2, 1000
+
+
+def catalogue_items(context: int) -> int:
+    """Catalogue lines of a ``retrieve`` task that fits ``context`` byte tokens (~90 bytes a line
+    with the prompt, answer and specials; measured on the generator's widest scripts)."""
+    return max(1, (context - 110) // 90)
+
+
+def general_instructions(n: int, seed: int) -> list:
+    """General (non-commerce) SFT samples: repeat or count words of a sentence. Answer-only loss."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        lang = LANGS[i % len(LANGS)]
+        text = " ".join(rng.sample(GENERAL[lang], k=rng.randint(1, 2)))
+        if rng.random() < 0.5:
+            out.append({"prompt": f"Repeat exactly:\n{text}\n", "response": text, "domain": "general"})
+        else:
+            out.append({"prompt": f"How many words?\n{text}\n", "response": str(len(text.split())),
+                        "domain": "general"})
+    return out
+
+
+def _task_text(t) -> str:
+    return f"{t.prompt}\n{t.answer}"
+
+
+@dataclass
+class StageData:
+    """Micro-batches for one stage. ``rows``: rows per micro-batch; ``seq_len``: row length."""
+    kind: str
+    tokenizer: object
+    seq_len: int
+    rows: int
+    seed: int = 0
+    data_file: str | None = None
+    pool_size: int = 2000
+
+    def __post_init__(self):
+        if self.kind not in (*PRETRAIN_KINDS, SFT_KIND):
+            raise ValueError(f"stage data kind must be one of {(*PRETRAIN_KINDS, SFT_KIND)}, got {self.kind!r}")
+        if self.rows < 1 or self.seq_len < 2:
+            raise ValueError(f"need rows >= 1 and seq_len >= 2, got {self.rows}, {self.seq_len}")
+        tok = self.tokenizer
+        if self.kind == SFT_KIND:
+            records = (load_sft_jsonl(self.data_file) if self.data_file else self._generated_sft())
+            self.samples = []
+            for r in records:
+                get = (lambda k, r=r: getattr(r, k)) if not isinstance(r, dict) else r.get
+                self.samples.append((tok.encode(get("prompt")), tok.encode(get("response")),
+                                     prompt_weight_for(get("domain"))))
+            fits = lambda smp: len(smp[0]) + len(smp[1]) + 2 <= self.seq_len  # noqa: E731
+            if not self.data_file:          # generated: draw again rather than cut (a few per thousand)
+                self.samples = [smp for smp in self.samples if fits(smp)]
+            too_long = [i for i, smp in enumerate(self.samples) if not fits(smp)]
+            if too_long:
+                raise ValueError(f"{len(too_long)} SFT samples exceed seq_len {self.seq_len} (first: #{too_long[0]}); "
+                                 "raise the stage's seq_len")
+        else:
+            texts = ([r.text for r in load_text_jsonl(self.data_file)] if self.data_file else self._generated_text())
+            self.docs = [tok.encode(t, bos=True, eos=True) for t in texts]
+        if not (self.samples if self.kind == SFT_KIND else self.docs):
+            raise ValueError(f"stage {self.kind!r} has no data")
+
+    # ---- generated sources ----------------------------------------------------------------------
+
+    def _generated_text(self) -> list:
+        n, s = self.pool_size, self.seed
+        if self.kind == "general":
+            return [d["text"] for d in generate_corpus(CorpusConfig(seed=s, n_docs=n, general_fraction=0.7))]
+        corpus = [d["text"] for d in generate_corpus(CorpusConfig(seed=s, n_docs=n // 2, general_fraction=0.1))]
+        if self.kind == "ecommerce":
+            tasks = make_tasks(n // 2, seed=s + TRAIN_TASK_SEED, families=("extract", "classify", "relevance"))
+        elif self.kind == "reasoning":
+            tasks = make_tasks(n // 2, seed=s + TRAIN_TASK_SEED, families=("price",))
+        else:  # long_context: catalogues as long as the stage's context allows
+            tasks = make_tasks(n // 4, seed=s + TRAIN_TASK_SEED, families=("retrieve",),
+                               n_items=catalogue_items(self.seq_len))
+        return corpus + [_task_text(t) for t in tasks]
+
+    def _generated_sft(self) -> list:
+        n, s = self.pool_size, self.seed
+        tasks = make_tasks(n, seed=s + TRAIN_TASK_SEED, n_items=catalogue_items(self.seq_len))
+        return [t.to_sft() for t in tasks] + general_instructions(n // 4, s + TRAIN_TASK_SEED)
+
+    # ---- batches --------------------------------------------------------------------------------
+
+    def micro_batches(self, step: int, n_micro: int) -> list:
+        """The ``n_micro`` micro-batches (``PackedBatch`` of ``rows`` x ``seq_len``) of optimizer step
+        ``step``; a pure function of (seed, kind, step)."""
+        rng = random.Random(f"{self.seed}/{self.kind}/{step}")
+        return [self._one(rng) for _ in range(n_micro)]
+
+    def _one(self, rng: random.Random) -> PackedBatch:
+        budget = self.rows * self.seq_len
+        tok = self.tokenizer
+        if self.kind == SFT_KIND:
+            picked, used = [], 0
+            while used < budget:
+                s = self.samples[rng.randrange(len(self.samples))]
+                picked.append(s)
+                used += len(s[0]) + len(s[1]) + 2
+            b = pack_sft(picked, self.seq_len, tok.pad_id, tok.bos_id, tok.eos_id)
+        else:
+            picked, used = [], 0
+            while used < budget:
+                d = self.docs[rng.randrange(len(self.docs))]
+                picked.append(d)
+                used += len(d)
+            b = pack_pretraining(picked, self.seq_len, tok.pad_id)
+        return _take_rows(b, self.rows)
+
+
+def _take_rows(b: PackedBatch, rows: int) -> PackedBatch:
+    """The first ``rows`` rows (first-fit fills rows in order; later rows are the overflow)."""
+    return PackedBatch(*(t[:rows] for t in (b.input_ids, b.labels, b.position_ids, b.doc_ids, b.prompt_mask,
+                                            b.response_mask, b.prompt_weight)))

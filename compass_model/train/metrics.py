@@ -1,0 +1,46 @@
+"""Per-step metrics as JSON lines (``metrics.jsonl``), safe to resume.
+
+One object per optimizer step, at least ``{"stage", "step", "loss"}``. A resumed run first drops
+the lines of its stage past the checkpoint's step (they belong to steps that will run again), so
+the file never holds a step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)                    # JSON has no NaN / inf; keep them visible as strings
+    return v
+
+
+class MetricsWriter:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate_after(self, stage: str, step: int) -> None:
+        """Drop records of ``stage`` with ``step >= step`` (steps not in the checkpoint)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and not ((r := json.loads(line)).get("stage") == stage and r.get("step", -1) >= step)]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+
+def read_metrics(path) -> list:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
