@@ -1,0 +1,178 @@
+"""``compass`` command line.
+
+  compass demo [--out DIR] [--resume]       the main job: the tiny preset through all seven stages,
+                                            evaluation, plots and DIR/report.json (~10 min on 2 cores)
+  compass train --preset NAME|--config FILE --stages LIST [--data FILE] [--steps N] [--seed N] --out DIR
+  compass eval --checkpoint DIR [--out FILE]
+  compass generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--speculative]
+  compass info                              what compass_kernels built and would use (JSON)
+  compass route-demo                        the routing kernels against the Megatron-style path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+STAGE_LIST = "general,ecommerce,reasoning,long_context,mtp,sft,align"
+
+
+def _config(args):
+    from compass_model import CompassConfig
+    if getattr(args, "config", None):
+        obj = json.loads(Path(args.config).read_text())
+        model = obj.get("model", {})
+        preset = model.pop("preset", None)
+        return (CompassConfig.from_preset(preset, **model) if preset else CompassConfig(**model)), obj
+    return CompassConfig.from_preset(args.preset), {}
+
+
+def _stages(args, cfg_obj: dict):
+    from compass_model.train.stages import StageConfig, demo_stages, select_stages
+    stages = demo_stages()
+    if cfg_obj.get("stages"):
+        by = {s.name: s for s in stages}
+        for d in cfg_obj["stages"]:
+            base = by.get(d["name"])
+            by[d["name"]] = base.replace(**d) if base is not None else StageConfig(**d)
+        stages = list(by.values())
+    stages = select_stages(stages, args.stages)
+    if getattr(args, "steps", None) is not None:
+        stages = [s.replace(steps=args.steps, warmup_steps=min(s.warmup_steps, max(0, args.steps // 5)),
+                            n_pairs=min(s.n_pairs, max(8, 4 * args.steps)), eval_pairs=min(s.eval_pairs, 8))
+                  for s in stages]
+    return stages
+
+
+def _print_summary(report: dict) -> None:
+    print("\nstage          steps   loss first -> last   seconds")
+    for s in report["stages"]:
+        if s["steps"]:
+            print(f"{s['name']:<13} {s['steps']:>6}   {s['loss_first']:10.3f} -> {s['loss_last']:<7.3f} {s['seconds']:8.1f}")
+    ev = report.get("eval")
+    if ev:
+        print(f"\ntask accuracy {ev['accuracy']:.3f}; perplexity {ev['perplexity']:.2f}")
+        print("per language:  " + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in ev["per_language"].items()))
+        print("per family:    " + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in ev["per_family"].items()))
+        lc = ev.get("long_context", {})
+        print("long context:  " + "  ".join(
+            f"{k} ({v.get('context')} tokens) {v['accuracy']:.2f}" if "accuracy" in v else f"{k} skipped"
+            for k, v in lc.items()))
+        print(f"router load entropy (held-out, per layer): {[round(e, 3) for e in ev['router']['entropy']]}")
+    al = report.get("alignment")
+    if al:
+        for m in ("sft_eval", "dpo", "otpo"):
+            e = al[m] if m == "sft_eval" else al[m].get("eval", {})
+            print(f"preference accuracy {m.replace('_eval', ''):>4}: reward {e.get('reward_accuracy', float('nan')):.3f}"
+                  f"  log-p {e.get('logp_accuracy', float('nan')):.3f}  (n={e.get('n')})")
+
+
+def _train(args, demo: bool) -> int:
+    from compass_model.data import load_tokenizer
+    from compass_model.train.pipeline import run_pipeline
+    if demo:
+        args.preset, args.config, args.stages, args.steps, args.data = "tiny", None, STAGE_LIST, None, None
+    cfg, obj = _config(args)
+    stages = _stages(args, obj)
+    tok = load_tokenizer(args.tokenizer)
+    t0 = time.perf_counter()
+    report = run_pipeline(args.out, cfg, stages, tok, seed=args.seed, data_file=args.data, resume=args.resume,
+                          progress=not args.no_progress, evaluate=not getattr(args, "no_eval", False))
+    _print_summary(report)
+    print(f"\n{time.perf_counter() - t0:.0f} s; report: {Path(args.out) / 'report.json'}, "
+          f"metrics: {Path(args.out) / 'metrics.jsonl'}, plots: {Path(args.out) / 'plots'}")
+    return 0
+
+
+def _eval(args) -> int:
+    from compass_model.checkpoint import from_pretrained
+    from compass_model.data import load_tokenizer
+    from compass_model.train.evaluate import evaluate_model
+    model = from_pretrained(args.checkpoint)
+    ev = evaluate_model(model, load_tokenizer(args.tokenizer), n_tasks=args.n_tasks)
+    text = json.dumps(ev, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def _generate(args) -> int:
+    import torch
+
+    from compass_model.checkpoint import from_pretrained
+    from compass_model.data import load_tokenizer
+    from compass_model.generate import generate
+    model = from_pretrained(args.checkpoint).eval()
+    tok = load_tokenizer(args.tokenizer)
+    ids = torch.tensor([tok.encode(args.prompt, bos=True)])
+    n = min(args.max_new_tokens, model.config.max_seq_len - ids.shape[1])
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(model, ids, n, temperature=args.temperature, top_p=args.top_p, speculative=args.speculative,
+                   generator=gen)
+    new = out.tokens[0, ids.shape[1]:].tolist()
+    if tok.eos_id in new:
+        new = new[:new.index(tok.eos_id)]
+    print(tok.decode(new))
+    if out.acceptance_rate is not None:
+        print(f"[MTP draft acceptance {out.acceptance_rate:.2f}, {out.trunk_forwards} trunk forwards]", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(prog="compass", description="Compass: MoE kernels and the Compass-v3 recipe")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p):
+        p.add_argument("--out", default="compass-out", help="output directory (default: compass-out)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--resume", action="store_true", help="skip finished stages, continue the interrupted one")
+        p.add_argument("--tokenizer", default=None, help="a tokenizers JSON file (default: UTF-8 bytes)")
+        p.add_argument("--no-progress", action="store_true")
+
+    common(sub.add_parser("demo", help="the tiny preset through all seven stages, evaluation and plots"))
+    t = sub.add_parser("train", help="train stages of the recipe")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="tiny | small | proxy-2b | compass-v3")
+    src.add_argument("--config", help='JSON: {"model": {"preset": ..., fields...}, "stages": [{...}]}')
+    t.add_argument("--stages", default=STAGE_LIST, help=f"comma-separated (default: {STAGE_LIST})")
+    t.add_argument("--data", help="JSONL: {text} for pretraining stages, {prompt,response,domain} for sft, "
+                                  "{prompt,chosen,rejected} for align")
+    t.add_argument("--steps", type=int, help="steps for every stage (overrides the config)")
+    t.add_argument("--no-eval", action="store_true")
+    common(t)
+    e = sub.add_parser("eval", help="evaluate a checkpoint on held-out tasks")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out")
+    e.add_argument("--n-tasks", type=int, default=70)
+    e.add_argument("--tokenizer", default=None)
+    g = sub.add_parser("generate", help="generate from a checkpoint")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding (greedy)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tokenizer", default=None)
+    sub.add_parser("info", help="print compass_kernels.backend_info() as JSON")
+    r = sub.add_parser("route-demo", help="routing kernels vs the Megatron-style path (compass_kernels.cli demo)")
+    r.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = ap.parse_args(argv)
+    if args.cmd in ("info", "route-demo"):
+        from compass_kernels import cli as kcli
+        return kcli.main(["info"] if args.cmd == "info" else ["demo", *args.rest])
+    if args.cmd in ("demo", "train"):
+        return _train(args, demo=args.cmd == "demo")
+    if args.cmd == "eval":
+        return _eval(args)
+    return _generate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The recipe end to end: stages in order, each starting from the previous stage's checkpoint,
+then evaluation, plots and ``report.json`` (the layout ``compass demo`` and ``compass train`` write).
+
+  OUT/metrics.jsonl                 one JSON object per optimizer step (all stages)
+  OUT/checkpoints/<stage>/step-N/   atomic checkpoints (state.py); LATEST names the newest
+  OUT/align/                        alignment pairs and cached per-token reference log-probs
+  OUT/plots/*.png                   loss per stage, expert load over training, accuracy per language
+  OUT/report.json                   stages, eval, alignment, router (and fp8 when asked)
+
+``resume=True`` skips finished stages and continues an interrupted one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from compass_model import CompassConfig, CompassForCausalLM
+from compass_model.train.data import StageData
+from compass_model.train.metrics import MetricsWriter, read_metrics
+from compass_model.train.state import latest_checkpoint, load_model, stage_done
+from compass_model.train.trainer import stage_dir_for, stage_summary, train_stage
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _start_model(config: CompassConfig, prev_dir, seed: int):
+    if prev_dir is not None:
+        return load_model(prev_dir)
+    torch.manual_seed(seed)
+    return CompassForCausalLM(config)
+
+
+def _apply_stage_rope(model, stage) -> None:
+    """``rope_factor > 1``: YaRN over the current context (the paper's 32K -> 128K step, scaled)."""
+    c = model.config
+    if stage.rope_factor > 1 and c.rope_factor < stage.rope_factor:
+        base = c.max_seq_len
+        model.set_rope(rope_scaling="yarn", rope_factor=stage.rope_factor, rope_original_max_len=base,
+                       max_seq_len=int(base * stage.rope_factor))
+    if stage.seq_len > model.config.max_seq_len:
+        raise ValueError(f"stage {stage.name}: seq_len {stage.seq_len} > the model's max_seq_len "
+                         f"{model.config.max_seq_len}; raise max_seq_len or give the stage a rope_factor")
+
+
+def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, seed: int = 0, data_file=None,
+                 resume: bool = False, progress: bool = True, evaluate: bool = True, eval_kwargs: dict | None = None,
+                 log=print) -> dict:
+    """Train ``stages`` (StageConfigs, recipe order) from ``config``; returns the report dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but config.vocab_size is {config.vocab_size}")
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    if not resume and metrics.path.exists():
+        metrics.path.unlink()                      # a fresh run does not append to an old one
+    report: dict = {"config": json.loads(config.to_json()), "seed": seed, "stages": []}
+    prev_dir = None
+    t_start = time.perf_counter()
+    for stage in stages:
+        sdir = stage_dir_for(out, stage.name)
+        if resume and stage_done(sdir):
+            log(f"[{stage.name}] finished earlier: skipped")
+        elif stage.name == "align":
+            from compass_model.train.align import run_alignment
+            report["alignment"] = run_alignment(
+                prev_dir, out, tokenizer, n_pairs=stage.n_pairs, eval_pairs=stage.eval_pairs, steps=stage.steps,
+                lr=stage.lr, micro_batch=stage.rows, max_len=stage.seq_len, beta=stage.beta, seed=seed,
+                metrics=metrics, resume=resume, pairs_file=data_file)
+        else:
+            ckpt = latest_checkpoint(sdir) if resume else None
+            model = load_model(ckpt) if ckpt is not None else _start_model(config, prev_dir, seed)
+            _apply_stage_rope(model, stage)
+            data = StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows, seed=seed, data_file=data_file)
+            train_stage(model, stage, data, sdir, metrics, resume=ckpt is not None, progress=progress)
+        prev_dir = latest_checkpoint(sdir)
+        rec = read_metrics(metrics.path)
+        name = "align-otpo" if stage.name == "align" else stage.name
+        summary = stage_summary(name, rec) | {"name": stage.name}
+        report["stages"].append(summary)
+        if summary["steps"]:
+            log(f"[{stage.name}] {summary['steps']} steps, loss {summary['loss_first']:.3f} -> "
+                f"{summary['loss_last']:.3f}, {summary['seconds']:.1f} s")
+    report["train_seconds"] = time.perf_counter() - t_start
+    report["final_checkpoint"] = str(prev_dir) if prev_dir is not None else None
+    if evaluate and prev_dir is not None:
+        from compass_model.train.evaluate import evaluate_model
+        t0 = time.perf_counter()
+        model = load_model(prev_dir)
+        report["eval"] = evaluate_model(model, tokenizer, **(eval_kwargs or {}))
+        report["router"] = _router_report(report["eval"], read_metrics(metrics.path))
+        report["eval_seconds"] = time.perf_counter() - t0
+    _plots(out, read_metrics(metrics.path), report.get("eval"))
+    _write_json(out / "report.json", report)
+    return report
+
+
+def _router_report(ev: dict, records: list) -> dict:
+    """Router load at the end (held-out text) and the training-time load entropy per stage."""
+    per_stage = {}
+    for r in records:
+        if "load_entropy" in r:
+            per_stage.setdefault(r["stage"], []).append(r["load_entropy"])
+    return {"eval": ev.get("router"),
+            "train_load_entropy": {k: sum(v[-10:]) / len(v[-10:]) for k, v in per_stage.items()}}
+
+
+def _plots(out: Path, records: list, ev) -> None:
+    try:
+        from compass_model.train import plots
+    except ImportError:                               # matplotlib missing: the report still lands
+        return
+    d = out / "plots"
+    d.mkdir(exist_ok=True)
+    plots.plot_losses(records, d / "loss.png")
+    plots.plot_expert_load(records, d / "expert_load.png")
+    if ev is not None:
+        plots.plot_accuracy(ev.get("per_language", {}), d / "accuracy.png")

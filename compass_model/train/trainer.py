@@ -1,0 +1,146 @@
+"""One pretraining / SFT stage: AdamW, warmup + cosine, gradient accumulation with global token
+normalisation, clipping, fp32 or bf16 autocast, router aux-coefficient decay, per-step metrics and
+atomic per-step checkpoints (``state.py``), resumable.
+
+Global token normalisation: an optimizer step of M micro-batches divides every micro-batch's
+summed token loss by ``N = sum over all M of the loss-mask weights``, so the gradient is the mean
+over the step's tokens however they fall into micro-batches (not a mean of per-batch means, which
+over-weights short batches). The MTP, aux and z terms are per-batch means and are averaged over M.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import torch
+
+from compass_model.moe import aux_loss_coefficient
+from compass_model.train.metrics import MetricsWriter, read_metrics
+from compass_model.train.schedule import lr_at
+from compass_model.train.state import latest_checkpoint, save_checkpoint, trainer_state
+
+try:  # progress bars are a nicety; the trainer runs without them
+    from tqdm.auto import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95); weight decay on matrices only (not norms, router biases are buffers)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _autocast(model, precision: str):
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16)
+
+
+def _to(batch, device):
+    return {"input_ids": batch.input_ids.to(device), "labels": batch.labels.to(device),
+            "loss_mask": batch.loss_mask().to(device), "position_ids": batch.position_ids.to(device),
+            "attention_mask": batch.attention_mask().to(device)}
+
+
+def accumulate_gradients(model, micro: list, stage, step: int):
+    """Forward + backward of one optimizer step's micro-batches (``PackedBatch``es) into ``.grad``.
+    Returns (totals: loss terms summed as the objective sees them, per-micro expert-load fractions,
+    per-micro load entropies)."""
+    device = next(model.parameters()).device
+    c = model.config
+    n_tokens = sum(float(b.loss_mask()[b.labels != -100].sum()) for b in micro)
+    w_mtp = stage.mtp_loss_weight if step % stage.mtp_every == 0 else 0.0
+    alpha = float(aux_loss_coefficient(c, model.step))
+    M = len(micro)
+    totals = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "aux": 0.0, "z": 0.0, "tokens": n_tokens,
+              "aux_coef": alpha, "mtp_weight": w_mtp}
+    loads, entropies = [], []
+    n_trunk = c.n_moe_layers                     # router_stats: trunk MoE blocks first, then MTP
+    for b in micro:
+        with _autocast(model, stage.precision):
+            out = model(**_to(b, device), num_tokens=max(n_tokens, 1.0))
+        ls = out.losses
+        loss = ls["lm"] + (w_mtp * ls["mtp"] + alpha * ls["aux"] + c.z_loss_coef * ls["z"]) / M
+        loss.backward()
+        totals["loss"] += float(loss.detach())
+        totals["lm"] += float(ls["lm"].detach())
+        for k in ("mtp", "aux", "z"):
+            totals[k] += float(ls[k].detach()) / M
+        trunk = out.router_stats[:n_trunk]
+        if trunk:
+            loads.append(torch.stack([s["load"].float() / s["load"].sum().clamp(min=1) for s in trunk]).mean(0))
+            entropies.append(float(torch.stack([s["entropy"].float() for s in trunk]).mean()))
+    return totals, loads, entropies
+
+
+def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = None, *, resume: bool = False,
+                progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run ``stage.steps`` optimizer steps of ``stage`` on ``model`` (in place), reading
+    ``data.micro_batches(step, stage.grad_accum)``; checkpoints go to ``stage_dir``.
+
+    ``resume``: continue from ``stage_dir``'s latest checkpoint (weights, optimizer state, step); the
+    caller builds ``model`` from that checkpoint (``state.load_model``). ``stop_after``: return after
+    that many steps of this call (tests simulate a killed run with it). Returns ``{"name", "steps",
+    "loss_first", "loss_last", "seconds"}`` from the stage's metrics records."""
+    opt = make_optimizer(model, stage.lr, stage.weight_decay)
+    start = 0
+    if resume and (ckpt := latest_checkpoint(stage_dir)) is not None:
+        st = trainer_state(ckpt)
+        start = st["step"]
+        if st["optimizer"] is not None:
+            opt.load_state_dict(st["optimizer"])
+    if metrics is not None:
+        metrics.truncate_after(stage.name, start)          # steps past the checkpoint run again
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
+    bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name:>12}", leave=False, disable=not progress) \
+        if tqdm is not None else None
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        lr = lr_at(step, stage.steps, stage.lr, stage.warmup_steps, stage.min_lr_ratio)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        micro = data.micro_batches(step, stage.grad_accum)
+        totals, loads, entropies = accumulate_gradients(model, micro, stage, step)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.clip))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.after_optimizer_step()
+        record = {"stage": stage.name, "step": step, **totals, "lr": lr, "grad_norm": grad_norm,
+                  "seconds": time.perf_counter() - t0}
+        if loads:
+            record["load_entropy"] = sum(entropies) / len(entropies)
+            record["expert_load"] = [round(v, 5) for v in torch.stack(loads).mean(0).tolist()]
+        if metrics is not None:
+            metrics.write(record)
+        last = step + 1 == stage.steps
+        if (step + 1) % stage.save_every == 0 or last:
+            save_checkpoint(stage_dir, model, opt, step + 1, done=last)
+        if bar is not None:
+            bar.set_postfix(loss=f"{totals['loss']:.3f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if stage.steps == 0 and latest_checkpoint(stage_dir) is None:
+        save_checkpoint(stage_dir, model, opt, 0, done=True)
+    return stage_summary(stage.name, read_metrics(metrics.path) if metrics is not None else [])
+
+
+def stage_summary(name: str, records: list) -> dict:
+    """``loss_first`` / ``loss_last``: means over the stage's first / last ``max(1, n // 10)`` steps
+    (single steps are noisy at these batch sizes); ``seconds``: summed step times."""
+    rs = [r for r in records if r.get("stage") == name]
+    k = max(1, len(rs) // 10)
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"name": name, "steps": len(rs), "loss_first": mean([r["loss"] for r in rs[:k]]),
+            "loss_last": mean([r["loss"] for r in rs[-k:]]), "seconds": sum(r.get("seconds", 0.0) for r in rs)}
+
+
+def stage_dir_for(out_dir, name: str) -> Path:
+    return Path(out_dir) / "checkpoints" / name
