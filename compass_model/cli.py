@@ -5,6 +5,9 @@
   compass train --preset NAME|--config FILE --stages LIST [--data FILE] [--steps N] [--seed N] --out DIR
   compass eval --checkpoint DIR [--out FILE]
   compass generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--speculative]
+  compass quantize --checkpoint DIR [--out FILE] [--save DIR]
+                                            naive vs expert-aware FP8: logit error, accuracy per language,
+                                            calibration coverage, worst-expert SQNR, MoE layer speed
   compass info                              what compass_kernels built and would use (JSON)
   compass route-demo                        the routing kernels against the Megatron-style path
 """
@@ -53,6 +56,8 @@ def _print_summary(report: dict) -> None:
         if s["steps"]:
             print(f"{s['name']:<13} {s['steps']:>6}   {s['loss_first']:10.3f} -> {s['loss_last']:<7.3f} {s['seconds']:8.1f}")
     ev = report.get("eval")
+    if report.get("fp8"):
+        _print_fp8(report["fp8"])
     if ev:
         print(f"\ntask accuracy {ev['accuracy']:.3f}; perplexity {ev['perplexity']:.2f}")
         print("per language:  " + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in ev["per_language"].items()))
@@ -79,11 +84,47 @@ def _train(args, demo: bool) -> int:
     stages = _stages(args, obj)
     tok = load_tokenizer(args.tokenizer)
     t0 = time.perf_counter()
+    evaluate = not getattr(args, "no_eval", False)
     report = run_pipeline(args.out, cfg, stages, tok, seed=args.seed, data_file=args.data, resume=args.resume,
-                          progress=not args.no_progress, evaluate=not getattr(args, "no_eval", False))
+                          progress=not args.no_progress, evaluate=evaluate, fp8=demo or (evaluate and args.fp8))
     _print_summary(report)
     print(f"\n{time.perf_counter() - t0:.0f} s; report: {Path(args.out) / 'report.json'}, "
           f"metrics: {Path(args.out) / 'metrics.jsonl'}, plots: {Path(args.out) / 'plots'}")
+    return 0
+
+
+def _print_fp8(r: dict) -> None:
+    print(f"\nFP8 (W8A8)      logit rel err   top-1   ppl      accuracy  worst language drop (points)")
+    ref = r["reference"]
+    print(f"{'full precision':<15} {'-':>13}   {'-':>5}   {ref['perplexity']:<8.3f} {ref['accuracy']:.3f}")
+    for m in ("naive", "expert_aware"):
+        x = r[m]
+        print(f"{m:<15} {x['logits']['rel_err']:13.4f}   {x['logits']['top1']:.3f}   {x['perplexity']:<8.3f} "
+              f"{x['accuracy']:.3f}     {x['max_drop_points']:.1f}")
+    cov = r["expert_aware"]["coverage"]
+    print(f"calibration: min tokens per expert {cov['min_before']} -> {cov['min_after']} after oversampling "
+          f"{cov['oversampled_sequences']} sequences; checks: {r['checks']}")
+
+
+def _quantize(args) -> int:
+    from compass_model.checkpoint import from_pretrained
+    from compass_model.data import load_tokenizer
+    from compass_model.train.fp8_report import fp8_report
+    model = from_pretrained(args.checkpoint)
+    tok = load_tokenizer(args.tokenizer)
+    r = fp8_report(model, tok, n_tasks=args.n_tasks, min_tokens_per_expert=args.min_tokens_per_expert)
+    _print_fp8(r)
+    if args.out:
+        Path(args.out).write_text(json.dumps(r, indent=1))
+    if args.save:
+        from compass_model.quant import quantize_model, save_quantized
+        from compass_model.train.fp8_report import CALIB_SEED, token_windows
+        from compass_model.data import CorpusConfig, generate_corpus
+        texts = [d["text"] for d in generate_corpus(CorpusConfig(seed=CALIB_SEED, n_docs=400))]
+        calib = token_windows(tok, texts, min(256, model.config.max_seq_len), 8)
+        save_quantized(quantize_model(model, [calib], method="expert_aware",
+                                      min_tokens_per_expert=args.min_tokens_per_expert), args.save)
+        print(f"expert-aware FP8 model saved to {args.save}")
     return 0
 
 
@@ -144,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "{prompt,chosen,rejected} for align")
     t.add_argument("--steps", type=int, help="steps for every stage (overrides the config)")
     t.add_argument("--no-eval", action="store_true")
+    t.add_argument("--fp8", action="store_true", help="add the FP8 report (naive vs expert-aware) after evaluation")
     common(t)
     e = sub.add_parser("eval", help="evaluate a checkpoint on held-out tasks")
     e.add_argument("--checkpoint", required=True)
@@ -159,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--speculative", action="store_true", help="MTP self-speculative decoding (greedy)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tokenizer", default=None)
+    q = sub.add_parser("quantize", help="FP8 report (naive vs expert-aware) for a checkpoint; --save writes one")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--out", help="write the report JSON here")
+    q.add_argument("--save", help="save the expert-aware FP8 model (safetensors with scales) here")
+    q.add_argument("--n-tasks", type=int, default=70)
+    q.add_argument("--min-tokens-per-expert", type=int, default=128)
+    q.add_argument("--tokenizer", default=None)
     sub.add_parser("info", help="print compass_kernels.backend_info() as JSON")
     r = sub.add_parser("route-demo", help="routing kernels vs the Megatron-style path (compass_kernels.cli demo)")
     r.add_argument("rest", nargs=argparse.REMAINDER)
@@ -171,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args, demo=args.cmd == "demo")
     if args.cmd == "eval":
         return _eval(args)
+    if args.cmd == "quantize":
+        return _quantize(args)
     return _generate(args)
 
 

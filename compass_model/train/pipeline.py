@@ -5,7 +5,7 @@ then evaluation, plots and ``report.json`` (the layout ``compass demo`` and ``co
   OUT/checkpoints/<stage>/step-N/   atomic checkpoints (state.py); LATEST names the newest
   OUT/align/                        alignment pairs and cached per-token reference log-probs
   OUT/plots/*.png                   loss per stage, expert load over training, accuracy per language
-  OUT/report.json                   stages, eval, alignment, router (and fp8 when asked)
+  OUT/report.json                   stages, eval, alignment, router, fp8 (naive vs expert-aware W8A8)
 
 ``resume=True`` skips finished stages and continues an interrupted one from its last checkpoint.
 """
@@ -53,7 +53,7 @@ def _apply_stage_rope(model, stage) -> None:
 
 def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, seed: int = 0, data_file=None,
                  resume: bool = False, progress: bool = True, evaluate: bool = True, eval_kwargs: dict | None = None,
-                 log=print) -> dict:
+                 fp8: bool = False, log=print) -> dict:
     """Train ``stages`` (StageConfigs, recipe order) from ``config``; returns the report dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,6 +98,12 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
         report["eval"] = evaluate_model(model, tokenizer, **(eval_kwargs or {}))
         report["router"] = _router_report(report["eval"], read_metrics(metrics.path))
         report["eval_seconds"] = time.perf_counter() - t0
+        if fp8:
+            from compass_model.train.fp8_report import fp8_report
+            t0 = time.perf_counter()
+            report["fp8"] = fp8_report(model, tokenizer, seed=seed,
+                                       n_tasks=(eval_kwargs or {}).get("n_tasks", 70))
+            report["fp8_seconds"] = time.perf_counter() - t0
     _plots(out, read_metrics(metrics.path), report.get("eval"))
     _write_json(out / "report.json", report)
     return report

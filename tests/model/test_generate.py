@@ -107,3 +107,85 @@ def test_sampled_generation_and_errors(model):
         model.generate(prompt, 61)
     with pytest.raises(ValueError, match="mtp_depth=0"):
         CompassForCausalLM(CFG.replace(mtp_depth=0)).generate(prompt[:1], 4, speculative=True)
+
+
+def _expected_with_stop(plain, S0, stop):
+    """What ``stop_id=stop`` must return given the unstopped output ``plain [B, S0 + N]``."""
+    new = plain[:, S0:].clone()
+    firsts = []
+    for r in range(new.shape[0]):
+        hits = (new[r] == stop).nonzero()
+        if len(hits):
+            f = int(hits[0])
+            new[r, f + 1:] = stop
+            firsts.append(f + 1)
+        else:
+            firsts.append(None)
+    n = new.shape[1] if None in firsts else max(firsts)
+    return torch.cat([plain[:, :S0], new[:, :n]], dim=1), n
+
+
+def test_stop_id_ends_early_and_pads(model):
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 256, (3, 6))
+    plain = model.generate(prompt, 30).tokens
+    # a token every row emits somewhere, at different steps, so the rows stop at different times
+    common = set(plain[0, 6:].tolist()) & set(plain[1, 6:].tolist()) & set(plain[2, 6:].tolist())
+    candidates = sorted(common) or [int(plain[0, 6 + 3])]
+    for stop in candidates[:3]:
+        out = model.generate(prompt, 30, stop_id=stop)
+        want, n = _expected_with_stop(plain, 6, stop)
+        assert out.tokens.shape == (3, 6 + n) and torch.equal(out.tokens, want)
+        assert out.trunk_forwards == n
+    # the rows of the test above stop before the end for at least one candidate
+    out = model.generate(prompt[:1], 30, stop_id=int(plain[0, 6 + 4]))
+    first = int((plain[0, 6:] == plain[0, 6 + 4]).nonzero()[0]) + 1
+    assert out.tokens.shape == (1, 6 + first) and first <= 5
+    assert torch.equal(out.tokens[0], plain[0, : 6 + first]) and out.trunk_forwards == first
+
+
+def test_stop_id_absent_or_immediate(model):
+    prompt = torch.randint(0, 256, (2, 5))
+    plain = model.generate(prompt, 12).tokens
+    unused = next(t for t in range(256) if t not in set(plain[:, 5:].flatten().tolist()))
+    out = model.generate(prompt, 12, stop_id=unused)              # never emitted: same as no stop_id
+    assert torch.equal(out.tokens, plain) and out.trunk_forwards == 12
+    row = plain[:1]
+    out = model.generate(row[:, :5], 12, stop_id=int(row[0, 5]))   # the first new token is the stop
+    assert torch.equal(out.tokens, row[:, :6]) and out.trunk_forwards == 1
+    # sampling honours it too: after a row's stop every position is the stop
+    g = torch.Generator().manual_seed(0)
+    s = model.generate(prompt, 12, temperature=1.0, generator=g, stop_id=int(plain[0, 7])).tokens
+    for r in range(2):
+        hits = (s[r, 5:] == int(plain[0, 7])).nonzero()
+        if len(hits):
+            assert (s[r, 5 + int(hits[0]):] == int(plain[0, 7])).all()
+
+
+def test_speculative_with_stop_id_equals_plain(model):
+    prompt = torch.randint(0, 256, (1, 5))
+    plain = model.generate(prompt, 30).tokens
+    for k in (0, 1, 2, 7, 29):
+        stop = int(plain[0, 5 + k])
+        want = model.generate(prompt, 30, stop_id=stop).tokens
+        spec = model.generate(prompt, 30, speculative=True, stop_id=stop)
+        assert torch.equal(spec.tokens, want)
+        assert torch.equal(want, plain[:, : 5 + int((plain[0, 5:] == stop).nonzero()[0]) + 1])
+
+
+def test_speculative_stop_inside_accepted_pair(model, monkeypatch):
+    """With perfect drafts tokens arrive two at a time: a stop in the first of a pair must still
+    end the output there (the second token of the pair is dropped)."""
+    prompt = torch.randint(0, 256, (1, 6))
+    plain = model.generate(prompt, 25).tokens[0]
+
+    def draft(h, next_ids, input_pos):
+        tok = plain[int(input_pos[-1]) + 2]
+        return torch.nn.functional.one_hot(tok, 256).float().expand(1, h.shape[1], 256)
+
+    monkeypatch.setattr(model, "mtp_decode", draft)
+    for k in range(1, 8):                               # both slots of several pairs
+        stop = int(plain[6 + k])
+        first = int((plain[6:] == stop).nonzero()[0]) + 1
+        spec = model.generate(prompt, 25, speculative=True, stop_id=stop)
+        assert torch.equal(spec.tokens[0], plain[: 6 + first])

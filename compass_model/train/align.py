@@ -1,0 +1,579 @@
+"""Stage 7 of the Compass-v3 recipe: preference alignment with mixed-policy pairs and OTPO.
+
+Pipeline (``run_alignment``):
+
+1. **Pairs** (``build_pairs``). For each generated task the *chosen* response is the task's reference
+   answer (off-policy) and the *rejected* response is a sample of the SFT model itself (on-policy)
+   that ``compass_model.data.check`` marks wrong. A correct sample is not a valid rejected response:
+   it is resampled up to ``tries`` times, then the pair is dropped (``stats["dropped_correct"]``).
+   User data (``{"prompt","chosen","rejected"}`` JSONL) can replace the generated pairs
+   (``pairs_from_records``).
+2. **Encoding** (``encode_pairs``). Each side is ``[BOS] prompt response [EOS]``, right-padded to a
+   common length ``L`` (chosen and rejected share it: OTPO's cost matrix pairs their positions).
+   Following ``compass_model.losses``, per-token tensors are indexed by *prediction position*:
+   ``labels[:, i]`` is the token position ``i`` predicts, -100 unless it is a response token or the
+   final EOS; ``mask = labels != -100``.
+3. **Reference log-probs** (``reference_logprobs``), computed once with the SFT model and stored
+   *per token* ``[N, L]`` (fp32, 0 off the response) in safetensors, so a resumed run reuses them and
+   OTPO can weight them with weights that only exist at train time (summing first is a known bug).
+4. **Training** (``train_preference``): DPO (sequence sums) as the baseline, then OTPO (optimal-
+   transport token weights from the policy's detached final-norm hidden states), both from the same
+   SFT start. AdamW, warmup + cosine ``lr_at``, gradient clipping at 1.0, atomic resumable checkpoints.
+5. **Evaluation** (``preference_accuracy``) on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from compass_model.checkpoint import WEIGHTS_NAME, from_pretrained
+from compass_model.data import (
+    check,
+    load_preference_jsonl,
+    make_tasks,
+)
+from compass_model.generate import generate
+from compass_model.losses import (
+    IGNORE_INDEX,
+    dpo_loss,
+    otpo_loss,
+    otpo_weights,
+    sequence_logprobs,
+    token_logprobs,
+)
+from compass_model.moe import aux_loss_coefficient
+from compass_model.train.data import catalogue_items
+from compass_model.train.schedule import lr_at
+from compass_model.train.state import latest_checkpoint, save_checkpoint, trainer_state
+
+METHODS = ("dpo", "otpo")
+PAIR_KEYS = ("prompt", "chosen", "rejected", "lang", "family")
+ALIGN_TASK_SEED_OFFSET, EVAL_TASK_SEED_OFFSET = 2, 1002
+
+
+# ---- 1. pairs ------------------------------------------------------------------------------------
+
+def _generate_supports_stop() -> bool:
+    return "stop_id" in inspect.signature(generate).parameters
+
+
+def _cut_at_eos(ids: list, eos_id: int) -> list:
+    return ids[:ids.index(eos_id)] if eos_id in ids else ids
+
+
+def build_pairs(model, tokenizer, tasks, *, max_new_tokens: int | None = None, temperature: float = 1.0,
+                top_p: float = 0.95, seed: int = 0, tries: int = 2, max_len: int | None = None):
+    """Mixed-policy pairs ``(pairs, stats)``: chosen = ``task.answer`` (off-policy), rejected = a sample
+    of ``model`` given ``[BOS] prompt`` that fails ``check`` (on-policy).
+
+    Each try draws one sample (cut at the first EOS); an empty or correct sample is rejected and the
+    task is sampled again, up to ``tries`` samples. A task without a valid rejected sample is dropped:
+    ``stats["dropped_correct"]`` if any of its samples was correct, else ``stats["dropped_empty"]``.
+    ``max_new_tokens``: sample length (None: twice the answer's length + 16); always capped by the
+    model's context and, if ``max_len`` is given, by ``max_len`` (so the encoded pair fits) — tasks whose
+    chosen side alone does not fit ``max_len`` are dropped (``stats["dropped_long"]``).
+    Deterministic: one ``torch.Generator`` seeded with ``seed``, tasks sampled in order.
+
+    Pair dicts: ``{"prompt", "chosen", "rejected", "lang", "family"}``.
+    """
+    if tries < 1:
+        raise ValueError(f"tries must be >= 1, got {tries}")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    eos = tokenizer.eos_id
+    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ctx = model.config.max_seq_len if max_len is None else min(max_len, model.config.max_seq_len)
+    stop_kw = {"stop_id": eos} if _generate_supports_stop() else {}
+    stats = {"tasks": len(tasks), "samples": 0, "correct_samples": 0, "empty_samples": 0, "dropped_correct": 0,
+             "dropped_empty": 0, "dropped_long": 0, "kept": 0}
+    pairs = []
+    for task in tasks:
+        prompt_ids = head + tokenizer.encode(task.prompt)
+        answer_len = len(tokenizer.encode(task.answer))
+        budget = ctx - len(prompt_ids) - 1                # room for response + EOS
+        if answer_len + 1 > budget:
+            stats["dropped_long"] += 1
+            continue
+        n_new = min(max_new_tokens or 2 * answer_len + 16, budget)
+        ids = torch.tensor([prompt_ids], device=device)
+        rejected, saw_correct = None, False
+        for _ in range(tries):
+            out = generate(model, ids, n_new, temperature=temperature, top_p=top_p, generator=gen, **stop_kw)
+            new = _cut_at_eos(out.tokens[0, len(prompt_ids):].tolist(), eos)
+            # a model's vocabulary may be rounded up past the tokenizer's: those ids decode to nothing
+            text = tokenizer.decode([i for i in new if i < tokenizer.vocab_size])
+            # a cut multi-byte character decodes to U+FFFD (3 bytes): keep the re-encoded pair in budget
+            while text and len(tokenizer.encode(text)) + 1 > budget:
+                text = text[:-1]
+            stats["samples"] += 1
+            if not text.strip():
+                stats["empty_samples"] += 1
+            elif check(task, text):
+                stats["correct_samples"] += 1
+                saw_correct = True
+            else:
+                rejected = text
+                break
+        if rejected is None:
+            stats["dropped_correct" if saw_correct else "dropped_empty"] += 1
+            continue
+        pairs.append({"prompt": task.prompt, "chosen": task.answer, "rejected": rejected, "lang": task.lang,
+                      "family": task.family})
+    stats["kept"] = len(pairs)
+    return pairs, stats
+
+
+def pairs_from_records(records) -> list:
+    """User preference records (``PreferenceRecord`` from ``load_preference_jsonl``, or dicts with
+    ``prompt``/``chosen``/``rejected``) -> pair dicts (``lang`` None, ``family`` ``"user"``)."""
+    out = []
+    for r in records:
+        get = (lambda k, r=r: r[k]) if isinstance(r, dict) else (lambda k, r=r: getattr(r, k))
+        out.append({"prompt": get("prompt"), "chosen": get("chosen"), "rejected": get("rejected"),
+                    "lang": r.get("lang") if isinstance(r, dict) else None,
+                    "family": (r.get("family") if isinstance(r, dict) else None) or "user"})
+    return out
+
+
+# ---- 2. encoding ---------------------------------------------------------------------------------
+
+@dataclass
+class PairBatch:
+    """``N`` preference pairs as right-padded ``[N, L]`` tensors (both sides share ``L``).
+
+    ``*_ids`` int64 (pad_id on padding), ``*_labels`` int64 (the token each position predicts on the
+    response, -100 elsewhere), ``*_mask`` bool (``labels != -100``: response tokens and the EOS, by
+    prediction position)."""
+    chosen_ids: torch.Tensor
+    chosen_labels: torch.Tensor
+    chosen_mask: torch.Tensor
+    rejected_ids: torch.Tensor
+    rejected_labels: torch.Tensor
+    rejected_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.chosen_ids.shape[0]
+
+    def select(self, idx) -> PairBatch:
+        """Rows ``idx`` (a slice, list or index tensor)."""
+        return PairBatch(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    def to(self, device) -> PairBatch:
+        return PairBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def fingerprint(self) -> str:
+        """A hash of the token ids and labels: ties cached reference log-probs to this exact batch."""
+        h = hashlib.sha256()
+        for f in fields(self):
+            t = getattr(self, f.name).detach().cpu().contiguous()
+            h.update(f.name.encode())
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.to(torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
+
+def _encode_side(prompt_ids: list, response_ids: list, tokenizer) -> tuple:
+    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids = head + prompt_ids + response_ids + [tokenizer.eos_id]
+    first = len(head) + len(prompt_ids)           # index of the first response token in ids
+    # position i predicts ids[i + 1]: a label for i + 1 >= first, i.e. i >= first - 1
+    labels = [IGNORE_INDEX] * (first - 1) + ids[first:] + [IGNORE_INDEX]
+    return ids, labels
+
+
+def encode_pairs(pairs, tokenizer, max_len: int) -> PairBatch:
+    """Pair dicts -> ``PairBatch`` of ``[BOS] prompt response [EOS]`` sequences, right-padded to the
+    longest sequence of either side. Raises ValueError naming the pair index if a side exceeds
+    ``max_len`` tokens (cutting would drop the end of the response and its EOS) or a response is empty."""
+    if not pairs:
+        raise ValueError("encode_pairs needs at least one pair")
+    sides = {"chosen": [], "rejected": []}
+    for k, p in enumerate(pairs):
+        prompt_ids = tokenizer.encode(p["prompt"])
+        for side in ("chosen", "rejected"):
+            resp = tokenizer.encode(p[side])
+            if not resp:
+                raise ValueError(f"pair {k}: empty {side} response")
+            ids, labels = _encode_side(prompt_ids, resp, tokenizer)
+            if len(ids) > max_len:
+                raise ValueError(f"pair {k}: {side} side is {len(ids)} tokens (prompt {len(prompt_ids)}, "
+                                 f"response {len(resp)}, + specials) > max_len {max_len}")
+            sides[side].append((ids, labels))
+    L = max(len(ids) for seqs in sides.values() for ids, _ in seqs)
+    out = {}
+    for side, seqs in sides.items():
+        ids_t = torch.full((len(seqs), L), tokenizer.pad_id, dtype=torch.long)
+        lab_t = torch.full((len(seqs), L), IGNORE_INDEX, dtype=torch.long)
+        for r, (ids, labels) in enumerate(seqs):
+            ids_t[r, :len(ids)] = torch.tensor(ids)
+            lab_t[r, :len(labels)] = torch.tensor(labels)
+        out[f"{side}_ids"], out[f"{side}_labels"], out[f"{side}_mask"] = ids_t, lab_t, lab_t != IGNORE_INDEX
+    return PairBatch(**out)
+
+
+def pair_fits(pair: dict, tokenizer, max_len: int) -> bool:
+    """Whether both sides of ``pair`` encode to at most ``max_len`` tokens."""
+    n_prompt = len(tokenizer.encode(pair["prompt"])) + 1 + (tokenizer.bos_id is not None)
+    return all(n_prompt + len(tokenizer.encode(pair[s])) <= max_len for s in ("chosen", "rejected"))
+
+
+# ---- 3. reference log-probs ----------------------------------------------------------------------
+
+def _model_device(model):
+    return next(model.parameters()).device
+
+
+def _forward_pairs(model, b: PairBatch):
+    """One forward on chosen + rejected concatenated -> (logp_c [B, L], logp_r [B, L], hidden_c,
+    hidden_r [B, L, D], router term (aux + z, weighted as in ``CompassForCausalLM.forward``))."""
+    B = len(b)
+    out = model(torch.cat([b.chosen_ids, b.rejected_ids]))
+    lp = token_logprobs(out.logits, torch.cat([b.chosen_labels, b.rejected_labels]))
+    c = model.config
+    router = aux_loss_coefficient(c, model.step) * out.losses["aux"] + c.z_loss_coef * out.losses["z"]
+    return lp[:B], lp[B:], out.hidden[:B], out.hidden[B:], router
+
+
+@torch.no_grad()
+def _logprobs(model, batch: PairBatch, micro_batch: int):
+    was_training = model.training
+    model.eval()
+    dev = _model_device(model)
+    try:
+        cs, rs = [], []
+        for i in range(0, len(batch), micro_batch):
+            lp_c, lp_r, *_ = _forward_pairs(model, batch.select(slice(i, i + micro_batch)).to(dev))
+            cs.append(lp_c.float())
+            rs.append(lp_r.float())
+    finally:
+        model.train(was_training)
+    return torch.cat(cs), torch.cat(rs)
+
+
+def reference_logprobs(ref_model, batch: PairBatch, micro_batch: int = 16):
+    """Per-token reference log-probs ``(ref_chosen [N, L], ref_rejected [N, L])``, fp32, 0 off the
+    response, computed once (eval mode, no grad) in micro-batches of ``micro_batch`` pairs."""
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    return _logprobs(ref_model, batch, micro_batch)
+
+
+def save_reference(path, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, batch: PairBatch | None = None) -> None:
+    """Write the reference log-probs to ``path`` (safetensors, atomically). With ``batch`` its
+    fingerprint is stored, and ``load_reference(path, batch)`` refuses a cache of another batch."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", "fingerprint": batch.fingerprint() if batch is not None else ""}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"ref_chosen": ref_chosen.detach().float().cpu().contiguous(),
+               "ref_rejected": ref_rejected.detach().float().cpu().contiguous()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_reference(path, batch: PairBatch | None = None):
+    """``(ref_chosen, ref_rejected)`` from ``save_reference``. With ``batch``: ValueError unless the
+    cache was saved for that batch (same fingerprint when one was stored, same shape)."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    t = load_file(str(path))
+    ref_c, ref_r = t["ref_chosen"], t["ref_rejected"]
+    if batch is not None:
+        shape = tuple(batch.chosen_ids.shape)
+        if tuple(ref_c.shape) != shape or tuple(ref_r.shape) != shape:
+            raise ValueError(f"{path}: reference log-probs have shape {tuple(ref_c.shape)}, the batch {shape}")
+        if meta.get("fingerprint") and meta["fingerprint"] != batch.fingerprint():
+            raise ValueError(f"{path}: reference log-probs were computed for different pairs")
+    return ref_c, ref_r
+
+
+# ---- 4. training ---------------------------------------------------------------------------------
+
+def _rewards_metrics(loss, chosen_rewards, rejected_rewards) -> dict:
+    margin = chosen_rewards - rejected_rewards
+    return {"loss": float(loss.detach()), "reward_margin": float(margin.mean()),
+            "reward_accuracy": float((margin > 0).float().mean()),
+            "chosen_reward": float(chosen_rewards.mean()), "rejected_reward": float(rejected_rewards.mean())}
+
+
+def preference_step_loss(model, batch_slice: PairBatch, ref_slice, method: str, beta: float = 0.1,
+                         eps: float = 1.0, tau: float = 0.2, router_losses: bool = False):
+    """The preference loss of one micro-batch: ``(loss, metrics)``, one forward on chosen + rejected.
+
+    ``ref_slice``: ``(ref_chosen [B, L], ref_rejected [B, L])`` per-token reference log-probs.
+    ``method="dpo"``: sequence sums (``sequence_logprobs`` + ``dpo_loss``); ``"otpo"``: OT token weights
+    from the policy's detached hidden states (``otpo_weights``) + ``otpo_loss``. ``router_losses``:
+    add the MoE balancing terms (aux + z, as the model's own total loss weights them) to the returned
+    loss; ``metrics["loss"]`` is always the preference loss alone (``ln 2`` when policy == reference)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    dev = _model_device(model)
+    b = batch_slice.to(dev)
+    ref_c, ref_r = (t.to(dev) for t in ref_slice)
+    lp_c, lp_r, h_c, h_r, router = _forward_pairs(model, b)
+    if method == "dpo":
+        loss, cr, rr = dpo_loss(sequence_logprobs(lp_c, b.chosen_mask), sequence_logprobs(lp_r, b.rejected_mask),
+                                sequence_logprobs(ref_c, b.chosen_mask), sequence_logprobs(ref_r, b.rejected_mask),
+                                beta)
+        metrics = _rewards_metrics(loss, cr, rr)
+    else:
+        w_c, w_r = otpo_weights(h_c.detach().float(), h_r.detach().float(), b.chosen_mask, b.rejected_mask,
+                                eps=eps, tau=tau)
+        loss, cr, rr = otpo_loss(lp_c, lp_r, ref_c, ref_r, w_c, w_r, beta)
+        metrics = _rewards_metrics(loss, cr, rr)
+        metrics["weight_min"] = float(w_c[b.chosen_mask].min()) if b.chosen_mask.any() else 0.0
+        metrics["weight_max"] = float(w_c[b.chosen_mask].max()) if b.chosen_mask.any() else 0.0
+    metrics["router_loss"] = float(router.detach())
+    return (loss + router if router_losses else loss), metrics
+
+
+def step_indices(n: int, step: int, per_step: int, seed: int) -> list:
+    """The pair indices of optimizer step ``step``: a pure function of ``(n, step, per_step, seed)``.
+    Pairs are read as a stream of epochs, each a permutation seeded by ``(seed, epoch)``, so every pair
+    is seen once per epoch and a resumed run draws exactly the minibatch an uninterrupted one would."""
+    per_step = min(per_step, n)
+    out, perms = [], {}
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch = k // n
+        if epoch not in perms:
+            perms[epoch] = random.Random(f"align/{seed}/{epoch}").sample(range(n), n)
+        out.append(perms[epoch][k % n])
+    return out
+
+
+def _load_weights(model, checkpoint_dir) -> None:
+    state = load_file(str(Path(checkpoint_dir) / WEIGHTS_NAME), device=str(_model_device(model)))
+    model.load_state_dict(state, strict=True)
+
+
+def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, lr: float, micro_batch: int,
+                     beta: float = 0.1, eps: float = 1.0, tau: float = 0.2, warmup_steps: int = 0, seed: int = 0,
+                     stage_dir=None, metrics=None, resume: bool = False, save_every: int = 1, grad_accum: int = 1,
+                     weight_decay: float = 0.0, router_losses: bool = True) -> list:
+    """Train ``model`` in place on preference pairs; returns the per-step records of this call.
+
+    Each optimizer step takes ``micro_batch * grad_accum`` pairs (``step_indices``), AdamW at
+    ``lr_at(step, steps, lr, warmup_steps)``, gradients clipped to norm 1.0, then
+    ``model.after_optimizer_step()``. Records ``{"stage": "align-<method>", "step", "loss", "lr",
+    "reward_margin", "reward_accuracy", "seconds", ...}`` go to ``metrics`` (a ``MetricsWriter``) too.
+
+    ``stage_dir``: atomic checkpoints (``state.save_checkpoint``) every ``save_every`` steps and at the
+    end (``done=True``). ``resume=True`` continues from the latest checkpoint there (weights, optimizer
+    state and step); if that stage is finished its weights are loaded into ``model`` and nothing runs.
+    The checkpoint's ``extra`` keeps ``loss_first``, ``loss_last`` and the cumulative ``seconds``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if steps < 1 or micro_batch < 1 or grad_accum < 1 or save_every < 1:
+        raise ValueError(f"need steps, micro_batch, grad_accum, save_every >= 1, got "
+                         f"{steps}, {micro_batch}, {grad_accum}, {save_every}")
+    ref_c, ref_r = ref
+    if tuple(ref_c.shape) != tuple(batch.chosen_ids.shape) or tuple(ref_r.shape) != tuple(batch.rejected_ids.shape):
+        raise ValueError(f"reference log-probs {tuple(ref_c.shape)} do not match the batch {tuple(batch.chosen_ids.shape)}")
+    stage = f"align-{method}"
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    start, extra = 0, {"loss_first": None, "loss_last": None, "seconds": 0.0}
+    if resume and stage_dir is not None and (ckpt := latest_checkpoint(stage_dir)) is not None:
+        state = trainer_state(ckpt)
+        _load_weights(model, ckpt)
+        extra.update(state.get("extra") or {})
+        if state["done"]:
+            return []
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    if metrics is not None:
+        metrics.truncate_after(stage, start)
+    per_step = micro_batch * grad_accum
+    n = len(batch)
+    records = []
+    model.train()
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        cur_lr = lr_at(step, steps, lr, warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = cur_lr
+        idx = step_indices(n, step, per_step, seed)
+        opt.zero_grad(set_to_none=True)
+        agg: dict = {}
+        for i in range(0, len(idx), micro_batch):
+            sub = torch.tensor(idx[i:i + micro_batch])
+            loss, m = preference_step_loss(model, batch.select(sub), (ref_c[sub], ref_r[sub]), method, beta, eps,
+                                           tau, router_losses=router_losses)
+            w = len(sub) / len(idx)             # each micro loss is a mean over its pairs
+            (loss * w).backward()
+            for k, v in m.items():
+                agg[k] = agg.get(k, 0.0) + w * v
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        model.after_optimizer_step()
+        seconds = time.perf_counter() - t0
+        rec = {"stage": stage, "step": step, "loss": agg["loss"], "lr": cur_lr,
+               "reward_margin": agg["reward_margin"], "reward_accuracy": agg["reward_accuracy"],
+               "seconds": seconds, "grad_norm": float(grad_norm),
+               **{k: v for k, v in agg.items() if k not in ("loss", "reward_margin", "reward_accuracy")}}
+        records.append(rec)
+        if metrics is not None:
+            metrics.write(rec)
+        if extra["loss_first"] is None:
+            extra["loss_first"] = rec["loss"]
+        extra["loss_last"] = rec["loss"]
+        extra["seconds"] = float(extra["seconds"]) + seconds
+        done = step + 1 == steps
+        if stage_dir is not None and (done or (step + 1) % save_every == 0):
+            save_checkpoint(stage_dir, model, opt, step + 1, done=done,
+                            extra={**extra, "method": method, "steps": steps, "seed": seed})
+    return records
+
+
+# ---- 5. evaluation -------------------------------------------------------------------------------
+
+def preference_accuracy(model, batch: PairBatch, ref, beta: float = 0.1, micro_batch: int = 16) -> dict:
+    """Held-out preference metrics (eval mode, no grad), from sequence sums over the response:
+    ``reward_accuracy``: fraction of pairs with ``beta ((pi_c - ref_c) - (pi_r - ref_r)) > 0``;
+    ``logp_accuracy``: fraction whose mean per-token log-prob is higher on the chosen side;
+    ``margin``: the mean reward margin; ``n``: pairs. (For the reference model itself every margin is
+    0, so its ``reward_accuracy`` is 0 and only ``logp_accuracy`` is informative.)"""
+    lp_c, lp_r = _logprobs(model, batch, micro_batch)
+    ref_c, ref_r = (t.to(lp_c.device) for t in ref)
+    mc, mr = batch.chosen_mask.to(lp_c.device), batch.rejected_mask.to(lp_c.device)
+    margin = beta * ((sequence_logprobs(lp_c, mc) - sequence_logprobs(ref_c, mc))
+                     - (sequence_logprobs(lp_r, mr) - sequence_logprobs(ref_r, mr)))
+    mean_c = sequence_logprobs(lp_c, mc) / mc.sum(-1).clamp(min=1)
+    mean_r = sequence_logprobs(lp_r, mr) / mr.sum(-1).clamp(min=1)
+    return {"reward_accuracy": float((margin > 0).float().mean()),
+            "logp_accuracy": float((mean_c > mean_r).float().mean()),
+            "margin": float(margin.mean()), "n": len(batch)}
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1))
+    os.replace(tmp, path)
+
+
+def _fitting_tasks(n: int, seed: int, tokenizer, max_len: int, n_items: int) -> list:
+    """The first ``n`` tasks of ``make_tasks(seed)`` whose prompt + answer fit ``max_len`` with room
+    for a rejected sample (make_tasks is prefix-stable in n, so drawing more only appends tasks)."""
+    if n < 1:
+        return []
+    specials = 1 + (tokenizer.bos_id is not None)
+    fits = lambda t: (len(tokenizer.encode(t.prompt)) + specials
+                      + max(len(tokenizer.encode(t.answer)), 1) + 1 <= max_len)
+    for factor in (2, 4, 16):
+        tasks = [t for t in make_tasks(n * factor, seed=seed, n_items=n_items) if fits(t)]
+        if len(tasks) >= n:
+            return tasks[:n]
+    return tasks
+
+
+def _stage_summary(stage_dir: Path, records: list) -> dict:
+    ckpt = latest_checkpoint(stage_dir)
+    extra = trainer_state(ckpt)["extra"] if ckpt is not None else {}
+    return {"loss_first": extra.get("loss_first", records[0]["loss"] if records else None),
+            "loss_last": extra.get("loss_last", records[-1]["loss"] if records else None),
+            "seconds": extra.get("seconds", sum(r["seconds"] for r in records)),
+            "steps": trainer_state(ckpt)["step"] if ckpt is not None else len(records)}
+
+
+def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs: int, steps: int, lr: float,
+                  micro_batch: int, max_len: int, beta: float = 0.1, seed: int = 0, metrics=None,
+                  resume: bool = False, pairs_file=None, eps: float = 1.0, tau: float = 0.2,
+                  warmup_steps: int = 0, max_new_tokens: int | None = None, temperature: float = 1.0,
+                  top_p: float = 0.95, tries: int = 2, device=None) -> dict:
+    """Stage 7: pairs -> reference log-probs -> DPO baseline and OTPO, both from the SFT model.
+
+    Train pairs come from ``make_tasks(n_pairs, seed + 2)``, held-out pairs from
+    ``make_tasks(eval_pairs, seed + 1002)`` (tasks that fit ``max_len``), rejected responses sampled from
+    the SFT model. With ``pairs_file`` (preference JSONL) nothing is sampled: the last ``eval_pairs``
+    records are held out and up to ``n_pairs`` of the others train. Under ``out_dir``: ``pairs.json``
+    and ``reference-{train,eval}.safetensors`` (reused on resume), checkpoints in
+    ``checkpoints/align-dpo`` (DPO) and ``checkpoints/align`` (OTPO).
+
+    Returns ``{"pairs": {"train", "eval", "dropped_correct", ...}, "sft_eval": {...},
+    "dpo": {"loss_first", "loss_last", "seconds", "steps", "eval", "train_eval"}, "otpo": {...}}``
+    (``eval`` / ``sft_eval`` are ``preference_accuracy`` dicts on the held-out pairs).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load = lambda: from_pretrained(sft_model_dir, device)
+    sft = load()
+    if max_len > sft.config.max_seq_len:
+        raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {sft.config.max_seq_len}")
+
+    # 1. pairs (cached)
+    pairs_path = out_dir / "pairs.json"
+    if resume and pairs_path.is_file():
+        cached = json.loads(pairs_path.read_text())
+        train_pairs, eval_pairs_, pstats = cached["train"], cached["eval"], cached["stats"]
+    else:
+        t0 = time.perf_counter()
+        if pairs_file is not None:
+            records = load_preference_jsonl(pairs_file)
+            if len(records) <= eval_pairs:
+                raise ValueError(f"{pairs_file}: {len(records)} records, need more than eval_pairs = {eval_pairs}")
+            eval_pairs_ = pairs_from_records(records[len(records) - eval_pairs:])
+            train_pairs = pairs_from_records(records[:len(records) - eval_pairs][:n_pairs])
+            pstats = {"source": str(pairs_file), "dropped_correct": 0, "dropped_empty": 0}
+        else:
+            n_items = catalogue_items(max_len)
+            kw = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "tries": tries,
+                  "max_len": max_len}
+            train_pairs, st_train = build_pairs(
+                sft, tokenizer, _fitting_tasks(n_pairs, seed + ALIGN_TASK_SEED_OFFSET, tokenizer, max_len, n_items),
+                seed=seed, **kw)
+            eval_pairs_, st_eval = build_pairs(
+                sft, tokenizer, _fitting_tasks(eval_pairs, seed + EVAL_TASK_SEED_OFFSET, tokenizer, max_len, n_items),
+                seed=seed + 1, **kw)
+            pstats = {"source": "generated", "train_stats": st_train, "eval_stats": st_eval,
+                      **{k: st_train[k] + st_eval[k] for k in st_train}}
+        pstats["seconds"] = time.perf_counter() - t0
+        if not train_pairs or not eval_pairs_:
+            raise ValueError(f"no usable pairs (train {len(train_pairs)}, eval {len(eval_pairs_)}): {pstats}")
+        _write_json(pairs_path, {"train": train_pairs, "eval": eval_pairs_, "stats": pstats})
+    train_b = encode_pairs(train_pairs, tokenizer, max_len)
+    eval_b = encode_pairs(eval_pairs_, tokenizer, max_len)
+
+    # 2. reference log-probs, per token (cached)
+    refs = {}
+    for name, b in (("train", train_b), ("eval", eval_b)):
+        path = out_dir / f"reference-{name}.safetensors"
+        if resume and path.is_file():
+            refs[name] = load_reference(path, b)
+        else:
+            refs[name] = reference_logprobs(sft, b, micro_batch)
+            save_reference(path, *refs[name], batch=b)
+    result = {"pairs": {"train": len(train_pairs), "eval": len(eval_pairs_), **pstats},
+              "sft_eval": preference_accuracy(sft, eval_b, refs["eval"], beta, micro_batch)}
+    del sft
+
+    # 3. DPO baseline, then OTPO, each from the SFT weights
+    for method, stage_name in (("dpo", "align-dpo"), ("otpo", "align")):
+        policy = load()
+        stage_dir = out_dir / "checkpoints" / stage_name
+        records = train_preference(policy, train_b, refs["train"], method=method, steps=steps, lr=lr,
+                                   micro_batch=micro_batch, beta=beta, eps=eps, tau=tau, warmup_steps=warmup_steps,
+                                   seed=seed, stage_dir=stage_dir, metrics=metrics, resume=resume)
+        result[method] = {**_stage_summary(stage_dir, records),
+                          "eval": preference_accuracy(policy, eval_b, refs["eval"], beta, micro_batch),
+                          "train_eval": preference_accuracy(policy, train_b, refs["train"], beta, micro_batch)}
+        del policy
+    _write_json(out_dir / "align-summary.json", result)
+    return result
+
+
+__all__ = ["METHODS", "PairBatch", "build_pairs", "encode_pairs", "load_reference", "pair_fits", "pairs_from_records",
+           "preference_accuracy", "preference_step_loss", "reference_logprobs", "run_alignment", "save_reference",
+           "step_indices", "train_preference"]
+
