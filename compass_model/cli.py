@@ -101,6 +101,8 @@ def _print_fp8(r: dict) -> None:
         x = r[m]
         print(f"{m:<15} {x['logits']['rel_err']:13.4f}   {x['logits']['top1']:.3f}   {x['perplexity']:<8.3f} "
               f"{x['accuracy']:.3f}     {x['max_drop_points']:.1f}")
+    for m in ("naive", "expert_aware"):
+        print(f"{m:<15} MoE output rel err per layer: {[round(v, 4) for v in r[m]['moe_output_rel_err']]}")
     cov = r["expert_aware"]["coverage"]
     print(f"calibration: min tokens per expert {cov['min_before']} -> {cov['min_after']} after oversampling "
           f"{cov['oversampled_sequences']} sequences; checks: {r['checks']}")

@@ -74,6 +74,7 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
             report["alignment"] = run_alignment(
                 prev_dir, out, tokenizer, n_pairs=stage.n_pairs, eval_pairs=stage.eval_pairs, steps=stage.steps,
                 lr=stage.lr, micro_batch=stage.rows, max_len=stage.seq_len, beta=stage.beta, seed=seed,
+                warmup_steps=stage.warmup_steps,
                 metrics=metrics, resume=resume, pairs_file=data_file)
         else:
             ckpt = latest_checkpoint(sdir) if resume else None

@@ -73,16 +73,16 @@ def demo_stages(base_context: int = 256) -> list:
     general/ecommerce at base/2, reasoning and SFT at base, long_context at 4 x base by YaRN."""
     half = base_context // 2
     return [
-        StageConfig("general", steps=150, rows=16, seq_len=half, lr=3e-3, warmup_steps=15),
-        StageConfig("ecommerce", steps=250, rows=16, seq_len=half, lr=3e-3, warmup_steps=10),
-        StageConfig("reasoning", steps=150, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=10),
-        StageConfig("long_context", steps=60, rows=2, seq_len=4 * base_context, lr=1e-3, warmup_steps=5,
+        StageConfig("general", steps=500, rows=16, seq_len=half, lr=3e-3, warmup_steps=25),
+        StageConfig("ecommerce", steps=1000, rows=16, seq_len=half, lr=3e-3, warmup_steps=20),
+        StageConfig("reasoning", steps=500, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=20),
+        StageConfig("long_context", steps=200, rows=2, seq_len=4 * base_context, lr=1e-3, warmup_steps=10,
                     rope_factor=4.0),
-        StageConfig("mtp", steps=80, rows=8, seq_len=base_context, lr=1e-3, warmup_steps=5, data="ecommerce",
+        StageConfig("mtp", steps=300, rows=8, seq_len=base_context, lr=1e-3, warmup_steps=10, data="ecommerce",
                     mtp_loss_weight=0.3, mtp_every=2),
-        StageConfig("sft", steps=300, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=10),
-        StageConfig("align", steps=40, rows=8, seq_len=base_context, lr=2e-4, warmup_steps=4, n_pairs=64,
-                    eval_pairs=32),
+        StageConfig("sft", steps=1500, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30),
+        StageConfig("align", steps=100, rows=8, seq_len=base_context, lr=2e-4, warmup_steps=10, n_pairs=128,
+                    eval_pairs=48),
     ]
 
 

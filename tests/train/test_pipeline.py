@@ -1,0 +1,89 @@
+"""Every stage end to end (a few steps each), the report's documented keys, resume skipping finished
+stages, and the CLI entry points (train / eval / generate / quantize) on the result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compass_model import CompassConfig
+from compass_model.cli import main
+from compass_model.data import ByteTokenizer
+from compass_model.train.pipeline import run_pipeline
+from compass_model.train.stages import STAGES, demo_stages
+
+CFG = CompassConfig.from_preset("tiny")
+EVAL = {"n_tasks": 14, "n_long": 2, "n_docs": 8}
+
+
+def _stages():
+    small = {"general": dict(rows=2), "ecommerce": dict(rows=2), "reasoning": dict(rows=2),
+             "long_context": dict(rows=1), "mtp": dict(rows=2), "sft": dict(rows=2),
+             "align": dict(rows=2, n_pairs=4, eval_pairs=3)}
+    return [s.replace(steps=2, warmup_steps=1, **small[s.name]) for s in demo_stages()]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # tiny matmuls: one thread is faster on a shared 2-core box
+    out = tmp_path_factory.mktemp("pipeline")
+    report = run_pipeline(out, CFG, _stages(), ByteTokenizer(), progress=False, eval_kwargs=EVAL, fp8=True,
+                          log=lambda *a: None)
+    yield out, report
+    torch.set_num_threads(threads)
+
+
+def test_every_stage_runs_and_reports(run):
+    out, report = run
+    assert [s["name"] for s in report["stages"]] == list(STAGES)
+    for s in report["stages"]:
+        assert s["steps"] == 2 and s["loss_first"] > 0 and s["seconds"] > 0, s
+    on_disk = json.loads((out / "report.json").read_text())
+    assert set(on_disk) >= {"stages", "eval", "alignment", "router", "fp8"}
+    assert set(on_disk["eval"]) >= {"per_language", "long_context", "perplexity"}
+    assert set(on_disk["alignment"]) >= {"dpo", "otpo"}
+    assert set(on_disk["eval"]["long_context"]) == {"1x", "4x"}
+    assert "accuracy" in on_disk["eval"]["long_context"]["4x"]          # YaRN stage made room for 4x
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in r and "loss" in r for r in metrics)
+    assert {r["stage"] for r in metrics} >= set(STAGES[:-1]) | {"align-dpo", "align-otpo"}
+    # each stage starts from the previous one; the long-context stage switched RoPE to YaRN x4
+    cfg = json.loads((out / "checkpoints" / "sft" / "step-000002" / "config.json").read_text())
+    assert cfg["rope_scaling"] == "yarn" and cfg["rope_factor"] == 4.0 and cfg["max_seq_len"] == 1024
+    # MTP loss only on the MTP stage's interleaved steps
+    mtp = [r["mtp_weight"] for r in metrics if r["stage"] == "mtp"]
+    assert mtp == [0.3, 0.0] and all(r["mtp_weight"] == 0 for r in metrics if r["stage"] == "general")
+    for name in ("loss.png", "expert_load.png", "accuracy.png"):
+        assert (out / "plots" / name).stat().st_size > 1000
+
+
+def test_resume_skips_finished_stages(run):
+    out, report = run
+    before = (out / "metrics.jsonl").read_text()
+    again = run_pipeline(out, CFG, _stages(), ByteTokenizer(), resume=True, progress=False, evaluate=False,
+                         log=lambda *a: None)
+    assert (out / "metrics.jsonl").read_text() == before                  # nothing retrained
+    assert [s["loss_last"] for s in again["stages"]] == [s["loss_last"] for s in report["stages"]]
+
+
+def test_cli_on_the_run(run, capsys, tmp_path):
+    out, report = run
+    ckpt = report["final_checkpoint"]
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "Listing: Milo", "--max-new-tokens", "8"]) == 0
+    assert main(["eval", "--checkpoint", ckpt, "--n-tasks", "7", "--out", str(tmp_path / "ev.json")]) == 0
+    assert "per_language" in json.loads((tmp_path / "ev.json").read_text())
+    capsys.readouterr()
+    assert main(["train", "--preset", "tiny", "--stages", "general", "--steps", "2", "--no-eval",
+                 "--no-progress", "--out", str(tmp_path / "t")]) == 0
+    assert "general" in capsys.readouterr().out
+    lines = (tmp_path / "t" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 1]
+
+
+def test_stage_context_must_fit(tmp_path):
+    bad = [demo_stages()[2].replace(steps=1, seq_len=512)]               # reasoning at 2x without YaRN
+    with pytest.raises(ValueError, match="max_seq_len"):
+        run_pipeline(tmp_path, CFG, bad, ByteTokenizer(), progress=False, evaluate=False, log=lambda *a: None)
