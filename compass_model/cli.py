@@ -83,6 +83,9 @@ def _train(args, demo: bool) -> int:
     cfg, obj = _config(args)
     stages = _stages(args, obj)
     tok = load_tokenizer(args.tokenizer)
+    if tok.vocab_size > cfg.vocab_size:            # a larger tokenizer: grow the embedding, 8-aligned
+        cfg = cfg.replace(vocab_size=-(-tok.vocab_size // 8) * 8)
+        print(f"vocab_size raised to {cfg.vocab_size} for the tokenizer's {tok.vocab_size} ids")
     t0 = time.perf_counter()
     evaluate = not getattr(args, "no_eval", False)
     report = run_pipeline(args.out, cfg, stages, tok, seed=args.seed, data_file=args.data, resume=args.resume,

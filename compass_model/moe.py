@@ -172,13 +172,17 @@ class MoE(nn.Module):
             plan = ck.route(ids_TK, E, capacity=self.capacity(T))
             xp_RD = ck.permute(x_TD, plan)
         xe_MD, offsets, state = self._dispatch(xp_RD, plan)
+        w13, w2 = self.w13_EDF, self.w2_EFD
+        if torch.is_autocast_enabled(x.device.type):   # a custom op: follow autocast like nn.Linear does
+            dt = torch.get_autocast_dtype(x.device.type)
+            xe_MD, w13, w2 = xe_MD.to(dt), w13.to(dt), w2.to(dt)
         with nvtx_range("expert_fc1"):
-            h_MF2 = ck.grouped_gemm(xe_MD, self.w13_EDF, offsets)
+            h_MF2 = ck.grouped_gemm(xe_MD, w13, offsets)
         with nvtx_range("activation"):
             gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
             a_MF = F.silu(gate_MF) * up_MF
         with nvtx_range("expert_fc2"):
-            y_MD = ck.grouped_gemm(a_MF, self.w2_EFD, offsets)
+            y_MD = ck.grouped_gemm(a_MF, w2, offsets)
         y_RD = self._combine(y_MD, state)
         with nvtx_range("unpermute"):
             out_TD = ck.unpermute(y_RD, plan, probs=gates_TK)

@@ -87,3 +87,18 @@ def test_stage_context_must_fit(tmp_path):
     bad = [demo_stages()[2].replace(steps=1, seq_len=512)]               # reasoning at 2x without YaRN
     with pytest.raises(ValueError, match="max_seq_len"):
         run_pipeline(tmp_path, CFG, bad, ByteTokenizer(), progress=False, evaluate=False, log=lambda *a: None)
+
+
+def test_train_from_config_file_and_bf16(tmp_path, capsys):
+    cfg = {"model": {"preset": "tiny", "n_layers": 1, "max_seq_len": 128},
+           "stages": [{"name": "general", "steps": 2, "rows": 2, "seq_len": 64, "precision": "bf16"}]}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    assert main(["train", "--config", str(tmp_path / "c.json"), "--stages", "general", "--no-eval",
+                 "--no-progress", "--out", str(tmp_path / "o")]) == 0
+    rec = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 2 and all(0 < r["loss"] < 10 for r in rec)
+    saved = json.loads((tmp_path / "o" / "checkpoints" / "general" / "step-000002" / "config.json").read_text())
+    assert saved["n_layers"] == 1
+    (tmp_path / "bad.json").write_text(json.dumps({"stages": [{"name": "general", "stepz": 2}]}))
+    with pytest.raises(TypeError, match="stepz"):
+        main(["train", "--config", str(tmp_path / "bad.json"), "--stages", "general", "--out", str(tmp_path / "b")])
