@@ -3,6 +3,7 @@
   compass demo [--out DIR] [--resume]       the main job: the tiny preset through all seven stages,
                                             evaluation, plots and DIR/report.json (~10 min on 2 cores)
   compass train --preset NAME|--config FILE --stages LIST [--data FILE] [--steps N] [--seed N] --out DIR
+  torchrun --nproc-per-node N -m compass_model.cli train ... --ep N     expert parallelism (gloo / NCCL)
   compass eval --checkpoint DIR [--out FILE]
   compass generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--speculative]
   compass quantize --checkpoint DIR [--out FILE] [--save DIR]
@@ -77,7 +78,9 @@ def _print_summary(report: dict) -> None:
 
 def _train(args, demo: bool) -> int:
     from compass_model.data import load_tokenizer
+    from compass_model.train.parallel import finish_ep, init_ep
     from compass_model.train.pipeline import run_pipeline
+    ctx = init_ep(getattr(args, "ep", 1))
     if demo:
         args.preset, args.config, args.stages, args.steps, args.data = "tiny", None, STAGE_LIST, None, None
     cfg, obj = _config(args)
@@ -89,7 +92,14 @@ def _train(args, demo: bool) -> int:
     t0 = time.perf_counter()
     evaluate = not getattr(args, "no_eval", False)
     report = run_pipeline(args.out, cfg, stages, tok, seed=args.seed, data_file=args.data, resume=args.resume,
-                          progress=not args.no_progress, evaluate=evaluate, fp8=demo or (evaluate and args.fp8))
+                          progress=not args.no_progress, evaluate=evaluate, fp8=demo or (evaluate and args.fp8),
+                          ctx=ctx, stop_after=getattr(args, "stop_after", None))
+    finish_ep(ctx)
+    if not report:                                  # a non-zero EP rank: rank 0 reports
+        return 0
+    if not report.get("complete", True):
+        print(f"stopped in stage {report['stopped_in']} after the requested steps; rerun with --resume")
+        return 0
     _print_summary(report)
     print(f"\n{time.perf_counter() - t0:.0f} s; report: {Path(args.out) / 'report.json'}, "
           f"metrics: {Path(args.out) / 'metrics.jsonl'}, plots: {Path(args.out) / 'plots'}")
@@ -190,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
                                   "{prompt,chosen,rejected} for align")
     t.add_argument("--steps", type=int, help="steps for every stage (overrides the config)")
     t.add_argument("--no-eval", action="store_true")
+    t.add_argument("--stop-after", type=int, help="leave after N optimizer steps (a time-sliced job); "
+                                                   "--resume continues")
+    t.add_argument("--ep", type=int, default=1, help="expert parallelism over torchrun's processes "
+                                                     "(torchrun --nproc-per-node N -m compass_model.cli train --ep N)")
     t.add_argument("--fp8", action="store_true", help="add the FP8 report (naive vs expert-aware) after evaluation")
     common(t)
     e = sub.add_parser("eval", help="evaluate a checkpoint on held-out tasks")

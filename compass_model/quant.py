@@ -25,6 +25,22 @@ of expert e are divided by ``s_e`` right before their (dynamic or static) quanti
 product is unchanged; the division is one elementwise op on the permuted rows (it is not folded
 into the preceding RMSNorm because every expert has its own s and the norm is shared).
 
+``smooth_alpha``: a float (one alpha for every expert and GEMM), None (no smoothing: s = 1) or
+"auto" (the default), a per-expert alpha search like SmoothQuant's / AWQ's: calibration keeps the
+first ``smooth_sample_rows`` routed input rows of every expert and layer (deterministic; CPU,
+fp32, so L * E * rows * D floats) and ``search_smooth_alphas`` picks, for each expert and each GEMM
+input (fc1: those rows; fc2: their SwiGLU output through the full-precision fc1), the alpha of
+``AUTO_ALPHAS`` (None = no smoothing, 0.25, 0.5, 0.75) that minimises the relative error
+``||Q(X/s) Q(W s)^T - X W^T|| / ||X W^T||`` of that expert's GEMM output on its rows, with weights
+and activations quantized exactly as ``Fp8MoE`` does (same granularity, activation mode, static
+scales, ``grouped_gemm_fp8``). Ties go to the earlier grid entry (no smoothing first); an expert
+without sampled rows is not smoothed. Why: when the activations have no outlier channels a fixed
+alpha only moves magnitude into the weights, where it costs precision, and can be worse than no
+smoothing; with outliers it is what keeps the other channels. The chosen alphas are left in
+``model.quant_report["smooth_alphas"]`` (per layer ``{"fc1": [E], "fc2": [E]}``, None = not
+smoothed) with the search's errors (``"smooth_search"``: per layer and GEMM, ``[E][grid]``). The
+resulting scales live in the ``smooth13`` / ``smooth2`` buffers, so save / load needs nothing else.
+
 Calibration (``calibrate``) runs the full-precision model over the calibration batches with
 forward pre-hooks on the MoE layers and records, per layer and expert, the routed token count and
 the per-channel amax of both GEMM inputs. Experts below ``min_tokens_per_expert`` are covered by
@@ -37,7 +53,8 @@ report holds the per-expert counts before and after.
 
 Note: repeating a sequence does not change an amax, so oversampling only adds information when the
 pool holds sequences that were not in the first pass (pass ``oversample_pool``); the statistics an
-expert with dynamic activations needs are only SmoothQuant's per-channel amax.
+expert with dynamic activations needs are only SmoothQuant's per-channel amax (and, for
+``smooth_alpha="auto"``, its sampled rows, which oversampled sequences do add to).
 """
 
 from __future__ import annotations
@@ -71,6 +88,7 @@ __all__ = [
     "logit_error",
     "quantize_model",
     "save_quantized",
+    "search_smooth_alphas",
 ]
 
 METHODS = ("expert_aware", "naive")
@@ -78,6 +96,8 @@ ACTIVATIONS = ("dynamic_row", "dynamic_block", "static")
 WEIGHT_GRANULARITIES = ("row", "block2d")
 QUANT_CONFIG_NAME = "quant_config.json"
 _FMAX = FP8_MAX[torch.float8_e4m3fn]
+SMOOTH_MIN_GAIN = 0.05     # auto smoothing must cut an expert's calibration error by > 5%
+AUTO_ALPHAS = (None, 0.25, 0.5, 0.75)      # smooth_alpha="auto": the grid searched per expert and GEMM
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,105 @@ def _row_experts(offsets: torch.Tensor, M: int) -> torch.Tensor:
     E = offsets.numel() - 1
     rows = torch.arange(M, device=offsets.device)
     return torch.searchsorted(offsets[1:], rows, right=True).clamp(max=E - 1)
+
+
+def _smooth_EK(amax_EK: torch.Tensor, w_ENK: torch.Tensor, alphas: list) -> torch.Tensor:
+    """Per-expert SmoothQuant scales ``[E, K]`` for per-expert alphas (None: ones, no smoothing)."""
+    return torch.stack([torch.ones(a.shape, device=w.device) if al is None
+                        else ck.smooth_scales(a.to(w.device), w.abs().amax(0), al)
+                        for a, w, al in zip(amax_EK, w_ENK, alphas)])
+
+
+def _quantize_weight(w_ENK: torch.Tensor, q: QuantConfig) -> Fp8Tensor:
+    """Expert weights ``[E, N, K]`` (smoothing applied) -> FP8 as ``Fp8MoE`` stores them."""
+    if q.method == "naive":
+        s = w_ENK.abs().amax().clamp(min=1e-12) / _FMAX
+        data = (w_ENK / s).clamp(-_FMAX, _FMAX).to(torch.float8_e4m3fn)
+        return Fp8Tensor(data, s.expand(w_ENK.shape[:2]).contiguous(), "row")
+    return ck.quantize_fp8(w_ENK.contiguous(), granularity=q.weight_granularity, block_size=q.block_size)
+
+
+def _static_scales(amax_EK: torch.Tensor, smooth_EK: torch.Tensor, q: QuantConfig) -> torch.Tensor:
+    """Static per-expert activation scales ``[E]`` from the calibration amax of the smoothed input."""
+    amax_E = (amax_EK.to(smooth_EK.device) / smooth_EK).amax(1)
+    if q.method == "naive":
+        amax_E = amax_E.amax().expand_as(amax_E)
+    else:   # an expert that saw no token at all falls back on the layer's maximum
+        amax_E = torch.where(amax_E > 0, amax_E, amax_E.amax())
+    return amax_E.clamp(min=1e-12) / _FMAX
+
+
+def _quantize_rows(x_MK: torch.Tensor, rows_M: torch.Tensor, smooth_EK: torch.Tensor, static_E: torch.Tensor,
+                   q: QuantConfig) -> Fp8Tensor:
+    """Activation rows (row i belongs to expert ``rows_M[i]``) -> FP8, smoothing divided out first."""
+    x = x_MK.float()
+    if q.smooth:
+        x = x / smooth_EK[rows_M]
+    if q.activation == "static":
+        return _quantize_static(x, static_E[rows_M])
+    gran = "row" if q.activation == "dynamic_row" else "block"
+    return ck.quantize_fp8(x, granularity=gran, block_size=q.block_size)
+
+
+@torch.no_grad()
+def _gemm_alpha_errors(x_list: list, w_ENK: torch.Tensor, amax_EK: torch.Tensor, q: QuantConfig,
+                       grid) -> torch.Tensor:
+    """``[E, len(grid)]`` relative error of each expert's FP8 GEMM output on its rows ``x_list[e]``
+    (``[n_e, K]``) for every alpha of ``grid`` (nan for an expert without rows)."""
+    E = w_ENK.shape[0]
+    sizes = [x.shape[0] for x in x_list]
+    errs = torch.full((E, len(grid)), float("nan"), dtype=torch.float64)
+    if sum(sizes) == 0:
+        return errs
+    dev = w_ENK.device
+    offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0).to(dev)
+    x_MK = torch.cat([x.to(dev).float() for x in x_list])
+    rows = _row_experts(offsets, x_MK.shape[0])
+    ref = torch.cat([x.to(dev).float() @ w.T for x, w in zip(x_list, w_ENK)]).double()
+
+    def per_expert(sq_M):           # sum of squares per expert
+        return torch.zeros(E, dtype=torch.float64, device=dev).index_add_(0, rows, sq_M.sum(1))
+
+    ref_E = per_expert(ref.square())
+    for g, alpha in enumerate(grid):
+        s_EK = _smooth_EK(amax_EK, w_ENK, [alpha] * E)
+        static = _static_scales(amax_EK, s_EK, q) if q.activation == "static" else None
+        y = ck.grouped_gemm_fp8(_quantize_rows(x_MK, rows, s_EK, static, q),
+                                _quantize_weight(w_ENK * s_EK[:, None, :], q), offsets, out_dtype=torch.float32)
+        errs[:, g] = (per_expert((y.double() - ref).square()) / ref_E.clamp(min=1e-300)).sqrt().cpu()
+    errs[torch.tensor(sizes) == 0] = float("nan")
+    return errs
+
+
+@torch.no_grad()
+def search_smooth_alphas(moe: MoE, stats: dict, qconfig: QuantConfig, grid=AUTO_ALPHAS,
+                         min_gain: float = SMOOTH_MIN_GAIN) -> dict:
+    """``smooth_alpha="auto"``: per expert and GEMM input, the alpha of ``grid`` with the smallest
+    FP8 output error on the expert's sampled calibration rows (``stats["samples13"]``; fc2: their
+    SwiGLU output through the full-precision fc1), kept only if it beats no smoothing by more than
+    ``min_gain`` (relative): at FP8's mantissa floor the alphas differ by a few percent and picking
+    the minimum fits the calibration sample's noise. -> ``{"fc1": [E], "fc2": [E], "errors":
+    {"fc1": [E][G], "fc2": [E][G]}}``; an expert without rows gets None (no smoothing)."""
+    q = QuantConfig(qconfig.method, qconfig.activation, qconfig.weight_granularity, True, qconfig.block_size)
+    w13 = moe.w13_EDF.detach().float().transpose(1, 2)          # [E, 2F, D]
+    w2 = moe.w2_EFD.detach().float().transpose(1, 2)            # [E, D, F]
+    x13 = stats["samples13"]
+    x2 = []
+    for x, w in zip(x13, w13):
+        gate, up = (x.to(w.device).float() @ w.T).chunk(2, dim=-1)
+        x2.append(F.silu(gate) * up)
+    out = {"errors": {}}
+    for name, xs, w, amax in (("fc1", x13, w13, stats["amax13"]), ("fc2", x2, w2, stats["amax2"])):
+        errs = _gemm_alpha_errors(xs, w, amax, q, grid)
+        base = grid.index(None)
+        picks = []
+        for e, x in enumerate(xs):
+            best = int(errs[e].argmin())
+            keep = x.shape[0] > 0 and errs[e, best] < (1 - min_gain) * errs[e, base]
+            picks.append(grid[best] if keep else None)
+        out[name] = picks
+        out["errors"][name] = errs.tolist()
+    return out
 
 
 class Fp8MoE(MoE):
@@ -153,10 +272,11 @@ class Fp8MoE(MoE):
     # -- conversion --------------------------------------------------------------------------
 
     @torch.no_grad()
-    def load_from(self, moe: MoE, stats: dict | None, smooth_alpha: float | None) -> None:
+    def load_from(self, moe: MoE, stats: dict | None, smooth_alpha) -> None:
         """Quantize ``moe``'s experts into this module (router and shared expert copied exactly).
         ``stats``: this layer's calibration statistics (``calibrate``), needed for smoothing and
-        static activation scales."""
+        static activation scales. ``smooth_alpha``: a float or None for every expert, or per-expert
+        lists ``{"fc1": [E], "fc2": [E]}`` (entries float or None, from ``search_smooth_alphas``)."""
         self.router.load_state_dict(moe.router.state_dict())
         if self.shared is not None:
             self.shared.load_state_dict(moe.shared.state_dict())
@@ -166,48 +286,28 @@ class Fp8MoE(MoE):
         if q.smooth and smooth_alpha is not None:
             if stats is None:
                 raise ValueError("smoothing needs calibration statistics")
-            s13 = torch.stack([ck.smooth_scales(a, w.abs().amax(0), smooth_alpha)
-                               for a, w in zip(stats["amax13"], w13)])
-            s2 = torch.stack([ck.smooth_scales(a, w.abs().amax(0), smooth_alpha)
-                              for a, w in zip(stats["amax2"], w2)])
+            if not isinstance(smooth_alpha, dict):
+                smooth_alpha = {"fc1": [smooth_alpha] * self.num_experts, "fc2": [smooth_alpha] * self.num_experts}
+            s13 = _smooth_EK(stats["amax13"], w13, smooth_alpha["fc1"])
+            s2 = _smooth_EK(stats["amax2"], w2, smooth_alpha["fc2"])
             w13, w2 = w13 * s13[:, None, :], w2 * s2[:, None, :]
             self.smooth13.copy_(s13)
             self.smooth2.copy_(s2)
         for name, w in (("w13", w13), ("w2", w2)):
-            if q.method == "naive":
-                s = w.abs().amax().clamp(min=1e-12) / _FMAX
-                data = (w / s).clamp(-_FMAX, _FMAX).to(torch.float8_e4m3fn)
-                scale = s.expand(w.shape[:2]).contiguous()
-            else:
-                qt = ck.quantize_fp8(w.contiguous(), granularity=q.weight_granularity, block_size=q.block_size)
-                data, scale = qt.data, qt.scale
-            getattr(self, f"{name}_q").copy_(data)
-            getattr(self, f"{name}_scale").copy_(scale)
+            qt = _quantize_weight(w, q)
+            getattr(self, f"{name}_q").copy_(qt.data)
+            getattr(self, f"{name}_scale").copy_(qt.scale)
         if q.activation == "static":
             if stats is None:
                 raise ValueError("static activation scales need calibration statistics")
-            for name, amax_EK, smooth in (("act13", stats["amax13"], self.smooth13),
-                                          ("act2", stats["amax2"], self.smooth2)):
-                amax_E = (amax_EK / smooth).amax(1)
-                if q.method == "naive":
-                    amax_E = amax_E.amax().expand_as(amax_E)
-                else:   # an expert that saw no token at all falls back on the layer's maximum
-                    amax_E = torch.where(amax_E > 0, amax_E, amax_E.amax())
-                getattr(self, f"{name}_scale").copy_(amax_E.clamp(min=1e-12) / _FMAX)
+            self.act13_scale.copy_(_static_scales(stats["amax13"], self.smooth13, q))
+            self.act2_scale.copy_(_static_scales(stats["amax2"], self.smooth2, q))
 
     # -- forward -----------------------------------------------------------------------------
 
     def _quantize_act(self, x_MK: torch.Tensor, offsets: torch.Tensor, smooth_EK: torch.Tensor,
                       static_E: torch.Tensor) -> Fp8Tensor:
-        q = self.qconfig
-        rows = _row_experts(offsets, x_MK.shape[0])
-        x = x_MK.float()
-        if q.smooth:
-            x = x / smooth_EK[rows]
-        if q.activation == "static":
-            return _quantize_static(x, static_E[rows])
-        gran = "row" if q.activation == "dynamic_row" else "block"
-        return ck.quantize_fp8(x, granularity=gran, block_size=q.block_size)
+        return _quantize_rows(x_MK, _row_experts(offsets, x_MK.shape[0]), smooth_EK, static_E, self.qconfig)
 
     def _w(self, name: str) -> Fp8Tensor:
         return Fp8Tensor(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"),
@@ -252,9 +352,10 @@ class Fp8MoE(MoE):
 
 
 class _Recorder:
-    """Forward pre-hooks on every MoE: per-expert counts and GEMM-input amax, per-sequence counts."""
+    """Forward pre-hooks on every MoE: per-expert counts and GEMM-input amax, per-sequence counts,
+    and (``sample_rows`` > 0) the first ``sample_rows`` routed input rows of every expert."""
 
-    def __init__(self, model: CompassForCausalLM):
+    def __init__(self, model: CompassForCausalLM, sample_rows: int = 0):
         self.moes = model.moe_layers()
         c = model.config
         E, D, Fd = c.num_experts, c.d_model, c.expert_ffn_dim
@@ -263,6 +364,9 @@ class _Recorder:
         self.amax13 = torch.zeros(L, E, D)
         self.amax2 = torch.zeros(L, E, Fd)
         self.record_stats = True
+        self.sample_rows = sample_rows
+        self.samples: list[list[list[torch.Tensor]]] = [[[] for _ in range(E)] for _ in range(L)]
+        self.n_samples = torch.zeros(L, E, dtype=torch.long)
         self.seq_counts: list[torch.Tensor] = []      # per forward: [B, L, E] (trunk and MTP layers)
         self._batch_counts = None
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.moes)]
@@ -299,6 +403,15 @@ class _Recorder:
             a_e = F.silu(gate) * up
             self.amax13[layer, e] = torch.maximum(self.amax13[layer, e], x_e.abs().amax(0).cpu())
             self.amax2[layer, e] = torch.maximum(self.amax2[layer, e], a_e.abs().amax(0).cpu())
+            take = min(self.sample_rows - int(self.n_samples[layer, e]), x_e.shape[0])
+            if take > 0:
+                self.samples[layer][e].append(x_e[:take].cpu())
+                self.n_samples[layer, e] += take
+
+    def sampled_rows(self, layer: int) -> list[torch.Tensor]:
+        """The sampled fc1 input rows of every expert of ``layer``: E tensors ``[n_e, D]`` fp32."""
+        D = self.amax13.shape[2]
+        return [torch.cat(xs) if xs else torch.zeros(0, D) for xs in self.samples[layer]]
 
     @torch.no_grad()
     def run(self, model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -325,10 +438,13 @@ def _as_batches(batches) -> list[torch.Tensor]:
 @torch.no_grad()
 def calibrate(model: CompassForCausalLM, calibration_batches, *, min_tokens_per_expert: int = 0,
               oversample_pool=None, max_oversample: int | None = None,
-              route_all_for_stats: bool = True) -> tuple[list[dict], dict]:
+              route_all_for_stats: bool = True, sample_rows: int = 0) -> tuple[list[dict], dict]:
     """Run the full-precision model over the calibration batches (list of ``[B, S]`` token ids)
     and return (per-MoE-layer stats ``{"amax13": [E, D], "amax2": [E, F], "count": [E]}``,
     coverage report). See the module docstring for oversampling and ``route_all_for_stats``.
+    ``sample_rows`` > 0 also keeps, as ``stats[i]["samples13"]`` (E tensors ``[n_e <= sample_rows,
+    D]``), the first routed fc1 input rows of every expert (for ``smooth_alpha="auto"``; an expert
+    whose statistics came from all tokens gets its rows from those).
 
     Coverage report: ``before`` / ``after`` per-expert routed token counts ``[L, E]`` (lists),
     ``min_tokens_per_expert``, ``covered_before`` / ``covered_after`` (fraction of (layer, expert)
@@ -339,7 +455,7 @@ def calibrate(model: CompassForCausalLM, calibration_batches, *, min_tokens_per_
     base = _as_batches(calibration_batches)
     if not base:
         raise ValueError("calibration_batches is empty")
-    rec = _Recorder(model)
+    rec = _Recorder(model, sample_rows)
     try:
         base_seq = [rec.run(model, b) for b in base]
         before = rec.counts.clone()
@@ -410,6 +526,9 @@ def calibrate(model: CompassForCausalLM, calibration_batches, *, min_tokens_per_
         "forced": forced,
     }
     stats = [{"amax13": rec.amax13[i], "amax2": rec.amax2[i], "count": after[i]} for i in range(len(rec.moes))]
+    if sample_rows > 0:
+        for i, st in enumerate(stats):
+            st["samples13"] = rec.sampled_rows(i)
     return stats, report
 
 
@@ -434,18 +553,23 @@ def _replace_moes(model: CompassForCausalLM, qconfig: QuantConfig, make) -> None
 @torch.no_grad()
 def quantize_model(model: CompassForCausalLM, calibration_batches=None, *, method: str = "expert_aware",
                    activation: str | None = None, weight_granularity: str = "row",
-                   smooth_alpha: float | None = 0.5, min_tokens_per_expert: int = 0,
+                   smooth_alpha: float | str | None = "auto", min_tokens_per_expert: int = 0,
                    oversample_pool=None, route_all_for_stats: bool = True,
-                   block_size: int = 128) -> CompassForCausalLM:
+                   block_size: int = 128, smooth_sample_rows: int = 256) -> CompassForCausalLM:
     """Quantize the routed experts of every MoE layer to FP8 in place and return the model.
 
     ``method="expert_aware"`` (default activation "dynamic_row"; "dynamic_block"; "static") or
     ``"naive"`` (per-tensor weights, static per-layer activations, no smoothing; ``activation``
-    and ``smooth_alpha`` are ignored). ``smooth_alpha=None`` disables SmoothQuant. Calibration
-    (needed for smoothing and static scales) runs over ``calibration_batches``; its coverage report
-    is left on ``model.quant_report``."""
+    and ``smooth_alpha`` are ignored). ``smooth_alpha``: "auto" (default: per-expert alpha search on
+    up to ``smooth_sample_rows`` calibration rows per expert, see the module docstring), a float in
+    [0, 1] for every expert, or None (no SmoothQuant). Calibration (needed for smoothing and static
+    scales) runs over ``calibration_batches``; its coverage report (and for expert_aware the alphas,
+    ``"smooth_alphas"``) is left on ``model.quant_report``."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(smooth_alpha, str) and smooth_alpha != "auto":
+        raise ValueError(f"smooth_alpha must be a float in [0, 1], None or 'auto', got {smooth_alpha!r}")
+    auto = method == "expert_aware" and smooth_alpha == "auto"
     if method == "naive":
         qconfig = QuantConfig("naive", "static", "row", smooth=False, block_size=block_size)
     else:
@@ -457,12 +581,27 @@ def quantize_model(model: CompassForCausalLM, calibration_batches=None, *, metho
         if calibration_batches is None:
             raise ValueError(f"{method} with activation {qconfig.activation!r} needs calibration_batches")
         stats, report = calibrate(model, calibration_batches, min_tokens_per_expert=min_tokens_per_expert,
-                                  oversample_pool=oversample_pool, route_all_for_stats=route_all_for_stats)
+                                  oversample_pool=oversample_pool, route_all_for_stats=route_all_for_stats,
+                                  sample_rows=smooth_sample_rows if auto else 0)
+    L, E = len(model.moe_layers()), model.config.num_experts
+    alphas: list = [None] * L
+    search: list = [None] * L
 
     def make(new, old, i):
-        new.load_from(old, None if stats is None else stats[i], smooth_alpha)
+        if auto:
+            found = search_smooth_alphas(old, stats[i], qconfig)
+            search[i] = found.pop("errors")
+            alphas[i] = found
+        elif method == "expert_aware":
+            alphas[i] = {"fc1": [smooth_alpha] * E, "fc2": [smooth_alpha] * E}
+        new.load_from(old, None if stats is None else stats[i], alphas[i] if auto else smooth_alpha)
 
     _replace_moes(model, qconfig, make)
+    if report is not None and method == "expert_aware":
+        report["smooth_alphas"] = alphas
+        if auto:
+            report["smooth_grid"] = list(AUTO_ALPHAS)
+            report["smooth_search"] = search
     model.quant_config = qconfig
     model.quant_report = report
     return model

@@ -50,6 +50,20 @@ def _worst(sqnr: list, k: int = 3) -> list:
     return sorted(finite, key=lambda r: r["x13"])[:k]
 
 
+def _alpha_counts(smooth_alphas: list) -> dict:
+    """How many (layer, expert) pairs got each SmoothQuant alpha, per GEMM input:
+    ``{"fc1": {"none": n, "0.25": n, ...}, "fc2": {...}}``."""
+    out = {}
+    for gemm in ("fc1", "fc2"):
+        counts: dict = {}
+        for layer in smooth_alphas:
+            for a in layer[gemm]:
+                key = "none" if a is None else str(a)
+                counts[key] = counts.get(key, 0) + 1
+        out[gemm] = dict(sorted(counts.items()))
+    return out
+
+
 @torch.no_grad()
 def moe_output_error(model_fp, model_q, input_ids: torch.Tensor) -> list:
     """Per MoE layer, ``||y_q - y|| / ||y||`` of the layer's output on the inputs that layer sees in
@@ -118,6 +132,8 @@ def fp8_report(model, tokenizer, *, seq_len: int = 256, calib_rows: int = 8, min
             "speed": time_moe_layers(model.moe_layers()[0], q.moe_layers()[0], num_tokens=time_tokens, iters=5),
             "quantize_seconds": quant_s,
         }
+        if method == "expert_aware" and rep.get("smooth_alphas"):
+            out[method]["smooth_alphas"] = _alpha_counts(rep["smooth_alphas"])
     ea, nv = out["expert_aware"], out["naive"]
     out["checks"] = {"expert_aware_beats_naive_logits": ea["logits"]["rel_err"] < nv["logits"]["rel_err"],
                      "expert_aware_beats_naive_moe_outputs": all(

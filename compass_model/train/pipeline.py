@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from compass_model import CompassConfig, CompassForCausalLM
+from compass_model.train import parallel
 from compass_model.train.data import StageData
 from compass_model.train.metrics import MetricsWriter, read_metrics
-from compass_model.train.state import latest_checkpoint, load_model, stage_done
+from compass_model.train.state import latest_checkpoint, load_model, stage_done, trainer_state
 from compass_model.train.trainer import stage_dir_for, stage_summary, train_stage
 
 
@@ -53,15 +54,22 @@ def _apply_stage_rope(model, stage) -> None:
 
 def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, seed: int = 0, data_file=None,
                  resume: bool = False, progress: bool = True, evaluate: bool = True, eval_kwargs: dict | None = None,
-                 fp8: bool = False, log=print) -> dict:
-    """Train ``stages`` (StageConfigs, recipe order) from ``config``; returns the report dict."""
+                 fp8: bool = False, ctx=None, stop_after: int | None = None, log=print) -> dict:
+    """Train ``stages`` (StageConfigs, recipe order) from ``config``; returns the report dict.
+    ``ctx``: expert parallelism (``parallel.init_ep``): every rank trains the pretraining and SFT
+    stages on its expert shard; rank 0 alone aligns, evaluates and writes files (others return {}).
+    ``stop_after``: leave after that many optimizer steps of this call (a time-sliced job; the next
+    call with ``resume=True`` continues); the report then has ``"complete": False``."""
+    main = ctx is None or ctx.is_main
+    log = log if main else (lambda *a, **k: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but config.vocab_size is {config.vocab_size}")
     metrics = MetricsWriter(out / "metrics.jsonl")
-    if not resume and metrics.path.exists():
+    if main and not resume and metrics.path.exists():
         metrics.path.unlink()                      # a fresh run does not append to an old one
+    parallel.barrier(ctx)
     report: dict = {"config": json.loads(config.to_json()), "seed": seed, "stages": []}
     prev_dir = None
     t_start = time.perf_counter()
@@ -69,6 +77,11 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
         sdir = stage_dir_for(out, stage.name)
         if resume and stage_done(sdir):
             log(f"[{stage.name}] finished earlier: skipped")
+        elif stop_after is not None and stop_after <= 0:
+            log(f"[{stage.name}] not started: the requested steps are done; continue with resume")
+            return {"complete": False, "stopped_in": stage.name} if main else {}
+        elif stage.name == "align" and not main:
+            continue                                # alignment runs on rank 0 alone
         elif stage.name == "align":
             from compass_model.train.align import run_alignment
             report["alignment"] = run_alignment(
@@ -80,8 +93,16 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
             ckpt = latest_checkpoint(sdir) if resume else None
             model = load_model(ckpt) if ckpt is not None else _start_model(config, prev_dir, seed)
             _apply_stage_rope(model, stage)
+            model = parallel.shard(model, ctx)
             data = StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows, seed=seed, data_file=data_file)
-            train_stage(model, stage, data, sdir, metrics, resume=ckpt is not None, progress=progress)
+            before = 0 if ckpt is None else trainer_state(ckpt)["step"]
+            train_stage(model, stage, data, sdir, metrics, resume=ckpt is not None, progress=progress, ctx=ctx,
+                        stop_after=stop_after)
+            if stop_after is not None:
+                stop_after -= min(stage.steps, before + stop_after) - before
+                if not stage_done(sdir):
+                    log(f"[{stage.name}] stopped after the requested steps; continue with resume")
+                    return {"complete": False, "stopped_in": stage.name} if main else {}
         prev_dir = latest_checkpoint(sdir)
         rec = read_metrics(metrics.path)
         name = "align-otpo" if stage.name == "align" else stage.name
@@ -90,6 +111,9 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
         if summary["steps"]:
             log(f"[{stage.name}] {summary['steps']} steps, loss {summary['loss_first']:.3f} -> "
                 f"{summary['loss_last']:.3f}, {summary['seconds']:.1f} s")
+    if not main:
+        return {}
+    report["complete"] = True
     report["train_seconds"] = time.perf_counter() - t_start
     report["final_checkpoint"] = str(prev_dir) if prev_dir is not None else None
     if evaluate and prev_dir is not None:

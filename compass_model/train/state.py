@@ -22,8 +22,11 @@ LATEST = "LATEST"
 TRAINER_NAME = "trainer.pt"
 
 
-def save_checkpoint(stage_dir, model, optimizer, step: int, done: bool = False, extra: dict | None = None) -> Path:
-    """Write the checkpoint of ``step`` finished optimizer steps; returns its directory."""
+def save_checkpoint(stage_dir, model, optimizer, step: int, done: bool = False, extra: dict | None = None,
+                    extra_files: dict | None = None) -> Path:
+    """Write the checkpoint of ``step`` finished optimizer steps; returns its directory.
+    ``extra_files``: ``{name: path}`` of files already written (other ranks' optimizer states) that
+    are moved into the checkpoint before it becomes visible."""
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
@@ -34,6 +37,8 @@ def save_checkpoint(stage_dir, model, optimizer, step: int, done: bool = False, 
     state = {"step": step, "done": done, "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "extra": extra or {}}
     torch.save(state, tmp / TRAINER_NAME)
+    for fname, src in (extra_files or {}).items():
+        os.replace(src, tmp / fname)
     final = stage_dir / name
     if final.exists():                      # re-saving the same step (e.g. marking a stage done)
         shutil.rmtree(final)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from compass_model.moe import aux_loss_coefficient
+from compass_model.train import parallel
 from compass_model.train.metrics import MetricsWriter, read_metrics
 from compass_model.train.schedule import lr_at
 from compass_model.train.state import latest_checkpoint, save_checkpoint, trainer_state
@@ -47,16 +48,18 @@ def _to(batch, device):
             "attention_mask": batch.attention_mask().to(device)}
 
 
-def accumulate_gradients(model, micro: list, stage, step: int):
+def accumulate_gradients(model, micro: list, stage, step: int, ctx=None):
     """Forward + backward of one optimizer step's micro-batches (``PackedBatch``es) into ``.grad``.
     Returns (totals: loss terms summed as the objective sees them, per-micro expert-load fractions,
-    per-micro load entropies)."""
+    per-micro load entropies). ``ctx`` (expert parallelism, ``parallel.EPContext``): this rank runs
+    its rows of every micro-batch; the token count is the whole step's on every rank."""
     device = next(model.parameters()).device
     c = model.config
     n_tokens = sum(float(b.loss_mask()[b.labels != -100].sum()) for b in micro)
     w_mtp = stage.mtp_loss_weight if step % stage.mtp_every == 0 else 0.0
     alpha = float(aux_loss_coefficient(c, model.step))
-    M = len(micro)
+    M = len(micro) * (1 if ctx is None else ctx.world)      # per-forward means: averaged over all forwards
+    micro = [parallel.rank_rows(b, ctx) for b in micro]
     totals = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "aux": 0.0, "z": 0.0, "tokens": n_tokens,
               "aux_coef": alpha, "mtp_weight": w_mtp}
     loads, entropies = [], []
@@ -79,36 +82,42 @@ def accumulate_gradients(model, micro: list, stage, step: int):
 
 
 def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = None, *, resume: bool = False,
-                progress: bool = True, stop_after: int | None = None) -> dict:
+                progress: bool = True, stop_after: int | None = None, ctx=None) -> dict:
     """Run ``stage.steps`` optimizer steps of ``stage`` on ``model`` (in place), reading
     ``data.micro_batches(step, stage.grad_accum)``; checkpoints go to ``stage_dir``.
 
     ``resume``: continue from ``stage_dir``'s latest checkpoint (weights, optimizer state, step); the
     caller builds ``model`` from that checkpoint (``state.load_model``). ``stop_after``: return after
-    that many steps of this call (tests simulate a killed run with it). Returns ``{"name", "steps",
-    "loss_first", "loss_last", "seconds"}`` from the stage's metrics records."""
+    that many steps of this call (tests simulate a killed run with it). ``ctx``: expert parallelism
+    (``parallel.py``; ``model`` is the EP-sharded model, rank 0 writes metrics and checkpoints).
+    Returns ``{"name", "steps", "loss_first", "loss_last", "seconds"}`` from the stage's metrics."""
+    parallel.check_rows(stage, ctx)
+    main = ctx is None or ctx.is_main
+    metrics = metrics if main else None
     opt = make_optimizer(model, stage.lr, stage.weight_decay)
     start = 0
     if resume and (ckpt := latest_checkpoint(stage_dir)) is not None:
         st = trainer_state(ckpt)
         start = st["step"]
-        if st["optimizer"] is not None:
-            opt.load_state_dict(st["optimizer"])
+        opt_state = parallel.load_optimizer_state(ckpt, st, ctx)
+        if opt_state is not None:
+            opt.load_state_dict(opt_state)
     if metrics is not None:
         metrics.truncate_after(stage.name, start)          # steps past the checkpoint run again
-    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
-    bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name:>12}", leave=False, disable=not progress) \
-        if tqdm is not None else None
+    bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name:>12}", leave=False,
+               disable=not (progress and main)) if tqdm is not None else None
     for step in range(start, end):
         t0 = time.perf_counter()
         lr = lr_at(step, stage.steps, stage.lr, stage.warmup_steps, stage.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
         micro = data.micro_batches(step, stage.grad_accum)
-        totals, loads, entropies = accumulate_gradients(model, micro, stage, step)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, stage.clip))
+        totals, loads, entropies = accumulate_gradients(model, micro, stage, step, ctx)
+        parallel.reduce_gradients(model, ctx)
+        grad_norm = parallel.clip_grad_norm(model, stage.clip, ctx)
+        totals = parallel.all_reduce_totals(totals, ctx)
         opt.step()
         opt.zero_grad(set_to_none=True)
         model.after_optimizer_step()
@@ -121,14 +130,20 @@ def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = N
             metrics.write(record)
         last = step + 1 == stage.steps
         if (step + 1) % stage.save_every == 0 or last:
-            save_checkpoint(stage_dir, model, opt, step + 1, done=last)
+            if ctx is None:
+                save_checkpoint(stage_dir, model, opt, step + 1, done=last)
+            else:
+                parallel.save_ep_checkpoint(stage_dir, model, opt, step + 1, last, ctx)
         if bar is not None:
             bar.set_postfix(loss=f"{totals['loss']:.3f}")
             bar.update(1)
     if bar is not None:
         bar.close()
     if stage.steps == 0 and latest_checkpoint(stage_dir) is None:
-        save_checkpoint(stage_dir, model, opt, 0, done=True)
+        if ctx is None:
+            save_checkpoint(stage_dir, model, opt, 0, done=True)
+        else:
+            parallel.save_ep_checkpoint(stage_dir, model, opt, 0, True, ctx)
     return stage_summary(stage.name, read_metrics(metrics.path) if metrics is not None else [])
 
 

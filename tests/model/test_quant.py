@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import compass_kernels as ck
 from compass_kernels.fp8_ref import quantize_fp8_ref
 from compass_model import CompassConfig, CompassForCausalLM
 from compass_model.moe import MoE
@@ -191,7 +192,8 @@ def test_unreachable_expert_gets_statistics_from_all_tokens():
 
 
 @pytest.mark.parametrize("kw", [{}, {"method": "naive"},
-                                {"activation": "static", "weight_granularity": "block2d"}])
+                                {"activation": "static", "weight_granularity": "block2d"},
+                                {"smooth_alpha": "auto", "activation": "static"}, {"smooth_alpha": 0.5}])
 def test_save_load_round_trip_exact(base, tmp_path, kw):
     model, ids, cal, _ = base
     q = quantize_model(copy.deepcopy(model), cal, **kw)
@@ -220,6 +222,8 @@ def test_bad_arguments(base):
         quantize_model(copy.deepcopy(model), cal, activation="per_tensor")
     with pytest.raises(ValueError, match="calibration_batches"):
         quantize_model(copy.deepcopy(model), None)
+    with pytest.raises(ValueError, match="smooth_alpha"):
+        quantize_model(copy.deepcopy(model), cal, smooth_alpha="best")
     # dynamic activations without smoothing need no calibration
     q = quantize_model(copy.deepcopy(model), None, smooth_alpha=None)
     assert q.quant_report is None and isinstance(q.moe_layers()[0], MoE)
@@ -265,3 +269,118 @@ def test_bf16_model_with_shared_expert_round_trip(tmp_path):
     r = load_quantized(tmp_path)
     assert r.moe_layers()[0].shared.w1.weight.dtype == torch.bfloat16
     assert torch.equal(_logits(r, ids), out)
+
+
+# ---------------------------------------------------------------------------------------------
+# smooth_alpha="auto": per-expert alpha search on the calibration rows
+
+
+def _gemm_errors(model_fp, model_q, samples):
+    """Per layer, GEMM ("fc1", "fc2") and expert: ``||y_q - y|| / ||y||`` of the quantized module's
+    GEMM (its own activation quantization, smoothing and weights) on ``samples[layer][e]`` rows
+    (fc2: their SwiGLU output through the full-precision fc1); nan for an expert without rows."""
+    out = []
+    for fp, q, rows in zip(model_fp.moe_layers(), model_q.moe_layers(), samples):
+        E = q.num_experts
+        w13 = fp.w13_EDF.detach().float().transpose(1, 2)
+        w2 = fp.w2_EFD.detach().float().transpose(1, 2)
+        errs = {"fc1": [], "fc2": []}
+        for e, x in enumerate(rows):
+            if x.shape[0] == 0:
+                errs["fc1"].append(float("nan"))
+                errs["fc2"].append(float("nan"))
+                continue
+            offsets = torch.tensor([0] * (e + 1) + [x.shape[0]] * (E - e), dtype=torch.int64)
+            gate, up = (x @ w13[e].T).chunk(2, dim=-1)
+            a = torch.nn.functional.silu(gate) * up
+            for name, wname, act, w, smooth, static in (("fc1", "w13", x, w13, q.smooth13, q.act13_scale),
+                                                        ("fc2", "w2", a, w2, q.smooth2, q.act2_scale)):
+                y = ck.grouped_gemm_fp8(q._quantize_act(act, offsets, smooth, static), q._w(wname), offsets,
+                                        out_dtype=torch.float32)
+                ref = act @ w[e].T
+                errs[name].append(float((y.double() - ref.double()).norm() / ref.double().norm()))
+        out.append(errs)
+    return out
+
+
+def _samples(model, cal):
+    stats, _ = calibrate(model, cal, sample_rows=256)
+    return [s["samples13"] for s in stats]
+
+
+def _fc2_outlier_model(mult: float = 1e6):
+    """Expert 0 of every MoE layer: fc2 input channel 3 ~1e6 x larger than the others (its up
+    projection column x 1e6, w2's input row / 1e6; the product is unchanged)."""
+    model = _model()
+    Fd = model.config.expert_ffn_dim
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.w13_EDF[0, :, Fd + 3] *= mult
+            moe.w2_EFD[0, 3, :] /= mult
+    return model
+
+
+def test_auto_smoothing_picks_alpha_for_outlier_channel(base):
+    _, ids, cal, _ = base
+    model = _fc2_outlier_model()
+    auto = quantize_model(copy.deepcopy(model), cal)                 # "auto" is the default
+    plain = quantize_model(copy.deepcopy(model), cal, smooth_alpha=None)
+    rep = auto.quant_report
+    assert len(rep["smooth_alphas"]) == len(model.moe_layers()) and rep["smooth_grid"][0] is None
+    samples = _samples(model, cal)
+    e_auto, e_plain = _gemm_errors(model, auto, samples), _gemm_errors(model, plain, samples)
+    for layer, (alphas, a, p) in enumerate(zip(rep["smooth_alphas"], e_auto, e_plain)):
+        assert len(alphas["fc1"]) == len(alphas["fc2"]) == model.config.num_experts
+        print(layer, alphas["fc2"][0], a["fc2"][0], p["fc2"][0])
+        assert alphas["fc2"][0] is not None and alphas["fc2"][0] > 0
+        assert a["fc2"][0] < 0.25 * p["fc2"][0]                      # the outlier flushes the other channels
+        assert not torch.allclose(auto.moe_layers()[layer].smooth2[0], torch.ones(model.config.expert_ffn_dim))
+    # the model as a whole: auto smoothing recovers the logits no smoothing loses
+    ref = _logits(model, ids)
+    assert logit_error(ref, _logits(auto, ids))["rel_err"] < logit_error(ref, _logits(plain, ids))["rel_err"]
+
+
+@pytest.mark.parametrize("kw", [{}, {"activation": "static"},
+                                {"activation": "dynamic_block", "weight_granularity": "block2d"}])
+def test_auto_smoothing_never_worse_than_none_on_calibration_rows(base, kw):
+    model, _, cal, _ = base
+    auto = quantize_model(copy.deepcopy(model), cal, smooth_alpha="auto", **kw)
+    plain = quantize_model(copy.deepcopy(model), cal, smooth_alpha=None, **kw)
+    e_auto, e_plain = _gemm_errors(model, auto, _samples(model, cal)), _gemm_errors(model, plain, _samples(model, cal))
+    chosen = [al for layer in auto.quant_report["smooth_alphas"] for g in ("fc1", "fc2") for al in layer[g]]
+    n = 0
+    for layer, (a, p, search) in enumerate(zip(e_auto, e_plain, auto.quant_report["smooth_search"])):
+        for g in ("fc1", "fc2"):
+            for e, (ea, ep) in enumerate(zip(a[g], p[g])):
+                if math.isnan(ep):
+                    continue
+                assert ea <= ep * (1 + 1e-9), (layer, g, e, ea, ep)
+                # the search measured the same thing as the module does
+                pick = auto.quant_report["smooth_alphas"][layer][g][e]
+                assert ea == pytest.approx(search[g][e][list(auto.quant_report["smooth_grid"]).index(pick)], rel=1e-9)
+                assert ep == pytest.approx(search[g][e][0], rel=1e-9)
+                n += 1
+    assert n > 0
+
+
+def test_auto_smoothing_expert_without_rows_is_not_smoothed():
+    model = _model()
+    with torch.no_grad():
+        for moe in model.moe_layers():      # expert 15 is never in the top-2 (see the test above)
+            moe.router.weight[1:14:2] = -moe.router.weight[0:14:2]
+            moe.router.weight[15] = 0
+    cal = [torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))]
+    q = quantize_model(copy.deepcopy(model), cal, activation="static")
+    for alphas, moe in zip(q.quant_report["smooth_alphas"], q.moe_layers()):
+        assert alphas["fc1"][15] is None and alphas["fc2"][15] is None
+        assert torch.equal(moe.smooth13[15], torch.ones_like(moe.smooth13[15]))
+        assert torch.equal(moe.smooth2[15], torch.ones_like(moe.smooth2[15]))
+
+
+def test_auto_sample_rows_bounded(base):
+    model, _, cal, _ = base
+    stats, _ = calibrate(model, cal, sample_rows=8)
+    for s in stats:
+        assert all(x.shape[0] == min(8, int(c)) for x, c in zip(s["samples13"], s["count"]))
+    stats2, _ = calibrate(model, cal, sample_rows=8)
+    assert all(torch.equal(x, y) for s, t in zip(stats, stats2) for x, y in zip(s["samples13"], t["samples13"]))
