@@ -208,6 +208,19 @@ class CompassConfig:
         tk = tokens * self.top_k
         return 2 * tokens * a + 2 * tk * a + tk * (4 + 8)
 
+    def all_to_all_bytes_per_token(self, ep_size: int, training: bool = True, bytes_per_elem: int | None = None,
+                                   include_mtp: bool = False) -> float:
+        """Expected bytes one token sends over the EP all-to-alls per step, all MoE layers: each of its
+        k slots leaves the rank with probability (ep - 1) / ep under uniform routing, once to the
+        expert (dispatch) and once back (combine), d elements each; the backward repeats both with
+        gradients (training). ``bytes_per_elem``: 2 for bf16 (default: the model dtype), 1 for FP8
+        dispatch. The token counts (E int64 per layer) are negligible and left out."""
+        b = self.bytes_per_param() if bytes_per_elem is None else bytes_per_elem
+        layers = self.n_moe_layers + (self.mtp_depth if include_mtp else 0)
+        off_rank = (ep_size - 1) / ep_size
+        per_layer = 2 * self.top_k * off_rank * self.d_model * b
+        return per_layer * layers * (2 if training else 1)
+
     def decode_step_bytes(self, batch: int, context_len: int) -> int:
         """Bytes one decoding step must read: every non-expert weight, the experts the batch can touch
         (min(E, batch * k) per MoE layer, the worst case) and the KV cache."""

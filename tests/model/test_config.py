@@ -71,3 +71,11 @@ def test_cost_model():
     one = c.decode_step_bytes(1, S)
     assert one - c.kv_cache_bytes(S) == 2 * c.active_parameters()        # batch 1 reads the active weights
     assert c.decode_step_bytes(64, S) > one
+
+
+def test_all_to_all_model():
+    c = CompassConfig.from_preset("compass-v3")
+    # 44 MoE layers x (dispatch + combine) x k=2 slots x 7/8 off-rank x 8192 x 2 bytes, x2 for backward
+    assert c.all_to_all_bytes_per_token(8) == 44 * 2 * 2 * (7 / 8) * 8192 * 2 * 2
+    assert c.all_to_all_bytes_per_token(1) == 0
+    assert c.all_to_all_bytes_per_token(8, training=False, bytes_per_elem=1) == c.all_to_all_bytes_per_token(8) / 4
