@@ -9,6 +9,8 @@
   compass quantize --checkpoint DIR [--out FILE] [--save DIR]
                                             naive vs expert-aware FP8: logit error, accuracy per language,
                                             calibration coverage, worst-expert SQNR, MoE layer speed
+  compass experiment balance|experts|combine|otpo-vs-dpo [--quick] [--out DIR]
+                                            the paper's ablations, JSON + PNG each
   compass info                              what compass_kernels built and would use (JSON)
   compass route-demo                        the routing kernels against the Megatron-style path
 """
@@ -178,6 +180,16 @@ def _generate(args) -> int:
     return 0
 
 
+def _reexec_with_malloc_tunables(argv: list[str]) -> None:
+    import os
+
+    from compass_kernels.cli import _MALLOC_TUNABLES
+    if "GLIBC_TUNABLES" in os.environ or sys.platform != "linux":
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=_MALLOC_TUNABLES)
+    os.execve(sys.executable, [sys.executable, "-m", "compass_model.cli", *argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="compass", description="Compass: MoE kernels and the Compass-v3 recipe")
@@ -227,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--n-tasks", type=int, default=70)
     q.add_argument("--min-tokens-per-expert", type=int, default=128)
     q.add_argument("--tokenizer", default=None)
+    x = sub.add_parser("experiment", help="run one of the paper's experiments (JSON + PNG)")
+    x.add_argument("name", choices=["balance", "experts", "combine", "otpo-vs-dpo", "all"])
+    x.add_argument("--out", default="compass-out/experiments")
+    x.add_argument("--quick", action="store_true", help="small sizes (seconds; what the tests run)")
+    x.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="print compass_kernels.backend_info() as JSON")
     r = sub.add_parser("route-demo", help="routing kernels vs the Megatron-style path (compass_kernels.cli demo)")
     r.add_argument("rest", nargs=argparse.REMAINDER)
@@ -241,6 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.cmd == "quantize":
         return _quantize(args)
+    if args.cmd == "experiment":
+        _reexec_with_malloc_tunables(argv)          # timings: keep large buffers in the heap (README)
+        from compass_model.experiments import EXPERIMENTS
+        names = list(EXPERIMENTS) if args.name == "all" else [args.name]
+        for n in names:
+            EXPERIMENTS[n](args.out, quick=args.quick, seed=args.seed)
+            print(f"{n}: {Path(args.out) / (n + '.json')} and .png")
+        return 0
     return _generate(args)
 
 
