@@ -1,6 +1,7 @@
-"""``compass`` command line: ``compass info`` (what is built and chosen), ``compass demo``.
+"""The kernels' command line, reached through ``compass info`` (what is built and chosen) and
+``compass route-demo`` (``compass_model.cli``), or ``python -m compass_kernels.cli info|demo``.
 
-The demo is the kernels' main job until the model layer lands: it routes a Compass-v3 shaped batch
+The routing demo routes a Compass-v3 shaped batch
 (16 experts, top-2) and a fine-grained one (128 experts, top-8) through route -> permute -> unpermute,
 checks the result against the PyTorch reference, and times it against the Megatron-style path.
 """

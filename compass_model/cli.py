@@ -74,7 +74,8 @@ def _print_summary(report: dict) -> None:
     if al:
         for m in ("sft_eval", "dpo", "otpo"):
             e = al[m] if m == "sft_eval" else al[m].get("eval", {})
-            print(f"preference accuracy {m.replace('_eval', ''):>4}: reward {e.get('reward_accuracy', float('nan')):.3f}"
+            reward = "  n/a " if m == "sft_eval" else f"{e.get('reward_accuracy', float('nan')):.3f}"  # policy == ref
+            print(f"preference accuracy {m.replace('_eval', ''):>4}: reward {reward}"
                   f"  log-p {e.get('logp_accuracy', float('nan')):.3f}  (n={e.get('n')})")
 
 

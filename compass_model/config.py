@@ -249,7 +249,8 @@ class CompassConfig:
 PRESETS: dict[str, dict] = {
     # Trains on a 2-core CPU in seconds (~40 ms a step at 8 x 64 tokens, one thread): 0.45M parameters
     # (0.67M with MTP), bytes as tokens (ByteTokenizer: 259 ids, padded to 264). max_seq_len 256 is
-    # the base context of `compass demo`'s first stages (its long-context stage scales it x4 by YaRN). Bytes are a skewed vocabulary and each of the 16 experts sees
+    # the base context of `compass demo`'s first stages (its long-context stage scales it x4 by YaRN).
+    # Bytes are a skewed vocabulary and each of the 16 experts sees
     # ~64 assignments a batch, so the aux coefficient is 0.1: over 200 steps 0.01 held the normalised
     # load entropy at ~0.77, 0.03 at ~0.90, 0.1 at ~0.95 (no aux loss: ~0.3-0.7).
     "tiny": dict(vocab_size=264, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=16,
