@@ -1,10 +1,12 @@
-"""GPU timings in one table: routing and grouped GEMM, every GPU backend against the peers.
+"""GPU timings in one table: routing, grouped GEMM and FP8, every GPU backend against the peers.
 
     python bench/gpu_bench.py [--json out.json]
 
 Routing: route + permute + unpermute (bf16, T=16384, H=4096) vs the Megatron-style path, with the
 device-to-device copy of the same bytes as the ceiling. Grouped GEMM (bf16): ours vs
 torch._grouped_mm, a loop of torch.mm, and one dense GEMM with the same FLOPs (efficiency).
+FP8: grouped_gemm_fp8 (row scales) vs the bf16 grouped GEMM on the Compass up-projection shape, and
+the expert-aware FP8 MoE layer vs the bf16 one (``quant.time_moe_layers``: the paper's ~2x).
 """
 
 from __future__ import annotations
@@ -94,6 +96,36 @@ def gemm_rows(backends):
     return rows
 
 
+def fp8_rows(device: str = "cuda", scale: int = 1):
+    """``scale`` > 1 shrinks the shapes (a CPU smoke run of this function)."""
+    import copy
+
+    from compass_model import CompassConfig, CompassForCausalLM
+    from compass_model.quant import quantize_model, time_moe_layers
+
+    rows = []
+    E, M, K, N = 16, 16384 // scale, 2048 // scale, 1408 // scale
+    sizes = torch.full((E,), M // E)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(device)
+    x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+    w = torch.randn(E, N, K, device=device, dtype=torch.bfloat16) / K**0.5
+    qx, qw = ck.quantize_fp8(x, granularity="row"), ck.quantize_fp8(w, granularity="row")
+    bf16 = bench_ms(lambda: ck.grouped_gemm(x, w, offsets, trans_b=True))
+    fp8 = bench_ms(lambda: ck.grouped_gemm_fp8(qx, qw, offsets))
+    quant = bench_ms(lambda: ck.quantize_fp8(x, granularity="row"))
+    flops = 2 * M * K * N
+    rows.append(dict(op="grouped_gemm_fp8", shape="compass_up", ms=fp8, tflops=flops / fp8 / 1e9,
+                     vs_bf16=bf16 / fp8, with_act_quant_vs_bf16=bf16 / (fp8 + quant)))
+    cfg = CompassConfig(vocab_size=256, d_model=K, n_layers=1, n_heads=16, n_kv_heads=4, num_experts=E, top_k=2,
+                        expert_ffn_dim=N, max_seq_len=64, dtype="bfloat16")
+    model = CompassForCausalLM(cfg).to(device).eval()
+    q = quantize_model(copy.deepcopy(model), None, method="expert_aware", smooth_alpha=None)
+    t = time_moe_layers(model.moe_layers()[0], q.moe_layers()[0], num_tokens=M, iters=10)
+    rows.append(dict(op="moe_layer_fp8", shape=f"T={M} d={K} f={N} E={E} k=2", fp_ms=t["fp_ms"],
+                     fp8_ms=t["fp8_ms"], speedup=t["speedup"]))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
@@ -105,6 +137,7 @@ def main() -> int:
     print(json.dumps(ck.backend_info()["built"], indent=None))
     gpu = [b for b in ("cuda", "triton") if _backend.backend_status(b, "cuda")[0]]
     rows = routing_rows(gpu) + gemm_rows([b for b in gpu if b in _backend._registry.impls["grouped_gemm"]])
+    rows += fp8_rows()
     for r in rows:
         extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
         print(extra)
