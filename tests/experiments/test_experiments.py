@@ -19,14 +19,6 @@ from compass_model.experiments import (
 from compass_model.experiments.common import machine_info, median_times
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _check_outputs(tmp_path, name, result):
     j = tmp_path / f"{name}.json"
     png = tmp_path / f"{name}.png"

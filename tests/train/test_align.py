@@ -28,14 +28,6 @@ TOK = ByteTokenizer()
 LN2 = math.log(2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine (10x slower under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_model(seed: int = 0) -> CompassForCausalLM:
     torch.manual_seed(seed)

@@ -26,13 +26,6 @@ TOK = ByteTokenizer()
 CFG = CompassConfig.from_preset("tiny", max_seq_len=1024)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():                     # tiny matmuls: OpenMP threads on a shared 2-core box only slow it
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from compass_model import CompassConfig
 from compass_model.cli import main
@@ -27,13 +26,10 @@ def _stages():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)            # tiny matmuls: one thread is faster on a shared 2-core box
     out = tmp_path_factory.mktemp("pipeline")
     report = run_pipeline(out, CFG, _stages(), ByteTokenizer(), progress=False, eval_kwargs=EVAL, fp8=True,
                           log=lambda *a: None)
-    yield out, report
-    torch.set_num_threads(threads)
+    return out, report
 
 
 def test_every_stage_runs_and_reports(run):

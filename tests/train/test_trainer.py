@@ -14,9 +14,25 @@ from compass_model.data import ByteTokenizer, PackedBatch
 from compass_model.train.data import StageData
 from compass_model.train.metrics import MetricsWriter, read_metrics
 from compass_model.train.schedule import lr_at
-from compass_model.train.stages import STAGES, StageConfig, demo_stages, load_stages, select_stages
-from compass_model.train.state import latest_checkpoint, load_model, save_checkpoint, stage_done, trainer_state
-from compass_model.train.trainer import accumulate_gradients, make_optimizer, train_stage
+from compass_model.train.stages import (
+    STAGES,
+    StageConfig,
+    demo_stages,
+    load_stages,
+    select_stages,
+)
+from compass_model.train.state import (
+    latest_checkpoint,
+    load_model,
+    save_checkpoint,
+    stage_done,
+    trainer_state,
+)
+from compass_model.train.trainer import (
+    accumulate_gradients,
+    make_optimizer,
+    train_stage,
+)
 
 TOK = ByteTokenizer()
 CFG = CompassConfig.from_preset("tiny", n_layers=1, max_seq_len=64)
