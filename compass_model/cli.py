@@ -62,7 +62,9 @@ def _print_summary(report: dict) -> None:
     if report.get("fp8"):
         _print_fp8(report["fp8"])
     if ev:
-        print(f"\ntask accuracy {ev['accuracy']:.3f}; perplexity {ev['perplexity']:.2f}")
+        sft = report.get("eval_sft")
+        before = f" (SFT model before alignment: {sft['accuracy']:.3f})" if sft else ""
+        print(f"\ntask accuracy {ev['accuracy']:.3f}{before}; perplexity {ev['perplexity']:.2f}")
         print("per language:  " + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in ev["per_language"].items()))
         print("per family:    " + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in ev["per_family"].items()))
         lc = ev.get("long_context", {})
@@ -96,7 +98,8 @@ def _train(args, demo: bool) -> int:
     evaluate = not getattr(args, "no_eval", False)
     report = run_pipeline(args.out, cfg, stages, tok, seed=args.seed, data_file=args.data, resume=args.resume,
                           progress=not args.no_progress, evaluate=evaluate, fp8=demo or (evaluate and args.fp8),
-                          ctx=ctx, stop_after=getattr(args, "stop_after", None))
+                          eval_kwargs={"n_tasks": 140} if demo else None, ctx=ctx,
+                          stop_after=getattr(args, "stop_after", None))
     finish_ep(ctx)
     if not report:                                  # a non-zero EP rank: rank 0 reports
         return 0

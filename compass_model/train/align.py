@@ -307,14 +307,17 @@ def _rewards_metrics(loss, chosen_rewards, rejected_rewards) -> dict:
 
 
 def preference_step_loss(model, batch_slice: PairBatch, ref_slice, method: str, beta: float = 0.1,
-                         eps: float = 1.0, tau: float = 0.2, router_losses: bool = False):
+                         eps: float = 1.0, tau: float = 0.2, router_losses: bool = False, sft_weight: float = 0.0):
     """The preference loss of one micro-batch: ``(loss, metrics)``, one forward on chosen + rejected.
 
     ``ref_slice``: ``(ref_chosen [B, L], ref_rejected [B, L])`` per-token reference log-probs.
     ``method="dpo"``: sequence sums (``sequence_logprobs`` + ``dpo_loss``); ``"otpo"``: OT token weights
     from the policy's detached hidden states (``otpo_weights``) + ``otpo_loss``. ``router_losses``:
     add the MoE balancing terms (aux + z, as the model's own total loss weights them) to the returned
-    loss; ``metrics["loss"]`` is always the preference loss alone (``ln 2`` when policy == reference)."""
+    loss; ``metrics["loss"]`` is always the preference loss alone (``ln 2`` when policy == reference).
+    ``sft_weight``: add that times the chosen responses' token-mean NLL (RPO, arXiv 2404.19733; Llama
+    3): the chosen answers are the data's references, and without it a few hundred pairs pull the
+    policy off its task answers (``compass demo``: SFT accuracy 0.41 -> 0.30 after 100 steps)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     dev = _model_device(model)
@@ -334,7 +337,13 @@ def preference_step_loss(model, batch_slice: PairBatch, ref_slice, method: str, 
         metrics["weight_min"] = float(w_c[b.chosen_mask].min()) if b.chosen_mask.any() else 0.0
         metrics["weight_max"] = float(w_c[b.chosen_mask].max()) if b.chosen_mask.any() else 0.0
     metrics["router_loss"] = float(router.detach())
-    return (loss + router if router_losses else loss), metrics
+    total = loss + router if router_losses else loss
+    if sft_weight:
+        m = b.chosen_mask.float()
+        nll = -(lp_c * m).sum() / m.sum().clamp(min=1)
+        metrics["sft_nll"] = float(nll.detach())
+        total = total + sft_weight * nll
+    return total, metrics
 
 
 def step_indices(n: int, step: int, per_step: int, seed: int) -> list:
@@ -359,7 +368,7 @@ def _load_weights(model, checkpoint_dir) -> None:
 def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, lr: float, micro_batch: int,
                      beta: float = 0.1, eps: float = 1.0, tau: float = 0.2, warmup_steps: int = 0, seed: int = 0,
                      stage_dir=None, metrics=None, resume: bool = False, save_every: int = 1, grad_accum: int = 1,
-                     weight_decay: float = 0.0, router_losses: bool = True) -> list:
+                     weight_decay: float = 0.0, router_losses: bool = True, sft_weight: float = 0.0) -> list:
     """Train ``model`` in place on preference pairs; returns the per-step records of this call.
 
     Each optimizer step takes ``micro_batch * grad_accum`` pairs (``step_indices``), AdamW at
@@ -408,7 +417,7 @@ def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, l
         for i in range(0, len(idx), micro_batch):
             sub = torch.tensor(idx[i:i + micro_batch])
             loss, m = preference_step_loss(model, batch.select(sub), (ref_c[sub], ref_r[sub]), method, beta, eps,
-                                           tau, router_losses=router_losses)
+                                           tau, router_losses=router_losses, sft_weight=sft_weight)
             w = len(sub) / len(idx)             # each micro loss is a mean over its pairs
             (loss * w).backward()
             for k, v in m.items():
@@ -491,7 +500,7 @@ def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs
                   micro_batch: int, max_len: int, beta: float = 0.1, seed: int = 0, metrics=None,
                   resume: bool = False, pairs_file=None, eps: float = 1.0, tau: float = 0.2,
                   warmup_steps: int = 0, max_new_tokens: int | None = None, temperature: float = 1.0,
-                  top_p: float = 0.95, tries: int = 2, device=None) -> dict:
+                  top_p: float = 0.95, tries: int = 2, device=None, sft_weight: float = 0.0) -> dict:
     """Stage 7: pairs -> reference log-probs -> DPO baseline and OTPO, both from the SFT model.
 
     Train pairs come from ``make_tasks(n_pairs, seed + 2)``, held-out pairs from
@@ -564,7 +573,8 @@ def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs
         stage_dir = out_dir / "checkpoints" / stage_name
         records = train_preference(policy, train_b, refs["train"], method=method, steps=steps, lr=lr,
                                    micro_batch=micro_batch, beta=beta, eps=eps, tau=tau, warmup_steps=warmup_steps,
-                                   seed=seed, stage_dir=stage_dir, metrics=metrics, resume=resume)
+                                   seed=seed, stage_dir=stage_dir, metrics=metrics, resume=resume,
+                                   sft_weight=sft_weight)
         result[method] = {**_stage_summary(stage_dir, records),
                           "eval": preference_accuracy(policy, eval_b, refs["eval"], beta, micro_batch),
                           "train_eval": preference_accuracy(policy, train_b, refs["train"], beta, micro_batch)}

@@ -87,7 +87,7 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
             report["alignment"] = run_alignment(
                 prev_dir, out, tokenizer, n_pairs=stage.n_pairs, eval_pairs=stage.eval_pairs, steps=stage.steps,
                 lr=stage.lr, micro_batch=stage.rows, max_len=stage.seq_len, beta=stage.beta, seed=seed,
-                warmup_steps=stage.warmup_steps,
+                warmup_steps=stage.warmup_steps, sft_weight=stage.sft_weight,
                 metrics=metrics, resume=resume, pairs_file=data_file)
         else:
             ckpt = latest_checkpoint(sdir) if resume else None
@@ -122,6 +122,10 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
         model = load_model(prev_dir)
         report["eval"] = evaluate_model(model, tokenizer, **(eval_kwargs or {}))
         report["router"] = _router_report(report["eval"], read_metrics(metrics.path))
+        sft_dir = latest_checkpoint(stage_dir_for(out, "sft"))
+        if sft_dir is not None and sft_dir != prev_dir:      # what alignment changed on the tasks
+            ev = evaluate_model(load_model(sft_dir), tokenizer, **(eval_kwargs or {}))
+            report["eval_sft"] = {k: ev[k] for k in ("accuracy", "per_language", "per_family")}
         report["eval_seconds"] = time.perf_counter() - t0
         if fp8:
             from compass_model.train.fp8_report import fp8_report

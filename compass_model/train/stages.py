@@ -43,6 +43,7 @@ class StageConfig:
     save_every: int = 1              # checkpoint every n steps (and at the end)
     # alignment only
     beta: float = 0.1
+    sft_weight: float = 1.0          # RPO: + this x the chosen answers' NLL (0: pure DPO / OTPO)
     n_pairs: int = 64
     eval_pairs: int = 32
 
@@ -80,8 +81,8 @@ def demo_stages(base_context: int = 256) -> list:
                     rope_factor=4.0),
         StageConfig("mtp", steps=300, rows=8, seq_len=base_context, lr=1e-3, warmup_steps=10, data="ecommerce",
                     mtp_loss_weight=0.3, mtp_every=2),
-        StageConfig("sft", steps=1500, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30),
-        StageConfig("align", steps=100, rows=8, seq_len=base_context, lr=2e-4, warmup_steps=10, n_pairs=128,
+        StageConfig("sft", steps=3000, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30),
+        StageConfig("align", steps=100, rows=8, seq_len=base_context, lr=1e-4, warmup_steps=10, n_pairs=128,
                     eval_pairs=48),
     ]
 

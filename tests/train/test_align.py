@@ -321,3 +321,19 @@ def test_run_alignment_from_pairs_file_does_not_sample(tmp_path, monkeypatch):
     res = _run(tmp_path, sft_dir, pairs_file=path, steps=1, n_pairs=10)
     assert res["pairs"]["train"] == 4 and res["pairs"]["eval"] == 2
     assert res["otpo"]["steps"] == 1
+
+
+def test_sft_weight_adds_the_chosen_nll():
+    """RPO: the loss grows by sft_weight x the chosen responses' token-mean NLL; the preference loss
+    reported in the metrics stays the pure one."""
+    model = tiny_model()
+    pairs = [{"prompt": "Q: 1+1?\n", "chosen": "2", "rejected": "three", "lang": "en", "family": "user"},
+             {"prompt": "Color?\n", "chosen": "merah", "rejected": "biru", "lang": "id", "family": "user"}]
+    b = align.encode_pairs(pairs, TOK, 64)
+    ref = align.reference_logprobs(model, b)
+    plain, m0 = align.preference_step_loss(model, b, ref, "dpo")
+    rpo, m1 = align.preference_step_loss(model, b, ref, "dpo", sft_weight=0.5)
+    lp = ref[0]                                   # policy == reference: the chosen log-probs
+    nll = float(-(lp * b.chosen_mask).sum() / b.chosen_mask.sum())
+    assert m1["loss"] == pytest.approx(m0["loss"]) and m1["sft_nll"] == pytest.approx(nll, rel=1e-5)
+    assert float(rpo.detach()) == pytest.approx(float(plain.detach()) + 0.5 * nll, rel=1e-5)

@@ -41,6 +41,7 @@ def test_every_stage_runs_and_reports(run):
     assert set(on_disk) >= {"stages", "eval", "alignment", "router", "fp8"}
     assert set(on_disk["eval"]) >= {"per_language", "long_context", "perplexity"}
     assert set(on_disk["alignment"]) >= {"dpo", "otpo"}
+    assert set(on_disk["eval_sft"]) == {"accuracy", "per_language", "per_family"}   # before alignment
     assert set(on_disk["eval"]["long_context"]) == {"1x", "4x"}
     assert "accuracy" in on_disk["eval"]["long_context"]["4x"]          # YaRN stage made room for 4x
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
