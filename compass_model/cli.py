@@ -1,7 +1,7 @@
 """``compass`` command line.
 
   compass demo [--out DIR] [--resume]       the main job: the tiny preset through all seven stages,
-                                            evaluation, plots and DIR/report.json (~10 min on 2 cores)
+                                            evaluation, FP8, plots and DIR/report.json (~7 min on 2 cores)
   compass train --preset NAME|--config FILE --stages LIST [--data FILE] [--steps N] [--seed N] --out DIR
   torchrun --nproc-per-node N -m compass_model.cli train ... --ep N     expert parallelism (gloo / NCCL)
   compass eval --checkpoint DIR [--out FILE]
@@ -99,6 +99,7 @@ def _train(args, demo: bool) -> int:
     report = run_pipeline(args.out, cfg, stages, tok, seed=args.seed, data_file=args.data, resume=args.resume,
                           progress=not args.no_progress, evaluate=evaluate, fp8=demo or (evaluate and args.fp8),
                           eval_kwargs={"n_tasks": 140} if demo else None, ctx=ctx,
+                          fp8_tasks=700 if demo else None,    # 100 per language: 1 point = 1 task
                           stop_after=getattr(args, "stop_after", None))
     finish_ep(ctx)
     if not report:                                  # a non-zero EP rank: rank 0 reports
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--out", help="write the report JSON here")
     q.add_argument("--save", help="save the expert-aware FP8 model (safetensors with scales) here")
-    q.add_argument("--n-tasks", type=int, default=70)
+    q.add_argument("--n-tasks", type=int, default=700, help="held-out tasks (700 = 100 per language)")
     q.add_argument("--min-tokens-per-expert", type=int, default=128)
     q.add_argument("--tokenizer", default=None)
     x = sub.add_parser("experiment", help="run one of the paper's experiments (JSON + PNG)")

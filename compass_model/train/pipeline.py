@@ -54,7 +54,8 @@ def _apply_stage_rope(model, stage) -> None:
 
 def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, seed: int = 0, data_file=None,
                  resume: bool = False, progress: bool = True, evaluate: bool = True, eval_kwargs: dict | None = None,
-                 fp8: bool = False, ctx=None, stop_after: int | None = None, log=print) -> dict:
+                 fp8: bool = False, fp8_tasks: int | None = None, ctx=None, stop_after: int | None = None,
+                 log=print) -> dict:
     """Train ``stages`` (StageConfigs, recipe order) from ``config``; returns the report dict.
     ``ctx``: expert parallelism (``parallel.init_ep``): every rank trains the pretraining and SFT
     stages on its expert shard; rank 0 alone aligns, evaluates and writes files (others return {}).
@@ -131,7 +132,7 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
             from compass_model.train.fp8_report import fp8_report
             t0 = time.perf_counter()
             report["fp8"] = fp8_report(model, tokenizer, seed=seed,
-                                       n_tasks=(eval_kwargs or {}).get("n_tasks", 70))
+                                       n_tasks=fp8_tasks or (eval_kwargs or {}).get("n_tasks", 70))
             report["fp8_seconds"] = time.perf_counter() - t0
     _plots(out, read_metrics(metrics.path), report.get("eval"))
     _write_json(out / "report.json", report)

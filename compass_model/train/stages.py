@@ -70,7 +70,7 @@ class StageConfig:
 
 
 def demo_stages(base_context: int = 256) -> list:
-    """The tiny preset's schedule for ``compass demo`` (~5 minutes on 2 idle CPU cores). Context:
+    """The tiny preset's schedule for ``compass demo`` (~7 minutes on 2 idle CPU cores). Context:
     general/ecommerce at base/2, reasoning and SFT at base, long_context at 4 x base by YaRN."""
     half = base_context // 2
     return [
