@@ -29,7 +29,13 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
-from compass_model.data import CorpusConfig, check, generate_corpus, make_tasks, pack_pretraining
+from compass_model.data import (
+    CorpusConfig,
+    check,
+    generate_corpus,
+    make_tasks,
+    pack_pretraining,
+)
 from compass_model.generate import generate
 from compass_model.train.data import EVAL_TASK_SEED, catalogue_items
 

@@ -21,7 +21,12 @@ import time
 import torch
 
 from compass_model.data import CorpusConfig, generate_corpus, make_tasks
-from compass_model.quant import expert_sqnr, logit_error, quantize_model, time_moe_layers
+from compass_model.quant import (
+    expert_sqnr,
+    logit_error,
+    quantize_model,
+    time_moe_layers,
+)
 from compass_model.train.data import EVAL_TASK_SEED, catalogue_items
 
 CALIB_SEED, POOL_SEED, HELDOUT_SEED = 5000, 6000, 7000

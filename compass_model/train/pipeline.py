@@ -23,7 +23,12 @@ from compass_model import CompassConfig, CompassForCausalLM
 from compass_model.train import parallel
 from compass_model.train.data import StageData
 from compass_model.train.metrics import MetricsWriter, read_metrics
-from compass_model.train.state import latest_checkpoint, load_model, stage_done, trainer_state
+from compass_model.train.state import (
+    latest_checkpoint,
+    load_model,
+    stage_done,
+    trainer_state,
+)
 from compass_model.train.trainer import stage_dir_for, stage_summary, train_stage
 
 

@@ -21,6 +21,7 @@ from compass_model.generate import GenerationOutput
 from compass_model.losses import otpo_weights, token_logprobs
 from compass_model.model import CompassForCausalLM
 from compass_model.train import align
+from compass_model.train import pairs as pairs_mod
 from compass_model.train.metrics import MetricsWriter, read_metrics
 from compass_model.train.state import latest_checkpoint, stage_done, trainer_state
 
@@ -100,7 +101,7 @@ def test_build_pairs_resamples_correct_drops_correct_and_empty(monkeypatch):
         new = (new + [eos] * n_new)[:n_new]
         return GenerationOutput(torch.cat([ids, torch.tensor([new])], 1), None, n_new)
 
-    monkeypatch.setattr(align, "generate", fake_generate)
+    monkeypatch.setattr(pairs_mod, "generate", fake_generate)
     pairs, stats = align.build_pairs(tiny_model(), TOK, tasks, max_new_tokens=40, tries=2)
     assert [p["prompt"] for p in pairs] == [tasks[0].prompt]
     assert pairs[0]["rejected"] == "wrong label"                 # cut at EOS, the junk after it is gone
@@ -161,7 +162,7 @@ def test_reference_equals_policy_at_step_0_and_losses_are_ln2(setup):
     assert (ref_c[~batch.chosen_mask] == 0).all() and (ref_r[~batch.rejected_mask] == 0).all()
     assert (ref_c[batch.chosen_mask] < 0).all()
     policy = clone(model).train()
-    lp_c, lp_r, *_ = align._forward_pairs(policy, batch)           # one forward, train mode, all pairs
+    lp_c, lp_r, *_ = pairs_mod.forward_pairs(policy, batch)           # one forward, train mode, all pairs
     assert torch.allclose(lp_c, ref_c, atol=1e-5) and torch.allclose(lp_r, ref_r, atol=1e-5)
     for method in ("dpo", "otpo"):
         loss, m = align.preference_step_loss(policy, batch, ref, method, beta=0.1)
