@@ -79,11 +79,12 @@ def demo(tokens: int, hidden: int, reps: int) -> int:
 _MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
-def _reexec_with_malloc_tunables(argv: list[str]) -> None:
+def reexec_with_malloc_tunables(argv: list[str], module: str = "compass_kernels.cli") -> None:
+    """Run ``python -m module argv`` again with the tunables, unless the user set GLIBC_TUNABLES."""
     if "GLIBC_TUNABLES" in os.environ or sys.platform != "linux":
         return
     env = dict(os.environ, GLIBC_TUNABLES=_MALLOC_TUNABLES)
-    os.execve(sys.executable, [sys.executable, "-m", "compass_kernels.cli", *argv], env)
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep glibc's default malloc settings (fresh pages for every large tensor)")
     args = ap.parse_args(argv)
     if args.cmd == "demo" and not args.system_malloc:
-        _reexec_with_malloc_tunables(argv)
+        reexec_with_malloc_tunables(argv)
     if args.cmd == "info":
         print(json.dumps(ck.backend_info(), indent=1))
         return 0

@@ -185,16 +185,6 @@ def _generate(args) -> int:
     return 0
 
 
-def _reexec_with_malloc_tunables(argv: list[str]) -> None:
-    import os
-
-    from compass_kernels.cli import _MALLOC_TUNABLES
-    if "GLIBC_TUNABLES" in os.environ or sys.platform != "linux":
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=_MALLOC_TUNABLES)
-    os.execve(sys.executable, [sys.executable, "-m", "compass_model.cli", *argv], env)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="compass", description="Compass: MoE kernels and the Compass-v3 recipe")
@@ -264,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "quantize":
         return _quantize(args)
     if args.cmd == "experiment":
-        _reexec_with_malloc_tunables(argv)          # timings: keep large buffers in the heap (README)
+        from compass_kernels.cli import reexec_with_malloc_tunables
+        reexec_with_malloc_tunables(argv, "compass_model.cli")   # timings: large buffers stay in the heap
         from compass_model.experiments import EXPERIMENTS
         names = list(EXPERIMENTS) if args.name == "all" else [args.name]
         for n in names:
