@@ -187,6 +187,9 @@ def _generate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["route-demo"]:                  # its options belong to compass_kernels.cli
+        from compass_kernels import cli as kcli
+        return kcli.main(["demo", *argv[1:]])
     ap = argparse.ArgumentParser(prog="compass", description="Compass: MoE kernels and the Compass-v3 recipe")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -240,13 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--quick", action="store_true", help="small sizes (seconds; what the tests run)")
     x.add_argument("--seed", type=int, default=0)
     sub.add_parser("info", help="print compass_kernels.backend_info() as JSON")
-    r = sub.add_parser("route-demo", help="routing kernels vs the Megatron-style path (compass_kernels.cli demo)")
-    r.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("route-demo", help="routing kernels vs the Megatron-style path "
+                                      "([--tokens N] [--hidden N] [--reps N]; compass_kernels.cli demo)")
 
     args = ap.parse_args(argv)
-    if args.cmd in ("info", "route-demo"):
+    if args.cmd == "info":
         from compass_kernels import cli as kcli
-        return kcli.main(["info"] if args.cmd == "info" else ["demo", *args.rest])
+        return kcli.main(["info"])
     if args.cmd in ("demo", "train"):
         return _train(args, demo=args.cmd == "demo")
     if args.cmd == "eval":

@@ -99,3 +99,10 @@ def test_train_from_config_file_and_bf16(tmp_path, capsys):
     (tmp_path / "bad.json").write_text(json.dumps({"stages": [{"name": "general", "stepz": 2}]}))
     with pytest.raises(TypeError, match="stepz"):
         main(["train", "--config", str(tmp_path / "bad.json"), "--stages", "general", "--out", str(tmp_path / "b")])
+
+
+def test_kernel_commands(capsys):
+    assert main(["info"]) == 0
+    assert "chosen" in capsys.readouterr().out
+    assert main(["route-demo", "--tokens", "64", "--hidden", "32", "--reps", "1", "--system-malloc"]) == 0
+    assert "speed-up" in capsys.readouterr().out
