@@ -83,7 +83,7 @@ def _print_summary(report: dict) -> None:
 
 def _train(args, demo: bool) -> int:
     from compass_model.data import load_tokenizer
-    from compass_model.train.parallel import finish_ep, init_ep
+    from compass_model.train.parallel import exit_ep, finish_ep, init_ep
     from compass_model.train.pipeline import run_pipeline
     ctx = init_ep(getattr(args, "ep", 1))
     if demo:
@@ -103,18 +103,19 @@ def _train(args, demo: bool) -> int:
                           stop_after=getattr(args, "stop_after", None))
     finish_ep(ctx)
     if not report:                                  # a non-zero EP rank: rank 0 reports
-        return 0
-    if not report.get("complete", True):
+        pass
+    elif not report.get("complete", True):
         print(f"stopped in stage {report['stopped_in']} after the requested steps; rerun with --resume")
-        return 0
-    _print_summary(report)
-    print(f"\n{time.perf_counter() - t0:.0f} s; report: {Path(args.out) / 'report.json'}, "
-          f"metrics: {Path(args.out) / 'metrics.jsonl'}, plots: {Path(args.out) / 'plots'}")
+    else:
+        _print_summary(report)
+        print(f"\n{time.perf_counter() - t0:.0f} s; report: {Path(args.out) / 'report.json'}, "
+              f"metrics: {Path(args.out) / 'metrics.jsonl'}, plots: {Path(args.out) / 'plots'}")
+    exit_ep(ctx)                                    # EP: leave without gloo teardown (no return)
     return 0
 
 
 def _print_fp8(r: dict) -> None:
-    print(f"\nFP8 (W8A8)      logit rel err   top-1   ppl      accuracy  worst language drop (points)")
+    print("\nFP8 (W8A8)      logit rel err   top-1   ppl      accuracy  worst language drop (points)")
     ref = r["reference"]
     print(f"{'full precision':<15} {'-':>13}   {'-':>5}   {ref['perplexity']:<8.3f} {ref['accuracy']:.3f}")
     for m in ("naive", "expert_aware"):

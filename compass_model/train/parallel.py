@@ -180,10 +180,20 @@ def load_optimizer_state(ckpt_dir, state: dict, ctx: EPContext | None):
 
 
 def finish_ep(ctx: EPContext | None) -> None:
-    """Every rank reaches the end before the group is torn down (rank 0 still evaluates first)."""
+    """Every rank waits here until rank 0 has aligned, evaluated and written its files."""
     if ctx is not None:
         dist.barrier()
-        dist.destroy_process_group()
+
+
+def exit_ep(ctx: EPContext | None) -> None:
+    """Leave an EP run without tearing the process group down: once one rank has gone, a peer's gloo
+    I/O thread can see the closed connection and abort the process (seen in CI as SIGABRT after all
+    work was done). Everything is written and flushed by now; ``os._exit`` skips the destructors."""
+    if ctx is not None:
+        import sys
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def barrier(ctx: EPContext | None) -> None:
