@@ -6,7 +6,7 @@ Routing: route + permute + unpermute (bf16, T=16384, H=4096) vs the Megatron-sty
 device-to-device copy of the same bytes as the ceiling. Grouped GEMM (bf16): ours vs
 torch._grouped_mm, a loop of torch.mm, and one dense GEMM with the same FLOPs (efficiency).
 FP8: grouped_gemm_fp8 (row scales) vs the bf16 grouped GEMM on the Compass up-projection shape, and
-the expert-aware FP8 MoE layer vs the bf16 one (``quant.time_moe_layers``: the paper's ~2x).
+the expert-aware FP8 MoE layer vs the bf16 one (``quant_metrics.time_moe_layers``: the paper's ~2x).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+from peers import megatron_moe_routing  # noqa: E402
+
 import compass_kernels as ck  # noqa: E402
 from compass_kernels import _backend  # noqa: E402
-from peers import megatron_moe_routing  # noqa: E402
 
 
 def bench_ms(fn, reps: int = 20) -> float:
@@ -101,7 +102,8 @@ def fp8_rows(device: str = "cuda", scale: int = 1):
     import copy
 
     from compass_model import CompassConfig, CompassForCausalLM
-    from compass_model.quant import quantize_model, time_moe_layers
+    from compass_model.quant import quantize_model
+    from compass_model.quant_metrics import time_moe_layers
 
     rows = []
     E, M, K, N = 16, 16384 // scale, 2048 // scale, 1408 // scale

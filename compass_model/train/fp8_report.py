@@ -21,10 +21,11 @@ import time
 import torch
 
 from compass_model.data import CorpusConfig, generate_corpus, make_tasks
-from compass_model.quant import (
+from compass_model.quant import quantize_model
+from compass_model.quant_metrics import (
     expert_sqnr,
     logit_error,
-    quantize_model,
+    moe_output_error,
     time_moe_layers,
 )
 from compass_model.train.data import EVAL_TASK_SEED, catalogue_items
@@ -66,28 +67,6 @@ def _alpha_counts(smooth_alphas: list) -> dict:
                 key = "none" if a is None else str(a)
                 counts[key] = counts.get(key, 0) + 1
         out[gemm] = dict(sorted(counts.items()))
-    return out
-
-
-@torch.no_grad()
-def moe_output_error(model_fp, model_q, input_ids: torch.Tensor) -> list:
-    """Per MoE layer, ``||y_q - y|| / ||y||`` of the layer's output on the inputs that layer sees in
-    the full-precision model: the quantization error of the experts alone, not compounded through
-    the later layers (the logit error is, and on a small model it is noisy at the ~1% level)."""
-    inputs = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach()))
-             for i, m in enumerate(model_fp.moe_layers())]
-    try:
-        model_fp(input_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = []
-    for i, (fp, q) in enumerate(zip(model_fp.moe_layers(), model_q.moe_layers())):
-        if i not in inputs:
-            continue
-        y, yq = fp(inputs[i])[0].float(), q(inputs[i])[0].float()
-        out.append(float((yq - y).norm() / y.norm().clamp(min=1e-30)))
     return out
 
 

@@ -16,13 +16,11 @@ from compass_model.moe import MoE
 from compass_model.quant import (
     Fp8MoE,
     calibrate,
-    expert_sqnr,
     load_quantized,
-    logit_error,
     quantize_model,
     save_quantized,
-    time_moe_layers,
 )
+from compass_model.quant_metrics import expert_sqnr, logit_error, time_moe_layers
 
 
 def _model(seed: int = 0) -> CompassForCausalLM:
@@ -347,7 +345,6 @@ def test_auto_smoothing_never_worse_than_none_on_calibration_rows(base, kw):
     auto = quantize_model(copy.deepcopy(model), cal, smooth_alpha="auto", **kw)
     plain = quantize_model(copy.deepcopy(model), cal, smooth_alpha=None, **kw)
     e_auto, e_plain = _gemm_errors(model, auto, _samples(model, cal)), _gemm_errors(model, plain, _samples(model, cal))
-    chosen = [al for layer in auto.quant_report["smooth_alphas"] for g in ("fc1", "fc2") for al in layer[g]]
     n = 0
     for layer, (a, p, search) in enumerate(zip(e_auto, e_plain, auto.quant_report["smooth_search"])):
         for g in ("fc1", "fc2"):
