@@ -29,15 +29,27 @@ inline double sel(bool c, double a, double b) {
   return as_double((as_bits(a) & mask) | (as_bits(b) & ~mask));
 }
 
-// exp(x); 0 for x < -690 (and -inf), inf for x > 709. Range reduction x = n ln2 + r, |r| <= ln2/2,
-// Taylor to degree 13 (error < 2e-17 relative), 2^n assembled in the exponent bits.
-inline double vexp(double x) {
+// Range reduction of exp for a clamped, finite xc: xc = n ln2 + r with |r| <= ln2/2; returns r and
+// 2^n assembled in the exponent bits. The callers differ only in the polynomial degree.
+struct ExpParts {
+  double r, two_n;
+};
+inline ExpParts exp_parts(double xc) {
   constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
-  double xc = sel(x < -700.0, -700.0, x);
-  xc = sel(xc > 709.0, 709.0, xc);
   const double t = xc * 1.4426950408889634 + kShift;
   const double n = t - kShift;
   const double r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  const int64_t ni = static_cast<int64_t>(as_bits(t) - as_bits(kShift));  // n as an integer
+  return {r, as_double(static_cast<uint64_t>(ni + 1023) << 52)};
+}
+
+// exp(x); 0 for x < -690 (and -inf), inf for x > 709. Taylor to degree 13 on exp_parts' r (error
+// < 2e-17 relative).
+inline double vexp(double x) {
+  double xc = sel(x < -700.0, -700.0, x);
+  xc = sel(xc > 709.0, 709.0, xc);
+  const ExpParts e = exp_parts(xc);
+  const double r = e.r;
   double p = 1.0 / 6227020800.0;
   p = p * r + 1.0 / 479001600.0;
   p = p * r + 1.0 / 39916800.0;
@@ -52,9 +64,7 @@ inline double vexp(double x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  const int64_t ni = static_cast<int64_t>(as_bits(t) - as_bits(kShift));  // n as an integer
-  const double scale = as_double(static_cast<uint64_t>(ni + 1023) << 52);
-  const double y = sel(x > 709.0, kInf, p * scale);
+  const double y = sel(x > 709.0, kInf, p * e.two_n);
   return sel(x < -690.0, 0.0, y);
 }
 

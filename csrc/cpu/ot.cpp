@@ -51,8 +51,8 @@
 namespace compass::cpu {
 namespace {
 
-using vmath::as_bits;
-using vmath::as_double;
+using vmath::exp_parts;
+using vmath::ExpParts;
 using vmath::sel;
 using vmath::vexp;
 using vmath::vlog;
@@ -67,14 +67,12 @@ constexpr double kFlush = sizeof(T) == 4 ? -87.0 : -690.0;
 
 inline double kexp(double x, double flush) { return sel(x < flush, 0.0, vexp(x)); }
 
-// exp(x) for a float result, 0 below -87 as kexp (K entries, fp32 storage): the range reduction of
-// vexp, Taylor to degree 8 (truncation < 3e-10 relative, under 0.01 float ulp; setup -25%).
+// exp(x) for a float result, 0 below -87 as kexp (K entries, fp32 storage): vexp's range reduction
+// (exp_parts), Taylor to degree 8 (truncation < 3e-10 relative, under 0.01 float ulp; setup -25%).
 inline double kexp_f32(double x) {
-  constexpr double kShift = 6755399441055744.0;
   const double xc = sel(x < -87.0, -87.0, sel(x > 100.0, 100.0, x));  // > FLT_MAX from 88.73
-  const double t = xc * 1.4426950408889634 + kShift;
-  const double n = t - kShift;
-  const double r = (xc - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  const ExpParts e = exp_parts(xc);
+  const double r = e.r;
   double p = 1.0 / 40320.0;
   p = p * r + 1.0 / 5040.0;
   p = p * r + 1.0 / 720.0;
@@ -84,8 +82,7 @@ inline double kexp_f32(double x) {
   p = p * r + 0.5;
   p = p * r + 1.0;
   p = p * r + 1.0;
-  const int64_t ni = static_cast<int64_t>(as_bits(t) - as_bits(kShift));
-  const double y = p * as_double(static_cast<uint64_t>(ni + 1023) << 52);
+  const double y = p * e.two_n;
   return sel(x < -87.0, 0.0, sel(x > 100.0, kInf, y));  // the float cast takes y > FLT_MAX to inf
 }
 
