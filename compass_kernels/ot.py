@@ -222,42 +222,16 @@ def _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_i
         return otpo_weights_ref(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol,
                                 check_every)
     if backend == "cpu":
-        # C++: centring (as _otpo_sq_dist, valid tokens packed to the top) and squared norms in one
-        # pass; the GEMM here (BLAS); per pair in C++: cost of the valid tokens (sqrt, + 1e-6, max
-        # normalisation), the solve and the weights from the plan's marginals. At B = 16, L = 192
-        # the torch centring and the [B, L, L] passes were ~40% of the call on one core.
+        # One C++ call, per pair on a thread: centring, the distance GEMM fused with the cost (its own
+        # AVX-512 tile: MKL's AVX2 path on AMD ran it at half speed), the solve and the weights.
         dt = _compute_dtype(h_chosen.dtype)
         hc, hr = h_chosen.to(dt).contiguous(), h_rejected.to(dt).contiguous()
         mc, mr = mask_chosen.contiguous(), mask_rejected.contiguous()
-        D, code = hc.shape[2], _ext.dtype_code(dt)
-        p, q = _ext.empty(B, L, D, dtype=dt, device=hc.device), _ext.empty(B, L, D, dtype=dt, device=hc.device)
-        n_c, n_r = _ext.empty(B, L, dtype=dt, device=hc.device), _ext.empty(B, L, dtype=dt, device=hc.device)
-        _ext.cpu_module.otpo_center(hc.data_ptr(), hr.data_ptr(), mc.data_ptr(), mr.data_ptr(), code, B, L, D,
-                                    p.data_ptr(), q.data_ptr(), n_c.data_ptr(), n_r.data_ptr())
-        # p q^T on the valid (packed) tokens: gram block k is [nc_k, nr_k] at element offs[k], row
-        # stride lds[k]. One thread: a GEMM per pair, back to back (no work on padding); more: one
-        # bmm over [B, max nc, max nr] (small GEMMs alone thread poorly: 1.58 vs 1.40 ms on 2 cores
-        # at B = 16, L = 192, D = 256, against 2.35 vs 3.0 ms on one).
-        nc, nr = mc.sum(1).tolist(), mr.sum(1).tolist()
-        if torch.get_num_threads() == 1:
-            offs, lds, o = [], nr, 0
-            for x, y in zip(nc, nr):
-                offs.append(o)
-                o += x * y
-            gram = _ext.empty(max(o, 1), dtype=dt, device=hc.device)
-            for k, (x, y, o) in enumerate(zip(nc, nr, offs)):
-                if x and y:
-                    torch.mm(p[k, :x], q[k, :y].t(), out=gram[o:o + x * y].view(x, y))
-        else:
-            xm, ym = max(nc), max(nr)
-            gram = torch.bmm(p[:, :xm], q[:, :ym].transpose(1, 2))   # past nc_k / nr_k: not read
-            offs, lds = [k * xm * ym for k in range(B)], [ym] * B
-        offset = torch.tensor([offs, lds], dtype=torch.int64)
         w_c = _ext.empty(B, L, dtype=dt, device=hc.device)
         w_r = _ext.empty(B, L, dtype=dt, device=hc.device)
         iters = _ext.empty(B, dtype=torch.int32, device=hc.device)
-        _ext.cpu_module.otpo_weights(gram.data_ptr(), offset.data_ptr(), n_c.data_ptr(), n_r.data_ptr(),
-                                     mc.data_ptr(), mr.data_ptr(), code, B, L, eps, tau, max_iter, tol, check_every, w_c.data_ptr(),
+        _ext.cpu_module.otpo_weights(hc.data_ptr(), hr.data_ptr(), mc.data_ptr(), mr.data_ptr(), _ext.dtype_code(dt),
+                                     B, L, hc.shape[2], eps, tau, max_iter, tol, check_every, w_c.data_ptr(),
                                      w_r.data_ptr(), iters.data_ptr())
         return w_c.to(out), w_r.to(out)
     C = _otpo_cost(h_chosen, h_rejected, mask_chosen, mask_rejected)

@@ -211,6 +211,33 @@ def test_otpo_matches_official_loop(backend, eps, dtype):
     torch.testing.assert_close(w_r.double(), o_r, rtol=rtol, atol=rtol)
 
 
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="compass_kernels._cpu not built")
+@pytest.mark.parametrize("D", [1, 77, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_otpo_cpu_cost_tiles_on_awkward_shapes(dtype, D):
+    """The cpu backend's fused distance GEMM (register tiles of 6 rows x 4 vectors, then row and
+    column tails) against the float64 reference: lengths that leave every tail (1, 5, 7, 67, 131,
+    150 tokens against 150, 64, 1, 129, 66, 6), scattered masks, D not a multiple of the vector
+    width, and a large common offset on the hidden states (the centring keeps the identity
+    ||p||^2 + ||q||^2 - 2 p.q accurate)."""
+    B, L = 6, 150
+    h_c, h_r = _hidden(B, L, D, seed=1)
+    h_c, h_r = (h_c + 40.0).to(dtype), (h_r + 40.0).to(dtype)
+    g = torch.Generator().manual_seed(2)
+    mc = torch.zeros(B, L, dtype=torch.bool)
+    mr = torch.zeros(B, L, dtype=torch.bool)
+    for i, (n_c, n_r) in enumerate(zip([1, 5, 7, 67, 131, 150], [150, 64, 1, 129, 66, 6])):
+        mc[i, torch.randperm(L, generator=g)[:n_c]] = True
+        mr[i, torch.randperm(L, generator=g)[:n_r]] = True
+    with ck.use_backend("cpu"):
+        got = ck.otpo_weights(h_c, h_r, mc, mr, eps=0.1, tau=0.2, tol=1e-10, max_iter=100_000)
+    want = otpo_weights_ref(h_c.double(), h_r.double(), mc, mr, eps=0.1, tau=0.2, tol=1e-10, max_iter=100_000)
+    tol = 1e-9 if dtype == torch.float64 else 2e-4
+    for g_, w_ in zip(got, want):
+        assert g_.dtype == dtype
+        torch.testing.assert_close(g_.double(), w_, rtol=tol, atol=tol)
+
+
 def test_otpo_weight_properties(backend):
     B, L, D = 3, 32, 24
     h_c, h_r = _hidden(B, L, D, n_diff=3, diff_at=2)

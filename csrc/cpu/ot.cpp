@@ -41,6 +41,7 @@
 #include "common/check.h"
 #include "common/dtype.h"
 #include "common/vmath.h"
+#include "cpu/otpo_cost.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define COMPASS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -415,89 +416,17 @@ void sinkhorn_batch(const T* C, const T* a, const T* b, int64_t B, int64_t n, in
   }
 }
 
-// Centring for the OTPO cost: per pair, mu = mean of the valid tokens of both sides (float64
-// sums; padding is never read: it may hold NaN), p = h_c - mu and q = h_r - mu on the valid tokens
-// packed to the top rows in order (rows past the valid count are zero), and the squared
-// norms np = ||p||^2, nq = ||q||^2 [B, L] packed the same way. One pass in place of ~10 torch
-// passes; the packing lets the GEMM run on the valid tokens only.
+// OTPO weights from the hidden states h_c, h_r [B, L, D] and masks [B, L]: per pair, the cost of the
+// valid tokens (otpo_cost.cpp), divided by its maximum when that exceeds 1; unbalanced Sinkhorn with
+// unit masses; weights n * marginal / S.
 template <class T>
-COMPASS_CLONES void center_rows(T* out, T* nrm, const T* h, const uint8_t* mask, const double* mu, int64_t L,
-                                int64_t D) {
-  int64_t r = 0;  // valid rows are packed to the top, in order
-  for (int64_t i = 0; i < L; ++i) {
-    if (!mask[i]) continue;
-    T* o = out + r * D;
-    const T* hi = h + i * D;
-    T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < D; ++d) {
-      const T x = static_cast<T>(static_cast<double>(hi[d]) - mu[d]);
-      o[d] = x;
-      acc += x * x;
-    }
-    nrm[r++] = acc;
-  }
-  // rows past the valid count are zeroed: a bmm over [max nc, max nr] reads them (garbage there
-  // could be denormal, slow in the GEMM)
-  std::fill(out + r * D, out + L * D, T(0));
-  std::fill(nrm + r, nrm + L, T(0));
-}
-
-template <class T>
-void otpo_center_batch(const T* hc, const T* hr, const uint8_t* mask_c, const uint8_t* mask_r, int64_t B, int64_t L,
-                       int64_t D, T* p, T* q, T* np, T* nq) {
-#pragma omp parallel if (B > 1)
-  {
-    std::vector<double> mu(D);
-#pragma omp for schedule(static)
-    for (int64_t k = 0; k < B; ++k) {
-      std::fill(mu.begin(), mu.end(), 0.0);
-      int64_t count = 0;
-      for (int side = 0; side < 2; ++side) {
-        const T* h = (side ? hr : hc) + k * L * D;
-        const uint8_t* mk = (side ? mask_r : mask_c) + k * L;
-        for (int64_t i = 0; i < L; ++i) {
-          if (!mk[i]) continue;
-          ++count;
-          const T* hi = h + i * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) mu[d] += static_cast<double>(hi[d]);
-        }
-      }
-      const double inv = 1.0 / static_cast<double>(std::max<int64_t>(count, 1));
-      for (int64_t d = 0; d < D; ++d) mu[d] *= inv;
-      center_rows(p + k * L * D, np + k * L, hc + k * L * D, mask_c + k * L, mu.data(), L, D);
-      center_rows(q + k * L * D, nq + k * L, hr + k * L * D, mask_r + k * L, mu.data(), L, D);
-    }
-  }
-}
-
-// Ci[b] = sqrt(max(ni + nr[b] - 2 Gi[b], 0)) + 1e-6; returns max_b Ci[b].
-template <class T>
-COMPASS_CLONES T cost_row(T* Ci, const T* Gi, T ni, const T* nr, int64_t m) {
-  T mx = T(0);
-#pragma omp simd reduction(max : mx)
-  for (int64_t b = 0; b < m; ++b) {
-    const T d2 = (ni + nr[b]) + T(-2) * Gi[b];
-    const T c = std::sqrt(d2 > T(0) ? d2 : T(0)) + T(1e-6);
-    Ci[b] = c;
-    mx = mx > c ? mx : c;
-  }
-  return mx;
-}
-
-// OTPO weights from the Gram matrices G = p q^T of the packed centred hidden states (pair k: [nc, nr]
-// at gram + offset[k], row stride offset[B + k]), their squared norms np, nq [B, L] (packed) and masks [B, L]: per
-// pair, the cost of the valid tokens,
-// sqrt(max(np_i + nq_j - 2 G_ij, 0)) + 1e-6 (the GEMM identity can come out slightly < 0), divided
-// by its maximum when that exceeds 1; unbalanced Sinkhorn with unit masses; weights n * marginal / S.
-template <class T>
-void otpo_batch(const T* gram, const int64_t* offset, const T* norm_c, const T* norm_r, const uint8_t* mask_c,
-                const uint8_t* mask_r, int64_t B, int64_t L, const Params& p, T* w_c, T* w_r, int32_t* iters) {
+void otpo_batch(const T* h_c, const T* h_r, const uint8_t* mask_c, const uint8_t* mask_r, int64_t B, int64_t L,
+                int64_t D, const Params& p, T* w_c, T* w_r, int32_t* iters) {
 #pragma omp parallel if (B > 1)
   {
     Work<T> w;
     w.resize(L, L);
+    OtpoCostWork<T> cw;
     std::vector<T> cost(static_cast<size_t>(L * L)), ones(L, T(1));
     std::vector<int64_t> ic, ir;
     std::vector<double> row(L), col(L);
@@ -505,10 +434,6 @@ void otpo_batch(const T* gram, const int64_t* offset, const T* norm_c, const T* 
     ir.reserve(L);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t k = 0; k < B; ++k) {
-      const T* D = gram + offset[k];
-      const int64_t ld = offset[B + k];  // row stride of the pair's block
-      const T* Nc = norm_c + k * L;
-      const T* Nr = norm_r + k * L;
       T* wc = w_c + k * L;
       T* wr = w_r + k * L;
       std::fill(wc, wc + L, T(0));
@@ -522,12 +447,9 @@ void otpo_batch(const T* gram, const int64_t* offset, const T* norm_c, const T* 
       }
       const auto nc = static_cast<int64_t>(ic.size()), nr = static_cast<int64_t>(ir.size());
       if (nc == 0 || nr == 0) continue;  // an empty side: zero weights
-      T cmax = T(0);
-      for (int64_t a = 0; a < nc; ++a)
-        cmax = std::max(cmax, cost_row(cost.data() + a * nr, D + a * ld, Nc[a], Nr, nr));
+      const T cmax = otpo_pair_cost(h_c + k * L * D, h_r + k * L * D, ic.data(), nc, ir.data(), nr, D, cost.data(), cw);
       if (cmax > 1) {
-        const T div = cmax;
-        for (int64_t e = 0; e < nc * nr; ++e) cost[e] /= div;
+        for (int64_t e = 0; e < nc * nr; ++e) cost[e] /= cmax;
       }
       Pair<T> pair{cost.data(), nc, nr, p, w};
       pair.run(ones.data(), ones.data(), iters + k);
@@ -594,66 +516,31 @@ void sinkhorn(uintptr_t cost, uintptr_t a, uintptr_t b, int dtype, int64_t B, in
   }
 }
 
-// h_c / h_r [B, L, D] hidden states, mask_c / mask_r [B, L] bool (uint8) -> p / q [B, L, D] centred
-// (0 on padding), np / nq [B, L] squared norms; contiguous, one float dtype (fp32 / fp64).
-void otpo_center(uintptr_t h_c, uintptr_t h_r, uintptr_t mask_c, uintptr_t mask_r, int dtype, int64_t B, int64_t L,
-                 int64_t D, uintptr_t p, uintptr_t q, uintptr_t np, uintptr_t nq) {
+// h_c / h_r [B, L, D] hidden states, mask_c / mask_r [B, L] bool (uint8), w_c / w_r [B, L], iters
+// [B]: contiguous; hidden states and weights share one float dtype (fp32 / fp64). tau > 0.
+void otpo_weights(uintptr_t h_c, uintptr_t h_r, uintptr_t mask_c, uintptr_t mask_r, int dtype, int64_t B, int64_t L,
+                  int64_t D, double eps, double tau, int64_t max_iter, double tol, int64_t check_every, uintptr_t w_c,
+                  uintptr_t w_r, uintptr_t iters) {
   check_nonneg("B", B);
   check_nonneg("L", L);
   check_nonneg("D", D);
-  check(dtype == int(DType::kFloat32) || dtype == int(DType::kFloat64),
-        "dtype must be float32 or float64, got code ", dtype, " (", dtype_name(dtype), ")");
+  check(tau > 0 && std::isfinite(tau), "tau must be > 0 and finite, got ", tau);
+  const Params p = make_params(dtype, eps, tau, max_iter, tol, check_every);
   for (auto [name, ptr, size] : {std::tuple{"h_c", h_c, B * L * D}, std::tuple{"h_r", h_r, B * L * D},
                                  std::tuple{"mask_c", mask_c, B * L}, std::tuple{"mask_r", mask_r, B * L},
-                                 std::tuple{"p", p, B * L * D}, std::tuple{"q", q, B * L * D},
-                                 std::tuple{"np", np, B * L}, std::tuple{"nq", nq, B * L}})
+                                 std::tuple{"w_c", w_c, B * L}, std::tuple{"w_r", w_r, B * L},
+                                 std::tuple{"iters", iters, B}})
     check_ptr(name, ptr, size);
-  if (B * L == 0) return;
-  const auto* mc = reinterpret_cast<const uint8_t*>(mask_c);
-  const auto* mr = reinterpret_cast<const uint8_t*>(mask_r);
-  if (dtype == int(DType::kFloat32)) {
-    otpo_center_batch(reinterpret_cast<const float*>(h_c), reinterpret_cast<const float*>(h_r), mc, mr, B, L, D,
-                      reinterpret_cast<float*>(p), reinterpret_cast<float*>(q), reinterpret_cast<float*>(np),
-                      reinterpret_cast<float*>(nq));
-  } else {
-    otpo_center_batch(reinterpret_cast<const double*>(h_c), reinterpret_cast<const double*>(h_r), mc, mr, B, L, D,
-                      reinterpret_cast<double*>(p), reinterpret_cast<double*>(q), reinterpret_cast<double*>(np),
-                      reinterpret_cast<double*>(nq));
-  }
-}
-
-// gram: per pair k the [nc_k, nr_k] block p q^T (valid tokens) at element offset[k], row stride
-// offset[B + k] (offset: int64 [2, B]; the caller sizes the buffer), np / nq [B, L] from otpo_center, mask_c / mask_r [B, L] bool (uint8),
-// w_c / w_r [B, L], iters [B]: contiguous; gram, norms and weights share one float dtype (fp32 /
-// fp64). tau > 0.
-void otpo_weights(uintptr_t d2, uintptr_t offset, uintptr_t norm_c, uintptr_t norm_r, uintptr_t mask_c, uintptr_t mask_r, int dtype,
-                  int64_t B, int64_t L, double eps, double tau, int64_t max_iter, double tol, int64_t check_every,
-                  uintptr_t w_c, uintptr_t w_r, uintptr_t iters) {
-  check_nonneg("B", B);
-  check_nonneg("L", L);
-  check(tau > 0 && std::isfinite(tau), "tau must be > 0 and finite, got ", tau);
-  Params p = make_params(dtype, eps, tau, max_iter, tol, check_every);
-  check_ptr("offset", offset, 2 * B);
-  check_ptr("norm_c", norm_c, B * L);
-  check_ptr("norm_r", norm_r, B * L);
-  check_ptr("mask_c", mask_c, B * L);
-  check_ptr("mask_r", mask_r, B * L);
-  check_ptr("w_c", w_c, B * L);
-  check_ptr("w_r", w_r, B * L);
-  check_ptr("iters", iters, B);
+  if (B == 0) return;
   const auto* mc = reinterpret_cast<const uint8_t*>(mask_c);
   const auto* mr = reinterpret_cast<const uint8_t*>(mask_r);
   auto* it = reinterpret_cast<int32_t*>(iters);
-  const auto* off = reinterpret_cast<const int64_t*>(offset);
-  if (B == 0) return;
   if (dtype == int(DType::kFloat32)) {
-    otpo_batch(reinterpret_cast<const float*>(d2), off, reinterpret_cast<const float*>(norm_c),
-               reinterpret_cast<const float*>(norm_r), mc, mr, B, L, p, reinterpret_cast<float*>(w_c),
-               reinterpret_cast<float*>(w_r), it);
+    otpo_batch(reinterpret_cast<const float*>(h_c), reinterpret_cast<const float*>(h_r), mc, mr, B, L, D, p,
+               reinterpret_cast<float*>(w_c), reinterpret_cast<float*>(w_r), it);
   } else {
-    otpo_batch(reinterpret_cast<const double*>(d2), off, reinterpret_cast<const double*>(norm_c),
-               reinterpret_cast<const double*>(norm_r), mc, mr, B, L, p, reinterpret_cast<double*>(w_c),
-               reinterpret_cast<double*>(w_r), it);
+    otpo_batch(reinterpret_cast<const double*>(h_c), reinterpret_cast<const double*>(h_r), mc, mr, B, L, D, p,
+               reinterpret_cast<double*>(w_c), reinterpret_cast<double*>(w_r), it);
   }
 }
 
@@ -667,15 +554,11 @@ void register_ot(pybind11::module_& m) {
         py::arg("iters"),
         "Batched entropic Sinkhorn: plan [B, n, m] from cost [B, n, m], a [B, n], b [B, m] (fp32 or "
         "fp64, contiguous); tau < 0 means balanced; iters [B] int32. Semantics: compass_kernels/ot_ref.py.");
-  m.def("otpo_center", &compass::cpu::otpo_center, py::call_guard<py::gil_scoped_release>(), py::arg("h_c"),
+  m.def("otpo_weights", &compass::cpu::otpo_weights, py::call_guard<py::gil_scoped_release>(), py::arg("h_c"),
         py::arg("h_r"), py::arg("mask_c"), py::arg("mask_r"), py::arg("dtype"), py::arg("B"), py::arg("L"),
-        py::arg("D"), py::arg("p"), py::arg("q"), py::arg("np"), py::arg("nq"),
-        "Centres h_c, h_r [B, L, D] on the mean of each pair's valid tokens (0 on padding) into p, q and "
-        "writes their squared row norms np, nq [B, L] (fp32 or fp64, contiguous).");
-  m.def("otpo_weights", &compass::cpu::otpo_weights, py::call_guard<py::gil_scoped_release>(), py::arg("gram"),
-        py::arg("offset"), py::arg("norm_c"), py::arg("norm_r"), py::arg("mask_c"), py::arg("mask_r"), py::arg("dtype"), py::arg("B"), py::arg("L"), py::arg("eps"),
-        py::arg("tau"), py::arg("max_iter"), py::arg("tol"), py::arg("check_every"), py::arg("w_c"),
-        py::arg("w_r"), py::arg("iters"),
-        "OTPO weights w_c, w_r [B, L] from the per-pair blocks gram = p q^T [nc, nr] (offset, row stride: offset [2, B]), norms np, nq [B, L] (otpo_center) and "
-        "bool masks [B, L]: cost sqrt(np + nq - 2 gram) + 1e-6 on valid pairs, max-normalised, unbalanced Sinkhorn with unit masses.");
+        py::arg("D"), py::arg("eps"), py::arg("tau"), py::arg("max_iter"), py::arg("tol"), py::arg("check_every"),
+        py::arg("w_c"), py::arg("w_r"), py::arg("iters"),
+        "OTPO weights w_c, w_r [B, L] from hidden states h_c, h_r [B, L, D] and bool masks [B, L] (fp32 or "
+        "fp64, contiguous): per pair the cost sqrt(||p_i - q_j||^2) + 1e-6 on valid pairs (centred, fused "
+        "GEMM), max-normalised, unbalanced Sinkhorn with unit masses. Semantics: compass_kernels/ot_ref.py.");
 }
