@@ -153,15 +153,22 @@ def test_quantize_strided_inputs(kernel_backend):
 @pytest.mark.parametrize("dtype", FP8_DTYPES, ids=str)
 def test_cast_at_rounding_boundaries(kernel_backend, dtype):
     """With amax = fmax the scale is exactly 1, so the codes are the cast itself: every code, every
-    midpoint between neighbours (ties to even) and the floats just either side, subnormals included,
-    against torch's own float -> fp8 cast."""
+    midpoint between neighbours (ties to even) and the three floats either side of it, subnormals
+    and -0 included, every bfloat16 value in range, against torch's own float -> fp8 cast. (The
+    cpu kernel takes its in-range cast here, common/fp8.h, checked exhaustively when written.)"""
     skip_missing_triton(kernel_backend)
     fmax = FP8_MAX[dtype]
     grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
     grid = grid[grid.isfinite()].unique().double()                                  # sorted, +-0 merged
     mids = ((grid[1:] + grid[:-1]) / 2).float()
-    vals = torch.cat([grid.float(), mids, mids.nextafter(torch.tensor(float("inf"))),
-                      mids.nextafter(torch.tensor(-float("inf"))), torch.rand(4096) * 2 * fmax - fmax])
+    near = [mids]
+    up, down = mids, mids
+    for _ in range(3):
+        up, down = up.nextafter(torch.tensor(float("inf"))), down.nextafter(torch.tensor(-float("inf")))
+        near += [up, down]
+    every_bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    vals = torch.cat([grid.float(), torch.tensor([-0.0]), *near, every_bf16[every_bf16.isfinite()],
+                      torch.rand(4096) * 2 * fmax - fmax])
     x = torch.cat([torch.tensor([fmax]), vals[vals.abs() <= fmax]])[None]             # [1, n]
     q = ck.quantize_fp8(x, granularity="row", dtype=dtype)
     assert q.scale.item() == 1.0

@@ -11,10 +11,12 @@
 // max vectorises and still lets NaN through (a float max with `a > m ? a : m` would drop it).
 // x / scale is a true division, as torch computes it (a multiply by 1/scale differs in the last
 // bit; the FMA-corrected reciprocal that would be exact measured slower than vdivps here); the
-// cast saturates, which is the clamp (f32_to_fp8 maps |v| >= fmax and inf to fmax).
+// cast saturates, which is the clamp (f32_to_fp8 maps |v| >= fmax and inf to fmax). Blocks with a
+// finite amax cannot saturate and take the shorter f32_to_fp8_in_range (common/fp8.h).
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -74,9 +76,16 @@ inline float scale_from_amax(float amax, float fmax) {
   return (amax < kAmaxFloor ? kAmaxFloor : amax) / fmax;
 }
 
+// out = fp8(x / scale). A finite scale means a finite amax, so no |x / scale| can be NaN or pass
+// fmax (1 + 2^-23): the in-range cast (~25% fewer operations) gives the same codes. A block with
+// inf or NaN takes the general cast, which saturates and keeps NaN.
 template <class In, class F>
 inline void cast_run(const typename In::S* __restrict p, int64_t n, float scale, uint8_t* __restrict out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = f32_to_fp8<F>(In::load(p[i]) / scale);
+  if (std::isfinite(scale)) {
+    for (int64_t i = 0; i < n; ++i) out[i] = f32_to_fp8_in_range<F>(In::load(p[i]) / scale);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = f32_to_fp8<F>(In::load(p[i]) / scale);
+  }
 }
 
 // ---- kernels (one call per row or per tile; the clone is picked once per call) ----------------
