@@ -7,7 +7,7 @@ import torch
 
 import compass_kernels as ck
 from compass_kernels.routing_ref import permute_ref
-from helpers import make_ids
+from helpers import cpu_backends, make_ids
 
 SHAPES = [
     # (T, H, k, E, kind, capacity, align)
@@ -111,3 +111,17 @@ def test_permute_64bit_offsets():
     for t in (0, 1, T // 2, T - 2, T - 1):
         for j in range(2):
             assert torch.equal(out[plan.row_id_map[t, j]], x[t])
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="compass_kernels._cpu not built")
+def test_permute_streaming_rows_bit_exact():
+    """An output of >= 32 MiB with rows of a multiple of 64 bytes leaves the cpu kernel through
+    non-temporal stores (x86): the same bytes as the reference, -1 slots skipped, padding zero."""
+    T, H, k, E = 4500, 1024, 2, 16
+    x = torch.randn(T, H)
+    ids = make_ids(T, k, E, "holes")
+    with ck.use_backend("cpu"):
+        plan = ck.route(ids, E, align=8)
+        out = ck.permute(x, plan)
+    assert out.numel() * 4 >= 32 << 20
+    assert torch.equal(out.view(torch.int32), permute_ref(x, plan.row_id_map, plan.num_rows).view(torch.int32))

@@ -7,6 +7,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #ifdef COMPASS_OPENMP
 #include <omp.h>
 #endif
@@ -144,6 +148,49 @@ void zero_unused_rows(char* out, int64_t row_bytes, const int64_t* offsets, cons
     const auto [begin, end] = pieces[i];
     std::memset(out + begin * row_bytes, 0, (end - begin) * row_bytes);
   }
+}
+
+// ---- streaming (non-temporal) row copies ----------------------------------------------------------
+// permute writes each of its T*k rows once, and at MoE sizes the buffer is larger than the
+// last-level cache: ordinary stores first read every destination line (read-for-ownership), half
+// again the traffic the scatter needs. Non-temporal stores skip that read: T=8192, H=2048 fp32 on
+// this EPYC, permute 0.62-0.91 -> 0.70-1.0 of a copy of the same bytes. Below the threshold the
+// rows would still be in cache for the expert GEMM that reads them next, so memcpy stays.
+// (unpermute's output, a third of its traffic, measured slower streamed through an L1 row buffer.)
+constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
+
+bool use_streaming_stores(const char* dst, int64_t row_bytes, int64_t total_bytes) {
+#if defined(__x86_64__)
+  return total_bytes >= kStreamMinBytes && row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
+#else
+  (void)dst, (void)row_bytes, (void)total_bytes;
+  return false;
+#endif
+}
+
+// dst (64-byte aligned) = src, n a multiple of 64 bytes, with SSE2 non-temporal stores.
+void copy_row_streaming(char* dst, const char* src, int64_t n) {
+#if defined(__x86_64__)
+  for (int64_t i = 0; i < n; i += 64) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+  }
+#else
+  std::memcpy(dst, src, n);
+#endif
+}
+
+// Non-temporal stores are weakly ordered: each thread fences its own before the region ends.
+void streaming_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 // ---- route --------------------------------------------------------------------------------------
@@ -471,13 +518,23 @@ void permute(uintptr_t x, int64_t stride_x, int64_t elem_size, int64_t T, int64_
   if (row_bytes == 0) return;
   const char* src = reinterpret_cast<const char*>(x);
   char* dst = reinterpret_cast<char*>(out);
-#pragma omp parallel for schedule(static) if (T * k * row_bytes >= kMoveParallelMin)
-  for (int64_t t = 0; t < T; ++t) {
-    const char* x_t = src + t * stride_x * elem_size;  // read once, written to up to k rows
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t r = rows[t * k + j];
-      if (r >= 0) std::memcpy(dst + r * row_bytes, x_t, row_bytes);
+  const bool stream = use_streaming_stores(dst, row_bytes, T * k * row_bytes);
+#pragma omp parallel if (T * k * row_bytes >= kMoveParallelMin)
+  {
+#pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < T; ++t) {
+      const char* x_t = src + t * stride_x * elem_size;  // read once, written to up to k rows
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = rows[t * k + j];
+        if (r < 0) continue;
+        if (stream) {
+          copy_row_streaming(dst + r * row_bytes, x_t, row_bytes);
+        } else {
+          std::memcpy(dst + r * row_bytes, x_t, row_bytes);
+        }
+      }
     }
+    if (stream) streaming_fence();
   }
   zero_unused_rows(dst, row_bytes, offsets, tpe, E, num_rows);
 }
