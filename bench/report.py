@@ -2,6 +2,8 @@
 
     python bench/report.py out/bench.json [--baseline bench/baseline_cpu.json] [--update-baseline]
 
+--update-baseline merges: the ratios of the suites in this JSON are replaced, the rest are kept.
+
 Reports median time, GB/s (bytes each case must move / median), GFLOP/s for GEMMs, grouped-GEMM
 efficiency (dense time / grouped time), the speed-up of compass over the
 Megatron-style path, and each op's fraction of the copy ceiling. Ratios, not times, are compared with
@@ -68,8 +70,9 @@ def main() -> int:
     print()
     for name, v in sorted(rat.items()):
         print(f"{name:48} {v:6.2f}")
-    if args.update_baseline:
-        Path(args.baseline).write_text(json.dumps(rat, indent=1, sort_keys=True) + "\n")
+    if args.update_baseline:  # the ratios this run measured replace theirs; the others stay
+        old = json.loads(Path(args.baseline).read_text()) if Path(args.baseline).exists() else {}
+        Path(args.baseline).write_text(json.dumps({**old, **rat}, indent=1, sort_keys=True) + "\n")
         print(f"baseline written: {args.baseline}")
         return 0
     if not Path(args.baseline).exists():
