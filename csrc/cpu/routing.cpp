@@ -151,12 +151,14 @@ void zero_unused_rows(char* out, int64_t row_bytes, const int64_t* offsets, cons
 }
 
 // ---- streaming (non-temporal) row copies ----------------------------------------------------------
-// permute writes each of its T*k rows once, and at MoE sizes the buffer is larger than the
-// last-level cache: ordinary stores first read every destination line (read-for-ownership), half
-// again the traffic the scatter needs. Non-temporal stores skip that read: T=8192, H=2048 fp32 on
-// this EPYC, permute 0.62-0.91 -> 0.70-1.0 of a copy of the same bytes. Below the threshold the
-// rows would still be in cache for the expert GEMM that reads them next, so memcpy stays.
-// (unpermute's output, a third of its traffic, measured slower streamed through an L1 row buffer.)
+// permute, and unpermute's backward (grad_y), write each of their T*k rows once, and at MoE sizes
+// the buffer is larger than the last-level cache: ordinary stores first read every destination
+// line (read-for-ownership), half again the traffic the scatter needs. Non-temporal stores skip
+// that read. T=8192, H=2048 fp32 on this EPYC: permute 0.62-0.91 -> 0.70-1.0 of a copy of the same
+// bytes; route + permute + unpermute forward and backward, E=16 k=2, 22.6-23.7 -> 20.9-22.7 ms.
+// Below the threshold the rows would still be in cache for the op that reads them next, so
+// ordinary stores stay. (unpermute's own output, a third of its traffic, measured slower streamed
+// through an L1 row buffer.)
 constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
 
 bool use_streaming_stores(const char* dst, int64_t row_bytes, int64_t total_bytes) {
@@ -165,6 +167,17 @@ bool use_streaming_stores(const char* dst, int64_t row_bytes, int64_t total_byte
 #else
   (void)dst, (void)row_bytes, (void)total_bytes;
   return false;
+#endif
+}
+
+// dst (16-byte aligned) = src, n a multiple of 16 bytes, with SSE2 non-temporal stores.
+inline void stream_bytes(char* dst, const char* src, int64_t n) {
+#if defined(__x86_64__)
+  for (int64_t i = 0; i < n; i += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  }
+#else
+  std::memcpy(dst, src, n);
 #endif
 }
 
@@ -362,14 +375,22 @@ inline void load_lanes(const typename Tag::S* p, V& v) {
   for (int l = 0; l < 16; ++l) tmp[l] = Tag::load(p[l]);
   std::memcpy(&v, tmp, sizeof(v));
 }
-template <class Tag, class V>
+// kStream: p is 16-byte aligned and the 16 values leave with non-temporal stores (see
+// copy_row_streaming); sizeof(S) * 16 is a multiple of 16 bytes for every S.
+template <class Tag, bool kStream, class V>
 inline void store_lanes(typename Tag::S* p, const V& v) {
   typename Tag::Acc tmp[16];
   std::memcpy(tmp, &v, sizeof(v));
-  for (int l = 0; l < 16; ++l) p[l] = Tag::store(tmp[l]);
+  if constexpr (kStream) {
+    typename Tag::S out[16];
+    for (int l = 0; l < 16; ++l) out[l] = Tag::store(tmp[l]);
+    stream_bytes(reinterpret_cast<char*>(p), reinterpret_cast<const char*>(out), int64_t(sizeof(out)));
+  } else {
+    for (int l = 0; l < 16; ++l) p[l] = Tag::store(tmp[l]);
+  }
 }
 
-template <class Tag, int R>
+template <class Tag, int R, bool kStream>
 COMPASS_CLONES void scale_and_dot(const typename Tag::S* g, const typename Tag::S* const* y,
                                   const typename Tag::Acc* w, typename Tag::S* const* dst,
                                   int64_t H, typename Tag::Acc* dots) {
@@ -391,7 +412,7 @@ COMPASS_CLONES void scale_and_dot(const typename Tag::S* g, const typename Tag::
     for (int r = 0; r < R; ++r) {
       load_lanes<Tag>(yr[r] + i, yv);
       part[r] = part[r] + gv * yv;
-      store_lanes<Tag>(dr[r] + i, V(wr[r] * gv));
+      store_lanes<Tag, kStream>(dr[r] + i, V(wr[r] * gv));
     }
   }
   Acc tail[R] = {};
@@ -412,11 +433,22 @@ COMPASS_CLONES void scale_and_dot(const typename Tag::S* g, const typename Tag::
   }
 }
 
+template <class Tag, bool kStream>
+void scale_and_dot_n(int r, const typename Tag::S* g, const typename Tag::S* const* y, const typename Tag::Acc* w,
+                     typename Tag::S* const* dst, int64_t H, typename Tag::Acc* dots) {
+  switch (r) {
+    case 1: return scale_and_dot<Tag, 1, kStream>(g, y, w, dst, H, dots);
+    case 2: return scale_and_dot<Tag, 2, kStream>(g, y, w, dst, H, dots);
+    case 3: return scale_and_dot<Tag, 3, kStream>(g, y, w, dst, H, dots);
+    default: return scale_and_dot<Tag, 4, kStream>(g, y, w, dst, H, dots);
+  }
+}
+
 template <class Tag>
 void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const typename Tag::S* y,
                           int64_t stride_y, int64_t H, const int64_t* rows, int64_t k,
                           const void* probs, int probs_dtype, typename Tag::S* grad_y,
-                          void* grad_probs, int64_t t0, int64_t t1) {
+                          void* grad_probs, int64_t t0, int64_t t1, bool stream) {
   using S = typename Tag::S;
   using Acc = typename Tag::Acc;
   const size_t n = size_t(std::max<int64_t>(k, 1));
@@ -432,7 +464,12 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
       if (row < 0) {
         if (probs) write_scalar(grad_probs, probs_dtype, t * k + j, 0.0);
       } else if (!probs) {
-        std::memcpy(grad_y + row * H, g_t, H * sizeof(S));
+        if (stream) {
+          copy_row_streaming(reinterpret_cast<char*>(grad_y + row * H), reinterpret_cast<const char*>(g_t),
+                             H * int64_t(sizeof(S)));
+        } else {
+          std::memcpy(grad_y + row * H, g_t, H * sizeof(S));
+        }
       } else {
         src[m] = y + row * stride_y;
         dst[m] = grad_y + row * H;
@@ -442,17 +479,17 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
     }
     for (int64_t b = 0; b < m; b += kGroup) {
       const int64_t r = std::min<int64_t>(kGroup, m - b);
-      switch (r) {
-        case 1: scale_and_dot<Tag, 1>(g_t, &src[b], &w[b], &dst[b], H, &dots[b]); break;
-        case 2: scale_and_dot<Tag, 2>(g_t, &src[b], &w[b], &dst[b], H, &dots[b]); break;
-        case 3: scale_and_dot<Tag, 3>(g_t, &src[b], &w[b], &dst[b], H, &dots[b]); break;
-        default: scale_and_dot<Tag, 4>(g_t, &src[b], &w[b], &dst[b], H, &dots[b]); break;
+      if (stream) {
+        scale_and_dot_n<Tag, true>(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
+      } else {
+        scale_and_dot_n<Tag, false>(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
       }
     }
     for (int64_t i = 0; i < m; ++i) {
       write_scalar(grad_probs, probs_dtype, t * k + slot[i], double(dots[i]));
     }
   }
+  if (stream) streaming_fence();
 }
 
 // Runs fn(t0, t1) on each thread's contiguous share of [0, n); serially unless `parallel`.
@@ -605,10 +642,12 @@ void unpermute_bwd(uintptr_t grad_out, int64_t stride_g, uintptr_t y, int64_t st
     using Tag = decltype(tag);
     using S = typename Tag::S;
     const int64_t bytes = T * k * H * int64_t(sizeof(S)) * (p ? 3 : 2);
+    const int64_t row_bytes = H * int64_t(sizeof(S));
+    const bool stream = use_streaming_stores(reinterpret_cast<const char*>(grad_y), row_bytes, T * k * row_bytes);
     parallel_ranges(T, bytes >= kMoveParallelMin, [&](int64_t t0, int64_t t1) {
       unpermute_bwd_tokens<Tag>(reinterpret_cast<const S*>(grad_out), stride_g,
                                 reinterpret_cast<const S*>(y), stride_y, H, rows, k, p,
-                                probs_dtype, reinterpret_cast<S*>(grad_y), gp, t0, t1);
+                                probs_dtype, reinterpret_cast<S*>(grad_y), gp, t0, t1, stream);
     });
     zero_unused_rows(reinterpret_cast<char*>(grad_y), H * int64_t(sizeof(S)), offsets, tpe, E,
                      num_rows);
