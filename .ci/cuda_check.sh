@@ -13,9 +13,9 @@
 #        - the build configured sm_90a grouped GEMM instances (csrc/cuda/sm90/*.cu) but the .so
 #          does not hold one GemmUniversal kernel per instance file.
 # Usage: .ci/cuda_check.sh [build-dir]   (default build/cuda-check)
-# Time: ~6.5 CPU-minutes in all (8 CUTLASS instances, ~26 s of nvcc CPU each for bf16/fp16 and
-# ~35 s for FP8, plus the rest), i.e. ~4 min of wall time on 2 idle cores; 14 min measured with
-# the 2 cores ~3x oversubscribed by other jobs.
+# Time: ~8 CPU-minutes in all (12 CUTLASS instances: 10 bf16/fp16 at ~26 s of nvcc CPU each, 2 FP8
+# at ~35 s, plus the rest), i.e. ~4 min of wall time on 2 idle cores (239 s measured); 14 min was
+# measured with 8 instances and the 2 cores ~3x oversubscribed by other jobs.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."

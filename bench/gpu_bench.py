@@ -5,7 +5,8 @@
 Routing: route + permute + unpermute (bf16, T=16384, H=4096) vs the Megatron-style path, with the
 device-to-device copy of the same bytes as the ceiling. Grouped GEMM (bf16): ours vs
 torch._grouped_mm, a loop of torch.mm, and one dense GEMM with the same FLOPs (efficiency).
-FP8: grouped_gemm_fp8 (row scales) vs the bf16 grouped GEMM on the Compass up-projection shape, and
+The cuda backend's two forward tiles are also timed one by one (COMPASS_GEMM_TILE), with the one
+the wave model picks marked. FP8: grouped_gemm_fp8 (row scales) vs the bf16 grouped GEMM on the Compass up-projection shape, and
 the expert-aware FP8 MoE layer vs the bf16 one (``quant_metrics.time_moe_layers``: the paper's ~2x).
 """
 
@@ -92,8 +93,32 @@ def gemm_rows(backends):
                     ms = bench_ms(lambda: ck.grouped_gemm(x, w, offsets))
                 rows.append(dict(op="grouped_gemm", shape=name, kind=kind, backend=b, ms=ms,
                                  tflops=flops / ms / 1e9, efficiency=dense / ms, vs_grouped_mm=peer / ms))
+            if "cuda" in backends:
+                rows += tile_rows(name, kind, x, w, offsets, flops)
             rows.append(dict(op="grouped_gemm", shape=name, kind=kind, backend="torch._grouped_mm", ms=peer,
                              tflops=flops / peer / 1e9, efficiency=dense / peer))
+    return rows
+
+
+def tile_rows(name, kind, x, w, offsets, flops):
+    """Each compiled forward tile of the cuda backend, forced with COMPASS_GEMM_TILE, next to the
+    one the wave model (csrc/common/gemm_tiles.h) picks: the data to check or retune the model."""
+    from compass_kernels import _ext
+
+    M, N, E = x.shape[0], w.shape[2], w.shape[0]
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    os.environ.pop("COMPASS_GEMM_TILE", None)
+    chosen = _ext.cpu_module.gemm_forward_tile(M, N, E, sms) if _ext.cpu_module is not None else "?"
+    rows = []
+    with ck.use_backend("cuda"):
+        for tile in ("128x128", "128x256"):
+            os.environ["COMPASS_GEMM_TILE"] = tile
+            try:
+                ms = bench_ms(lambda: ck.grouped_gemm(x, w, offsets))
+            finally:
+                os.environ.pop("COMPASS_GEMM_TILE", None)
+            rows.append(dict(op="grouped_gemm_tile", shape=name, kind=kind, tile=tile, chosen=tile == chosen, ms=ms,
+                             tflops=flops / ms / 1e9))
     return rows
 
 

@@ -160,3 +160,56 @@ def test_grouped_gemm_backends(kernel_backend, M, K, N, sizes, start, dtype, tra
     want = grouped_gemm_wgrad_ref(x.double(), dy.double(), offsets, len(sizes), trans_b)
     plain = grouped_gemm_wgrad_ref(x, dy, offsets, len(sizes), trans_b).double()
     assert _maxabs(dw.double() - want) <= 2 * _maxabs(plain - want) + 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA forward GEMM's tile choice (common/gemm_tiles.h; exposed by the CPU module so that it
+# is tested without a GPU)
+
+
+def _tile_model():
+    from compass_kernels import _ext
+
+    if _ext.cpu_module is None:
+        pytest.skip("compass_kernels._cpu not built")
+    return _ext.cpu_module
+
+
+@pytest.mark.parametrize("M,N,E,want", [
+    (16384, 1408, 16, "128x256"),   # Compass experts: 11 vs ~5.8 waves on 132 SMs
+    (16384, 2048, 16, "128x256"),   # and the transpose
+    (16384, 256, 128, "128x256"),   # fine-grained: 128 tiles, one wave, against two
+    (32768, 768, 8, "128x256"),     # Transformer Engine's benchmark shape
+    (16384, 128, 16, "128x128"),    # N = 128: the wide tile would be half empty
+    (2048, 384, 16, "128x128"),     # 48 narrow tiles fit one wave; wide ones waste a third
+    (0, 256, 4, "128x128"),         # nothing to do: the default
+])
+def test_forward_tile_choice(M, N, E, want, monkeypatch):
+    monkeypatch.delenv("COMPASS_GEMM_TILE", raising=False)
+    m = _tile_model()
+    assert m.gemm_forward_tile(M, N, E, 132) == want
+    costs = {t: m.gemm_forward_tile_cost(t, M, N, E, 132) for t in ("128x128", "128x256")}
+    assert costs[want] == min(costs.values())
+
+
+def test_forward_tile_wave_model():
+    m = _tile_model()
+    # 16 groups x 1024 rows, N = 1408: 128x128 -> 16 * 8 * 11 = 1408 tiles = 11 waves of 132;
+    # 128x256 -> 16 * 8 * 6 = 768 tiles = 6 waves, each twice the area, at 1.15x the rate
+    assert m.gemm_forward_tile_cost("128x128", 16384, 1408, 16, 132) == 11.0
+    assert m.gemm_forward_tile_cost("128x256", 16384, 1408, 16, 132) == pytest.approx(6 * 2 / 1.15)
+    # more SMs never cost more waves
+    for sms in (78, 114, 132):
+        assert m.gemm_forward_tile_cost("128x128", 16384, 1408, 16, sms) >= \
+            m.gemm_forward_tile_cost("128x128", 16384, 1408, 16, sms + 1)
+    with pytest.raises(ValueError, match="tile must be 128x128 or 128x256"):
+        m.gemm_forward_tile_cost("64x64", 1, 1, 1, 1)
+
+
+def test_forward_tile_override(monkeypatch):
+    m = _tile_model()
+    monkeypatch.setenv("COMPASS_GEMM_TILE", "128x128")
+    assert m.gemm_forward_tile(16384, 1408, 16, 132) == "128x128"
+    monkeypatch.setenv("COMPASS_GEMM_TILE", "256x256")
+    with pytest.raises(ValueError, match="COMPASS_GEMM_TILE must be 128x128 or 128x256"):
+        m.gemm_forward_tile(16384, 1408, 16, 132)

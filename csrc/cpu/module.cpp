@@ -4,6 +4,10 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "common/gemm_tiles.h"
 
 #ifdef COMPASS_OPENMP
 #include <omp.h>
@@ -65,6 +69,27 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("grad_y"), py::arg("grad_probs"),
         "Backward of unpermute: grad_y rows and (when probs != 0) grad_probs.");
 
+  // The sm_90a forward grouped GEMM's tile model (common/gemm_tiles.h), here so that it can be
+  // tested and reported on machines without a GPU.
+  m.def(
+      "gemm_forward_tile",
+      [](int64_t M, int64_t N, int64_t E, int sm_count) {
+        const int i = compass::choose_forward_tile(M, N, E, sm_count);
+        if (i < 0) throw std::invalid_argument("COMPASS_GEMM_TILE must be 128x128 or 128x256");
+        return std::string(compass::kForwardTiles[i].name);
+      },
+      py::arg("M"), py::arg("N"), py::arg("E"), py::arg("sm_count"),
+      "The tile ('128x128' or '128x256') the CUDA forward grouped GEMM uses for M rows in E groups and "
+      "N output columns on a GPU with sm_count SMs.");
+  m.def(
+      "gemm_forward_tile_cost",
+      [](const std::string& tile, int64_t M, int64_t N, int64_t E, int sm_count) {
+        for (const auto& t : compass::kForwardTiles)
+          if (tile == t.name) return compass::forward_tile_cost(t, M, N, E, sm_count);
+        throw std::invalid_argument("tile must be 128x128 or 128x256, got " + tile);
+      },
+      py::arg("tile"), py::arg("M"), py::arg("N"), py::arg("E"), py::arg("sm_count"),
+      "The wave model's cost of that tile (in 128x128 tile-waves at the 128x128 rate).");
   register_ot(m);
   register_fp8(m);
 }

@@ -11,8 +11,10 @@
 //   grouped_gemm_wgrad: dw[e] = x_e^T @ dy_e ([E, K, N]) or dy_e^T @ x_e (trans_b, [E, N, K]);
 //     empty groups -> exact zeros.
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
+#include "common/gemm_tiles.h"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.h"
 #include "cuda/gemm_host.h"
@@ -21,24 +23,35 @@ namespace compass {
 namespace cuda {
 namespace {
 
-// One compiled tile config per (dtype, op), so the choice depends on the op, not on the shape:
-// 3 layouts x 2 dtypes already fill the CI's budget of 6 CUTLASS instances (~90 s of nvcc each).
-// Forward: cooperative 128x128x64; wgrad: pingpong 128x128x64 (see sm90/grouped_gemm_sm90.cuh).
-const GroupedGemmInstance* find_instance(int dtype, GemmOp op) {
+// The compiled instance for (dtype, op) and, for the forward layouts, the tile: index `tile` of
+// kForwardTiles (common/gemm_tiles.h; 0 = 128x128, 1 = 128x256). Wgrad has one tile (pingpong
+// 128x128, see sm90/grouped_gemm_sm90.cuh).
+const GroupedGemmInstance* find_instance(int dtype, GemmOp op, int tile = 0) {
 #if defined(COMPASS_HAVE_SM90_GROUPED_GEMM)
-  const bool fwd_t = op == GemmOp::kXWt;
+  const bool fwd_t = op == GemmOp::kXWt, wide = tile == 1;
   switch (static_cast<DType>(dtype)) {
     case DType::kBFloat16:
-      return op == GemmOp::kWgrad ? &kSm90Bf16Wgrad : fwd_t ? &kSm90Bf16XWt : &kSm90Bf16XW;
+      if (op == GemmOp::kWgrad) return &kSm90Bf16Wgrad;
+      return fwd_t ? (wide ? &kSm90Bf16XWtWide : &kSm90Bf16XWt) : (wide ? &kSm90Bf16XWWide : &kSm90Bf16XW);
     case DType::kFloat16:
-      return op == GemmOp::kWgrad ? &kSm90F16Wgrad : fwd_t ? &kSm90F16XWt : &kSm90F16XW;
+      if (op == GemmOp::kWgrad) return &kSm90F16Wgrad;
+      return fwd_t ? (wide ? &kSm90F16XWtWide : &kSm90F16XWt) : (wide ? &kSm90F16XWWide : &kSm90F16XW);
     default: break;
   }
 #else
   (void)dtype;
   (void)op;
+  (void)tile;
 #endif
   return nullptr;
+}
+
+// The forward tile for this shape on this device (COMPASS_GEMM_TILE may force one).
+int forward_tile(int64_t M, int64_t N, int64_t E, int sm_count, const char* what) {
+  const int tile = choose_forward_tile(M, N, E, sm_count);
+  check_arg(tile >= 0, what, std::string("COMPASS_GEMM_TILE must be 128x128 or 128x256, got ") +
+                                 std::getenv("COMPASS_GEMM_TILE"));
+  return tile;
 }
 
 // Why (dtype, K, N) cannot be served, or "" if it can.
@@ -62,10 +75,11 @@ std::string unsupported_reason(int dtype, int64_t K, int64_t N) {
 #endif
 }
 
-const GroupedGemmInstance& instance_or_throw(int dtype, GemmOp op, int64_t K, int64_t N, const char* what) {
+const GroupedGemmInstance& instance_or_throw(int dtype, GemmOp op, int64_t K, int64_t N, const char* what,
+                                             int tile = 0) {
   const std::string why = unsupported_reason(dtype, K, N);
   check_arg(why.empty(), what, why);
-  return *find_instance(dtype, op);
+  return *find_instance(dtype, op, tile);
 }
 
 GemmOp fwd_op(bool trans_b) { return trans_b ? GemmOp::kXWt : GemmOp::kXW; }
@@ -80,8 +94,10 @@ bool grouped_gemm_supported(int dtype, bool trans_b, int64_t K, int64_t N) {
 int64_t grouped_gemm_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b) {
   const char* what = "grouped_gemm_workspace_bytes";
   check_gemm_sizes(M, K, N, E, what);
-  const GroupedGemmInstance& inst = instance_or_throw(dtype, fwd_op(trans_b), K, N, what);
-  return static_cast<int64_t>(inst.workspace_bytes(E, current_device(what).sm_count));
+  const int sm_count = current_device(what).sm_count;
+  const GroupedGemmInstance& inst =
+      instance_or_throw(dtype, fwd_op(trans_b), K, N, what, forward_tile(M, N, E, sm_count, what));
+  return static_cast<int64_t>(inst.workspace_bytes(E, sm_count));
 }
 
 int64_t grouped_gemm_wgrad_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b) {
@@ -97,12 +113,13 @@ void grouped_gemm(const void* x, const void* w, const int64_t* offsets, void* y,
                   cudaStream_t stream) {
   const char* what = "grouped_gemm";
   check_gemm_sizes(M, K, N, E, what);
-  const GroupedGemmInstance& inst = instance_or_throw(dtype, fwd_op(trans_b), K, N, what);
+  const Device dev = current_device(what);
+  const GroupedGemmInstance& inst =
+      instance_or_throw(dtype, fwd_op(trans_b), K, N, what, forward_tile(M, N, E, dev.sm_count, what));
   if (M == 0 || N == 0) return;  // y is empty
   check_arg(y != nullptr && offsets != nullptr, what, "y and offsets must not be null");
   check_arg(K == 0 || (x != nullptr && (E == 0 || w != nullptr)), what, "x and w must not be null");
   check_arg(workspace_bytes >= 0, what, "workspace_bytes must be >= 0");
-  const Device dev = current_device(what);
   GroupedGemmCall call;
   call.a = x;
   call.b = w;

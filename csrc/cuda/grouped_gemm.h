@@ -44,7 +44,7 @@ struct GroupedGemmInstance {
   void (*run)(const GroupedGemmCall& call);
 };
 
-// Defined in sm90/grouped_gemm_<dtype>_<op>.cu, one CUTLASS instance per file; referenced only
+// Defined in sm90/grouped_gemm_<dtype>_<op>[_wide].cu, one CUTLASS instance per file; referenced only
 // when the build defines COMPASS_HAVE_SM90_GROUPED_GEMM (CMake: CUTLASS found and 90a targeted).
 extern const GroupedGemmInstance kSm90Bf16XW;
 extern const GroupedGemmInstance kSm90Bf16XWt;
@@ -52,6 +52,11 @@ extern const GroupedGemmInstance kSm90Bf16Wgrad;
 extern const GroupedGemmInstance kSm90F16XW;
 extern const GroupedGemmInstance kSm90F16XWt;
 extern const GroupedGemmInstance kSm90F16Wgrad;
+// The forward layouts' 128x256 tile (common/gemm_tiles.h chooses between the two).
+extern const GroupedGemmInstance kSm90Bf16XWWide;
+extern const GroupedGemmInstance kSm90Bf16XWtWide;
+extern const GroupedGemmInstance kSm90F16XWWide;
+extern const GroupedGemmInstance kSm90F16XWtWide;
 
 }  // namespace cuda
 }  // namespace compass

@@ -37,8 +37,8 @@ namespace cuda {
 namespace sm90 {
 
 // ---- tile configurations --------------------------------------------------------------------
-// One config per (dtype, op): 3 layouts x 2 dtypes = 6 instances is the CI's compile budget
-// (.ci/cuda_check.sh, ~90 s per instance on 2 cores), so there is no second tile per layout.
+// Forward layouts get two tiles, 128x128 and 128x256 (common/gemm_tiles.h picks one from the
+// shape); wgrad one. 10 bf16/fp16 instances at ~26 s of nvcc CPU each (.ci/cuda_check.sh).
 // Cluster 1x1: a 2-CTA cluster rounds every group's tile count up to a multiple of 2, which
 // wastes a tile per group on the small, ragged groups of fine-grained MoE.
 
@@ -51,6 +51,14 @@ struct CooperativeTile {
   using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 };
 
+// The wide forward tile: each consumer warpgroup owns 64 x 256 accumulators (128 fp32 registers a
+// thread), and each A tile loaded feeds 256 output columns instead of 128.
+struct WideCooperativeTile {
+  using TileShape = cute::Shape<cute::_128, cute::_256, cute::_64>;
+  using ClusterShape = cute::Shape<cute::_1, cute::_1, cute::_1>;
+  using KernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+  using EpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+};
 // Wgrad (dw[e] = x_e^T dy_e): the reduction runs over the group's rows, often only 1-4 k-tiles of
 // 64 (E = 128 experts x ~128 rows), so the epilogue costs as much as the mainloop; pingpong
 // overlaps one warpgroup's epilogue with the other's MMAs.
@@ -79,10 +87,10 @@ template <> struct OpTraits<GemmOp::kWgrad> {  // A = a_e^T (M-major), B = b_e (
   using Tile = PingpongTile;
 };
 
-template <class Element, GemmOp kOp>
+template <class Element, GemmOp kOp, class TileT = typename OpTraits<kOp>::Tile>
 struct KernelConfig {
   using Traits = OpTraits<kOp>;
-  using Tile = typename Traits::Tile;
+  using Tile = TileT;
   using LayoutD = cutlass::layout::RowMajor;
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;  // 16-byte TMA rows
   using ProblemShape = cutlass::gemm::GroupProblemShape<cute::Shape<int, int, int>>;  // (M, N, K)
@@ -233,9 +241,9 @@ grouped_gemm_prep_kernel(const typename Cfg::ElementA* a, const typename Cfg::El
 
 // ---- host side ------------------------------------------------------------------------------
 
-template <class Element, GemmOp kOp>
+template <class Element, GemmOp kOp, class Tile = typename OpTraits<kOp>::Tile>
 struct GroupedGemmSm90 {
-  using Cfg = KernelConfig<Element, kOp>;
+  using Cfg = KernelConfig<Element, kOp, Tile>;
   using Gemm = typename Cfg::Gemm;
   static constexpr size_t kAlignBytes = 128;  // TMA descriptors in global memory need 64
 
@@ -349,8 +357,11 @@ struct GroupedGemmSm90 {
 }  // namespace cuda
 }  // namespace compass
 
-// Defines the GroupedGemmInstance `var` declared in cuda/grouped_gemm.h.
-#define COMPASS_SM90_GROUPED_GEMM_INSTANCE(var, name, element, op)                                    \
+// Defines the GroupedGemmInstance `var` declared in cuda/grouped_gemm.h (the op's default tile, or
+// `tile`, one of the tile structs above, with the _TILE form).
+#define COMPASS_SM90_GROUPED_GEMM_INSTANCE_TILE(var, name, element, op, tile)                         \
   const ::compass::cuda::GroupedGemmInstance var = {                                                  \
-      name, op, &::compass::cuda::sm90::GroupedGemmSm90<element, op>::workspace_bytes,                \
-      &::compass::cuda::sm90::GroupedGemmSm90<element, op>::run}
+      name, op, &::compass::cuda::sm90::GroupedGemmSm90<element, op, tile>::workspace_bytes,          \
+      &::compass::cuda::sm90::GroupedGemmSm90<element, op, tile>::run}
+#define COMPASS_SM90_GROUPED_GEMM_INSTANCE(var, name, element, op) \
+  COMPASS_SM90_GROUPED_GEMM_INSTANCE_TILE(var, name, element, op, ::compass::cuda::sm90::OpTraits<op>::Tile)
