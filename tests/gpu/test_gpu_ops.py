@@ -109,6 +109,26 @@ def test_grouped_gemm(backend, dtype, trans_b, sizes):
     assert (dw.double() - wexact).abs().max() <= 2 * (wplain - wexact).abs().max() + 1e-3
 
 
+@pytest.mark.skipif("cuda" not in _gpu_backends("grouped_gemm"), reason="compass_kernels._cuda not built")
+@pytest.mark.parametrize("tile", ["128x128", "128x256"])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_grouped_gemm_cuda_tiles(tile, trans_b, monkeypatch):
+    """Both compiled forward tiles (forced with COMPASS_GEMM_TILE) on ragged groups, N not a
+    multiple of 256, rows past the last group."""
+    monkeypatch.setenv("COMPASS_GEMM_TILE", tile)
+    sizes, K, N = [300, 0, 1, 129, 700], 192, 392
+    E, M = len(sizes), sum(sizes) + 5
+    offsets = torch.tensor([0] + sizes, device=DEV).cumsum(0)
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    w = (torch.randn(E, N, K) if trans_b else torch.randn(E, K, N)).to(DEV, torch.bfloat16) / K**0.5
+    with ck.use_backend("cuda"):
+        y = ck.grouped_gemm(x, w, offsets, trans_b=trans_b)
+    exact = grouped_gemm_ref(x.double(), w.double(), offsets, trans_b)
+    plain = grouped_gemm_ref(x, w, offsets, trans_b).double()
+    assert (y.double() - exact).abs().max() <= 2 * (plain - exact).abs().max() + 1e-3
+    assert y[-5:].eq(0).all()
+
+
 def test_moe_chain_compiles_fullgraph_on_gpu():
     E, k, H, F = 16, 2, 256, 512
     w1 = torch.randn(E, H, F, device=DEV, dtype=torch.bfloat16) / H**0.5
