@@ -1,0 +1,140 @@
+// The AVX-512 path of the CPU FP8 quantizer (fp8.cpp): the in-range cast 64 values at a time and
+// the fused cast + next-row amax of the row pipeline. Defines COMPASS_AVX512_CAST where it is
+// compiled (x86-64 GCC); fp8.cpp dispatches on kHaveAvx512 at run time.
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include "common/fp8.h"
+#include "cpu/fp8_inputs.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define COMPASS_AVX512_CAST 1
+#include <immintrin.h>
+
+namespace compass::cpu::fp8 {
+
+#define COMPASS_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// f32_to_fp8_in_range on 16 lanes: dword codes 0..255, the sign in bit 7.
+template <class F>
+COMPASS_AVX512_TARGET inline __m512i codes16(__m512 x, __m512 s) {
+  const __m512i q = _mm512_castps_si512(_mm512_div_ps(x, s));
+  const __m512i min_normal = _mm512_set1_epi32(int(F::kMinNormalBits));
+  const __m512i a = _mm512_and_si512(q, _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i e = _mm512_max_epu32(_mm512_and_si512(q, _mm512_set1_epi32(0x7F800000)), min_normal);
+  const __m512i c = _mm512_add_epi32(e, _mm512_set1_epi32(int((uint32_t(F::kShift) << 23) + 0x400000u)));
+  const __m512i sum = _mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(c)));
+  const __m512i code = _mm512_add_epi32(_mm512_sub_epi32(sum, c),
+                                        _mm512_srli_epi32(_mm512_sub_epi32(e, min_normal), F::kShift));
+  // code | (sign & 0x80): ternary-logic table A | (B & C) = 0xF8
+  return _mm512_ternarylogic_epi32(code, _mm512_srli_epi32(q, 24), _mm512_set1_epi32(0x80), 0xF8);
+}
+
+// acc = max(acc, |p[0, 64)| as bits), in the input's own lane width (NaN bits win, as amax_bits).
+template <class In>
+COMPASS_AVX512_TARGET inline __m512i amax64(__m512i acc, const typename In::S* p) {
+  if constexpr (std::is_same_v<In, InF32>) {
+    const __m512i m = _mm512_set1_epi32(0x7FFFFFFF);
+    for (int j = 0; j < 4; ++j) acc = _mm512_max_epu32(acc, _mm512_and_si512(_mm512_loadu_si512(p + 16 * j), m));
+  } else {
+    const __m512i m = _mm512_set1_epi16(0x7FFF);
+    for (int j = 0; j < 2; ++j) acc = _mm512_max_epu16(acc, _mm512_and_si512(_mm512_loadu_si512(p + 32 * j), m));
+  }
+  return acc;
+}
+
+template <class In>
+COMPASS_AVX512_TARGET inline typename In::S reduce_amax(__m512i acc) {
+  if constexpr (std::is_same_v<In, InF32>) {
+    return _mm512_reduce_max_epu32(acc);
+  } else {
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(acc));
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(acc, 1));
+    return typename In::S(_mm512_reduce_max_epu32(_mm512_max_epu32(lo, hi)));
+  }
+}
+
+// The in-range cast, 64 values per step, written out: GCC's vectorisation of the scalar form
+// packs each 16 codes with a two-uop vpmovdb (and bf16 loads with a zero-extend and a shift);
+// here bf16 pairs are split by unpacking against zero (the value lands in the high half of each
+// lane, no shift), and 64 codes leave through two saturating dword->word packs, one word->byte
+// pack and one permute that restores the order the in-lane packs shuffled (~10% in cache).
+// With kNext, the loop also folds |next[0, n)| into *acc (the next row's amax, see
+// cast_block_fused) and prefetches `ahead` (the row after next) into L2.
+template <class In, class F, bool kNext = false>
+COMPASS_AVX512_TARGET void cast_in_range_avx512(const typename In::S* __restrict p, int64_t n, float scale,
+                                                uint8_t* __restrict out, const typename In::S* next = nullptr,
+                                                __m512i* acc = nullptr, const typename In::S* ahead = nullptr) {
+  __m512i m = kNext ? *acc : _mm512_setzero_si512();
+  const __m512 s = _mm512_set1_ps(scale);
+  // bf16: unpacking puts elements 8j..8j+3 / 8j+4..8j+7 of 128-bit lane j in two vectors, and the
+  // packs put them back in lane order, so only the 64-bit halves of the lanes need reordering.
+  // fp32 / fp16 load in order; after the packs lane j holds elements 4j.. of each 16: dwords.
+  const __m512i bf16_order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m512i dword_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    __m512i c0, c1, c2, c3;
+    if constexpr (std::is_same_v<In, InBF16>) {
+      const __m512i zero = _mm512_setzero_si512();
+      const __m512i v0 = _mm512_loadu_si512(p + i), v1 = _mm512_loadu_si512(p + i + 32);
+      c0 = codes16<F>(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v0)), s);
+      c1 = codes16<F>(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v0)), s);
+      c2 = codes16<F>(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v1)), s);
+      c3 = codes16<F>(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v1)), s);
+    } else if constexpr (std::is_same_v<In, InF32>) {
+      c0 = codes16<F>(_mm512_loadu_ps(p + i), s);
+      c1 = codes16<F>(_mm512_loadu_ps(p + i + 16), s);
+      c2 = codes16<F>(_mm512_loadu_ps(p + i + 32), s);
+      c3 = codes16<F>(_mm512_loadu_ps(p + i + 48), s);
+    } else {  // fp16: the hardware conversion is exact
+      c0 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i))), s);
+      c1 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 16))), s);
+      c2 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32))), s);
+      c3 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 48))), s);
+    }
+    const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+    const __m512i ordered = std::is_same_v<In, InBF16> ? _mm512_permutexvar_epi64(bf16_order, bytes)
+                                                       : _mm512_permutexvar_epi32(dword_order, bytes);
+    _mm512_storeu_si512(out + i, ordered);
+    if constexpr (kNext) {
+      m = amax64<In>(m, next + i);
+      if (ahead) {  // the row after next, one line per 64 bytes, into L2
+        const char* a = reinterpret_cast<const char*>(ahead + i);
+        for (int b = 0; b < 64 * int(sizeof(typename In::S)); b += 64) _mm_prefetch(a + b, _MM_HINT_T1);
+      }
+    }
+  }
+  for (; i < n; ++i) out[i] = f32_to_fp8_in_range<F>(In::load(p[i]) / scale);
+  if constexpr (kNext) *acc = m;
+}
+
+// One block of n values: out = the in-range cast of p / scale (scale finite), and returns the
+// amax bits of the same block of the next row (nullptr: 0), computed in the same loop: the next
+// row's loads overlap this row's arithmetic, and no separate amax pass streams it from memory.
+template <class In, class F>
+COMPASS_AVX512_TARGET typename In::S cast_block_fused(const typename In::S* p, const typename In::S* next, int64_t n,
+                                                      float scale, uint8_t* out, const typename In::S* ahead) {
+  using S = typename In::S;
+  const int64_t n64 = n / 64 * 64;
+  __m512i acc = _mm512_setzero_si512();
+  if (next) {
+    cast_in_range_avx512<In, F, true>(p, n64, scale, out, next, &acc, ahead);
+  } else {
+    cast_in_range_avx512<In, F>(p, n64, scale, out);
+  }
+  for (int64_t i = n64; i < n; ++i) out[i] = f32_to_fp8_in_range<F>(In::load(p[i]) / scale);
+  S m = n64 > 0 && next ? reduce_amax<In>(acc) : S(0);
+  if (next) {
+    const S t = amax_bits<In>(next + n64, n - n64);
+    m = t > m ? t : m;
+  }
+  return m;
+}
+
+inline const bool kHaveAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+
+}  // namespace compass::cpu::fp8
+#endif
