@@ -14,11 +14,12 @@
 // cast saturates, which is the clamp (f32_to_fp8 maps |v| >= fmax and inf to fmax). Blocks with a
 // finite amax cannot saturate and take the shorter f32_to_fp8_in_range (common/fp8.h).
 //
-// With AVX-512 (fp8_avx512.h) the row and block granularities run a pipeline instead of two passes per row: the
-// loop that casts row r also reduces the block amaxes of row r + 1 and prefetches row r + 2, so x
-// streams from memory once while the casts run (quantize_rows_pipelined). Single thread, rows in
-// cache: bf16 ~125 -> ~90-100 ps per element, fp32 ~130 -> ~95 (the two-pass form below, which
-// other CPUs and the tensor / block2d granularities keep).
+// With AVX-512 (fp8_avx512.h) the row and block granularities run a pipeline instead of two
+// passes per row: the loop that casts row r also reduces the block amaxes of row r + 1 and
+// prefetches row r + 2, so x streams from memory once while the casts run
+// (quantize_rows_pipelined). Single thread, rows in cache: bf16 ~125 -> ~90-100 ps per element,
+// fp32 ~130 -> ~95 against the two-pass form below, which other CPUs and the tensor / block2d
+// granularities keep.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
