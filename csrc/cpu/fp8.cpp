@@ -42,11 +42,11 @@ namespace compass::cpu {
 namespace {
 
 using fp8::amax_bits;
+using fp8::scale_from_amax;
 using fp8::InBF16;
 using fp8::InF16;
 using fp8::InF32;
 #ifdef COMPASS_AVX512_CAST
-using fp8::cast_block_fused;
 using fp8::cast_in_range_avx512;
 using fp8::kHaveAvx512;
 #endif
@@ -60,14 +60,9 @@ using fp8::kHaveAvx512;
 
 // Below this many input bytes a parallel region (~5-10 us to wake 2 threads) costs more than it saves.
 constexpr int64_t kParallelMinBytes = 256 * 1024;
-constexpr float kAmaxFloor = 1e-12f;
 
 enum Granularity : int { kTensor = 0, kRow = 1, kBlock = 2, kBlock2d = 3 };
 
-// NaN stays NaN: the comparison is false for it.
-inline float scale_from_amax(float amax, float fmax) {
-  return (amax < kAmaxFloor ? kAmaxFloor : amax) / fmax;
-}
 
 // out = fp8(x / scale). A finite scale means a finite amax, so no |x / scale| can be NaN or pass
 // fmax (1 + 2^-23): the in-range cast (~25% fewer operations) gives the same codes. A block with
@@ -150,10 +145,9 @@ COMPASS_CLONES void quantize_tile(const typename In::S* p, int64_t stride_m, int
 
 #ifdef COMPASS_AVX512_CAST
 // Rows [r0, r1) of the row / block granularities (step = K or the block size), pipelined: the
-// casts of row r also take the block amaxes of row r + 1 (cast_block_fused), so each row is read
-// from memory once, overlapped with the previous row's arithmetic. The first row's amaxes come
-// from a separate pass; a block whose amax is inf or NaN takes the general cast and a separate
-// amax of the next row's block.
+// casts of row r also take the block amaxes of row r + 1 (fp8::quantize_row_fused), so each row
+// is read from memory once, overlapped with the previous row's arithmetic. The first row's
+// amaxes come from a separate pass.
 template <class In, class F, class RowPtr>
 void quantize_rows_pipelined(RowPtr row_ptr, int64_t r0, int64_t r1, int64_t K, int64_t step, uint8_t* data,
                              float* scale) {
@@ -165,18 +159,7 @@ void quantize_rows_pipelined(RowPtr row_ptr, int64_t r0, int64_t r1, int64_t K, 
   for (int64_t r = r0; r < r1; ++r) {
     const S* next = r + 1 < r1 ? row_ptr(r + 1) : nullptr;
     const S* ahead = r + 2 < r1 ? row_ptr(r + 2) : nullptr;
-    for (int64_t kb = 0; kb < nkb; ++kb) {
-      const int64_t k0 = kb * step, len = std::min(step, K - k0);
-      const float sc = scale_from_amax(In::load(cur[kb]), F::kMax);
-      scale[r * nkb + kb] = sc;
-      uint8_t* o = data + r * K + k0;
-      if (std::isfinite(sc)) {
-        nxt[kb] = cast_block_fused<In, F>(p + k0, next ? next + k0 : nullptr, len, sc, o, ahead ? ahead + k0 : nullptr);
-      } else {
-        cast_row<In, F>(p + k0, len, sc, o, nullptr);
-        if (next) nxt[kb] = row_amax<In>(next + k0, len);
-      }
-    }
+    fp8::quantize_row_fused<In, F>(p, next, ahead, K, step, cur.data(), nxt.data(), scale + r * nkb, data + r * K);
     std::swap(cur, nxt);
     p = next;
   }

@@ -2,6 +2,7 @@
 // the fused cast + next-row amax of the row pipeline. Defines COMPASS_AVX512_CAST where it is
 // compiled (x86-64 GCC); fp8.cpp dispatches on kHaveAvx512 at run time.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -49,92 +50,107 @@ COMPASS_AVX512_TARGET inline typename In::S reduce_amax(__m512i acc) {
   if constexpr (std::is_same_v<In, InF32>) {
     return _mm512_reduce_max_epu32(acc);
   } else {
-    const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(acc));
-    const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(acc, 1));
-    return typename In::S(_mm512_reduce_max_epu32(_mm512_max_epu32(lo, hi)));
+    // halve to 8 lanes, then phminposuw on the complement: the max of 8 unsigned words in one op
+    const __m256i y = _mm256_max_epu16(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
+    const __m128i x = _mm_max_epu16(_mm256_castsi256_si128(y), _mm256_extracti128_si256(y, 1));
+    const __m128i ones = _mm_set1_epi32(-1);
+    return typename In::S(~_mm_cvtsi128_si32(_mm_minpos_epu16(_mm_xor_si128(x, ones))) & 0xFFFF);
   }
 }
 
-// The in-range cast, 64 values per step, written out: GCC's vectorisation of the scalar form
-// packs each 16 codes with a two-uop vpmovdb (and bf16 loads with a zero-extend and a shift);
-// here bf16 pairs are split by unpacking against zero (the value lands in the high half of each
-// lane, no shift), and 64 codes leave through two saturating dword->word packs, one word->byte
-// pack and one permute that restores the order the in-lane packs shuffled (~10% in cache).
-// With kNext, the loop also folds |next[0, n)| into *acc (the next row's amax, see
-// cast_block_fused) and prefetches `ahead` (the row after next) into L2.
-template <class In, class F, bool kNext = false>
-COMPASS_AVX512_TARGET void cast_in_range_avx512(const typename In::S* __restrict p, int64_t n, float scale,
-                                                uint8_t* __restrict out, const typename In::S* next = nullptr,
-                                                __m512i* acc = nullptr, const typename In::S* ahead = nullptr) {
-  __m512i m = kNext ? *acc : _mm512_setzero_si512();
-  const __m512 s = _mm512_set1_ps(scale);
-  // bf16: unpacking puts elements 8j..8j+3 / 8j+4..8j+7 of 128-bit lane j in two vectors, and the
-  // packs put them back in lane order, so only the 64-bit halves of the lanes need reordering.
-  // fp32 / fp16 load in order; after the packs lane j holds elements 4j.. of each 16: dwords.
-  const __m512i bf16_order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
-  const __m512i dword_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    __m512i c0, c1, c2, c3;
-    if constexpr (std::is_same_v<In, InBF16>) {
-      const __m512i zero = _mm512_setzero_si512();
-      const __m512i v0 = _mm512_loadu_si512(p + i), v1 = _mm512_loadu_si512(p + i + 32);
-      c0 = codes16<F>(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v0)), s);
-      c1 = codes16<F>(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v0)), s);
-      c2 = codes16<F>(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v1)), s);
-      c3 = codes16<F>(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v1)), s);
-    } else if constexpr (std::is_same_v<In, InF32>) {
-      c0 = codes16<F>(_mm512_loadu_ps(p + i), s);
-      c1 = codes16<F>(_mm512_loadu_ps(p + i + 16), s);
-      c2 = codes16<F>(_mm512_loadu_ps(p + i + 32), s);
-      c3 = codes16<F>(_mm512_loadu_ps(p + i + 48), s);
-    } else {  // fp16: the hardware conversion is exact
-      c0 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i))), s);
-      c1 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 16))), s);
-      c2 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 32))), s);
-      c3 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i + 48))), s);
-    }
-    const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
-    const __m512i ordered = std::is_same_v<In, InBF16> ? _mm512_permutexvar_epi64(bf16_order, bytes)
-                                                       : _mm512_permutexvar_epi32(dword_order, bytes);
-    _mm512_storeu_si512(out + i, ordered);
-    if constexpr (kNext) {
-      m = amax64<In>(m, next + i);
-      if (ahead) {  // the row after next, one line per 64 bytes, into L2
-        const char* a = reinterpret_cast<const char*>(ahead + i);
-        for (int b = 0; b < 64 * int(sizeof(typename In::S)); b += 64) _mm_prefetch(a + b, _MM_HINT_T1);
-      }
-    }
-  }
-  for (; i < n; ++i) out[i] = f32_to_fp8_in_range<F>(In::load(p[i]) / scale);
-  if constexpr (kNext) *acc = m;
-}
-
-// One block of n values: out = the in-range cast of p / scale (scale finite), and returns the
-// amax bits of the same block of the next row (nullptr: 0), computed in the same loop: the next
-// row's loads overlap this row's arithmetic, and no separate amax pass streams it from memory.
+// The in-range cast of 64 values, written out: GCC's vectorisation of the scalar form packs each
+// 16 codes with a two-uop vpmovdb (and bf16 loads with a zero-extend and a shift); here bf16
+// pairs are split by unpacking against zero (the value lands in the high half of each lane, no
+// shift), and 64 codes leave through two saturating dword->word packs, one word->byte pack and
+// one permute that restores the order the in-lane packs shuffled (~10% in cache).
 template <class In, class F>
-COMPASS_AVX512_TARGET typename In::S cast_block_fused(const typename In::S* p, const typename In::S* next, int64_t n,
-                                                      float scale, uint8_t* out, const typename In::S* ahead) {
-  using S = typename In::S;
-  const int64_t n64 = n / 64 * 64;
-  __m512i acc = _mm512_setzero_si512();
-  if (next) {
-    cast_in_range_avx512<In, F, true>(p, n64, scale, out, next, &acc, ahead);
-  } else {
-    cast_in_range_avx512<In, F>(p, n64, scale, out);
+[[gnu::always_inline]] COMPASS_AVX512_TARGET inline void cast64(const typename In::S* __restrict p, __m512 s,
+                                                                uint8_t* __restrict out) {
+  __m512i c0, c1, c2, c3;
+  if constexpr (std::is_same_v<In, InBF16>) {
+    const __m512i zero = _mm512_setzero_si512();
+    const __m512i v0 = _mm512_loadu_si512(p), v1 = _mm512_loadu_si512(p + 32);
+    c0 = codes16<F>(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v0)), s);
+    c1 = codes16<F>(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v0)), s);
+    c2 = codes16<F>(_mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v1)), s);
+    c3 = codes16<F>(_mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v1)), s);
+  } else if constexpr (std::is_same_v<In, InF32>) {
+    c0 = codes16<F>(_mm512_loadu_ps(p), s);
+    c1 = codes16<F>(_mm512_loadu_ps(p + 16), s);
+    c2 = codes16<F>(_mm512_loadu_ps(p + 32), s);
+    c3 = codes16<F>(_mm512_loadu_ps(p + 48), s);
+  } else {  // fp16: the hardware conversion is exact
+    c0 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), s);
+    c1 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16))), s);
+    c2 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))), s);
+    c3 = codes16<F>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 48))), s);
   }
-  for (int64_t i = n64; i < n; ++i) out[i] = f32_to_fp8_in_range<F>(In::load(p[i]) / scale);
-  S m = n64 > 0 && next ? reduce_amax<In>(acc) : S(0);
-  if (next) {
-    const S t = amax_bits<In>(next + n64, n - n64);
-    m = t > m ? t : m;
-  }
-  return m;
+  const __m512i bytes = _mm512_packus_epi16(_mm512_packus_epi32(c0, c1), _mm512_packus_epi32(c2, c3));
+  // bf16: unpacking put elements 8j..8j+3 / 8j+4..8j+7 of 128-bit lane j in two vectors and the
+  // packs put them back in lane order, so only the 64-bit halves of the lanes need reordering;
+  // fp32 / fp16 load in order, and after the packs lane j holds elements 4j.. of each 16.
+  const __m512i ordered =
+      std::is_same_v<In, InBF16>
+          ? _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), bytes)
+          : _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
+  _mm512_storeu_si512(out, ordered);
+}
+
+// out[0, n) = the in-range cast of p / scale (scale finite).
+template <class In, class F>
+COMPASS_AVX512_TARGET void cast_in_range_avx512(const typename In::S* __restrict p, int64_t n, float scale,
+                                                uint8_t* __restrict out) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) cast64<In, F>(p + i, s, out + i);
+  for (; i < n; ++i) out[i] = f32_to_fp8_in_range<F>(In::load(p[i]) / scale);
 }
 
 inline const bool kHaveAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+
+// One row of the row pipeline, blocks of bs (bs = K for the row granularity): block kb gets
+// scale[kb] from the amax bits cur[kb] and its codes, and nxt[kb] becomes the amax bits of the
+// same block of `next` (when next is not null), reduced in the same loop as the casts, so the
+// next row's loads overlap this row's arithmetic and no separate amax pass streams it; `ahead`
+// (the row after next, or null) is prefetched into L2 on the way. A block with a non-finite
+// scale takes the general cast and a separate amax of next's block.
+template <class In, class F>
+COMPASS_AVX512_TARGET void quantize_row_fused(const typename In::S* p, const typename In::S* next,
+                                              const typename In::S* ahead, int64_t K, int64_t bs,
+                                              const typename In::S* cur, typename In::S* nxt, float* scale,
+                                              uint8_t* out) {
+  using S = typename In::S;
+  const int64_t nkb = (K + bs - 1) / bs;
+  for (int64_t kb = 0; kb < nkb; ++kb) scale[kb] = scale_from_amax(In::load(cur[kb]), F::kMax);
+  for (int64_t k0 = 0, kb = 0; k0 < K; k0 += bs, ++kb) {
+    const int64_t len = bs < K - k0 ? bs : K - k0, n64 = len / 64 * 64;
+    const float sc = scale[kb];
+    const S* q = next ? next + k0 : nullptr;
+    if (!std::isfinite(sc)) {
+      for (int64_t i = 0; i < len; ++i) out[k0 + i] = f32_to_fp8<F>(In::load(p[k0 + i]) / sc);
+      if (q) nxt[kb] = amax_bits<In>(q, len);
+      continue;
+    }
+    const __m512 s = _mm512_set1_ps(sc);
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t i = 0; i < n64; i += 64) {
+      cast64<In, F>(p + k0 + i, s, out + k0 + i);
+      if (q) {
+        acc = amax64<In>(acc, q + i);
+        if (ahead) {
+          const char* a = reinterpret_cast<const char*>(ahead + k0 + i);
+          for (int b = 0; b < 64 * int(sizeof(S)); b += 64) _mm_prefetch(a + b, _MM_HINT_T1);
+        }
+      }
+    }
+    for (int64_t i = n64; i < len; ++i) out[k0 + i] = f32_to_fp8_in_range<F>(In::load(p[k0 + i]) / sc);
+    if (q) {
+      const S head = n64 > 0 ? reduce_amax<In>(acc) : S(0), tail = amax_bits<In>(q + n64, len - n64);
+      nxt[kb] = head > tail ? head : tail;
+    }
+  }
+}
 
 }  // namespace compass::cpu::fp8
 #endif

@@ -1,5 +1,5 @@
-// Input formats of the CPU FP8 quantizer (fp8.cpp, fp8_avx512.h): raw bits in, float out, and the
-// amax on the bits of |x|.
+// Input formats of the CPU FP8 quantizer (fp8.cpp, fp8_avx512.h): raw bits in, float out, the amax
+// on the bits of |x|, and the scale from an amax.
 #pragma once
 #include <cstdint>
 
@@ -34,6 +34,13 @@ inline typename In::S amax_bits(const typename In::S* __restrict p, int64_t n) {
     m = a > m ? a : m;
   }
   return m;
+}
+
+inline constexpr float kAmaxFloor = 1e-12f;
+
+// NaN stays NaN: the comparison is false for it.
+inline float scale_from_amax(float amax, float fmax) {
+  return (amax < kAmaxFloor ? kAmaxFloor : amax) / fmax;
 }
 
 }  // namespace compass::cpu::fp8
