@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cpu_features.h"
 #include "common/fp8.h"
 #include "cpu/fp8_inputs.h"
 
@@ -106,8 +107,7 @@ COMPASS_AVX512_TARGET void cast_in_range_avx512(const typename In::S* __restrict
   for (; i < n; ++i) out[i] = f32_to_fp8_in_range<F>(In::load(p[i]) / scale);
 }
 
-inline const bool kHaveAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+inline const bool kHaveAvx512 = have_avx512();
 
 // One row of the row pipeline, blocks of bs (bs = K for the row granularity): block kb gets
 // scale[kb] from the amax bits cur[kb] and its codes, and nxt[kb] becomes the amax bits of the

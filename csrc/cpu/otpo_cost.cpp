@@ -19,12 +19,14 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/cpu_features.h"
+
 namespace compass::cpu {
 namespace {
 
 #if defined(__x86_64__) && defined(__ELF__) && !defined(__clang__) && __GNUC__ >= 12
 #define COMPASS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-inline bool wide_registers() { return __builtin_cpu_supports("avx512f"); }
+inline bool wide_registers() { return have_avx512(); }
 #else
 #define COMPASS_CLONES
 inline bool wide_registers() { return false; }

@@ -1,0 +1,31 @@
+"""The portable fallbacks of the hand-vectorised CPU paths, exercised on an AVX-512 machine.
+
+COMPASS_CPU_NO_AVX512=1 (csrc/common/cpu_features.h, read once per process) turns off the AVX-512
+FP8 row pipeline (csrc/cpu/fp8_avx512.h) and the wide OTPO distance tile (csrc/cpu/otpo_cost.cpp),
+so a CPU without AVX-512 runs what these subprocesses run: the FP8 tests (bit-exact against the
+reference) and the OTPO tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import cpu_backends
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="compass_kernels._cpu not built")
+@pytest.mark.parametrize("target", ["test_fp8.py", "test_ot.py::test_otpo_cpu_cost_tiles_on_awkward_shapes",
+                                    "test_ot.py::test_otpo_matches_official_loop"])
+def test_without_avx512_paths(target):
+    env = dict(os.environ, COMPASS_CPU_NO_AVX512="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(HERE / target)],
+                          cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
