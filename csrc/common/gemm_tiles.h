@@ -9,7 +9,7 @@
 // device) to sm_count SMs, so the GEMM takes ceil(tiles / sm_count) waves, each costing the tile's
 // area over the rate at which that tile computes. K scales every tile's time alike and drops out.
 // The relative rate of 128x256 (1.15: it loads each A tile once per 256 columns instead of 128,
-// and CUTLASS's Hopper bf16 GEMMs with it run ~10-20% above 128x128 on large problems) is an
+// and Hopper bf16 GEMMs with it are commonly reported ~10-20% above 128x128: not measured here) is an
 // assumption until measured: bench/gpu_bench.py times both tiles (COMPASS_GEMM_TILE) on a GPU.
 #pragma once
 #include <cstdint>

@@ -27,16 +27,13 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef COMPASS_OPENMP
-#include <omp.h>
-#endif
-
 #include "common/check.h"
 #include "common/dtype.h"
 #include "common/fp8.h"
 #include "common/half.h"
 #include "cpu/fp8_avx512.h"
 #include "cpu/fp8_inputs.h"
+#include "cpu/parallel.h"
 
 namespace compass::cpu {
 namespace {
@@ -183,16 +180,9 @@ void quantize_impl(const typename In::S* x, int64_t B, int64_t M, int64_t K, int
     const int64_t step = gran == kRow ? K : bs;
 #ifdef COMPASS_AVX512_CAST
     if (kHaveAvx512) {  // each thread a contiguous range of rows, pipelined
-#pragma omp parallel if (par)
-      {
-#ifdef COMPASS_OPENMP
-        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-        const int64_t nt = 1, id = 0;
-#endif
-        const int64_t r0 = rows * id / nt, r1 = rows * (id + 1) / nt;
+      parallel_ranges(rows, par, [&](int64_t r0, int64_t r1) {
         if (r0 < r1) quantize_rows_pipelined<In, F>(row_ptr, r0, r1, K, step, data, scale);
-      }
+      });
       return;
     }
 #endif

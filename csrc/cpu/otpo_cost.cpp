@@ -33,6 +33,7 @@ inline bool wide_registers() { return false; }
 #endif
 
 constexpr int64_t kVecBytes = 64;
+constexpr int kTileRows = 6;  // rows of p per register tile
 template <class T>
 constexpr int64_t kLanes = kVecBytes / sizeof(T);  // 16 floats, 8 doubles
 template <class T>
@@ -117,28 +118,27 @@ COMPASS_CLONES T pair_cost(const T* hc, const T* hr, const int64_t* ic, int64_t 
   constexpr int64_t W = kLanes<T>;
   const int64_t ldq = (nr + W - 1) / W * W;
   w.mu.assign(D, 0.0);
-  for (int64_t a = 0; a < nc; ++a) {
-    const T* h = hc + ic[a] * D;
+  auto add_rows = [&](const T* h, const int64_t* idx, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      const T* x = h + idx[i] * D;
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) w.mu[d] += static_cast<double>(h[d]);
-  }
-  for (int64_t b = 0; b < nr; ++b) {
-    const T* h = hr + ir[b] * D;
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) w.mu[d] += static_cast<double>(h[d]);
-  }
+      for (int64_t d = 0; d < D; ++d) w.mu[d] += static_cast<double>(x[d]);
+    }
+  };
+  add_rows(hc, ic, nc);
+  add_rows(hr, ir, nr);
   const double inv = 1.0 / static_cast<double>(nc + nr);
   for (int64_t d = 0; d < D; ++d) w.mu[d] *= inv;
 
   w.p.resize(nc * D);
   w.np.resize(nc);
   for (int64_t a = 0; a < nc; ++a) w.np[a] = centre_row(w.p.data() + a * D, hc + ic[a] * D, w.mu.data(), D);
-  // q transposed, 16 rejected tokens at a time through a row buffer (p's storage past nc rows
-  // would do, but a separate one keeps the strided writes in one place); pad columns are zero.
+  // q transposed, one rejected token at a time through a row buffer (w.g, which later holds the
+  // product blocks); pad columns are zero.
   w.qt.assign(D * ldq, T(0));
   w.nq.assign(ldq, T(0));
-  std::vector<T>& row = w.g;  // reused below for the product blocks
-  row.resize(std::max<int64_t>(D, 6 * ldq));
+  std::vector<T>& row = w.g;
+  row.resize(std::max<int64_t>(D, kTileRows * ldq));
   for (int64_t b = 0; b < nr; ++b) {
     w.nq[b] = centre_row(row.data(), hr + ir[b] * D, w.mu.data(), D);
     T* col = w.qt.data() + b;
@@ -150,13 +150,13 @@ COMPASS_CLONES T pair_cost(const T* hc, const T* hr, const int64_t* ic, int64_t 
   T* G = w.g.data();
   const bool wide = wide_registers();
   int64_t a = 0;
-  for (; a + 6 <= nc; a += 6) {
+  for (; a + kTileRows <= nc; a += kTileRows) {
     if (wide) {
-      row_block<6, 4>(P + a * D, D, w.qt.data(), ldq, G);
+      row_block<kTileRows, 4>(P + a * D, D, w.qt.data(), ldq, G);
     } else {
-      row_block<6, 1>(P + a * D, D, w.qt.data(), ldq, G);
+      row_block<kTileRows, 1>(P + a * D, D, w.qt.data(), ldq, G);
     }
-    for (int r = 0; r < 6; ++r) mx = std::max(mx, cost_row(cost + (a + r) * nr, G + r * ldq, w.np[a + r], w.nq.data(), nr));
+    for (int r = 0; r < kTileRows; ++r) mx = std::max(mx, cost_row(cost + (a + r) * nr, G + r * ldq, w.np[a + r], w.nq.data(), nr));
   }
   for (; a < nc; ++a) {
     if (wide) {

@@ -18,6 +18,7 @@
 #include "common/check.h"
 #include "common/dtype.h"
 #include "common/half.h"
+#include "cpu/parallel.h"
 
 namespace compass::cpu {
 namespace {
@@ -170,29 +171,12 @@ bool use_streaming_stores(const char* dst, int64_t row_bytes, int64_t total_byte
 #endif
 }
 
-// dst (16-byte aligned) = src, n a multiple of 16 bytes, with SSE2 non-temporal stores.
+// dst (16-byte aligned) = src, n a multiple of 16 bytes, with SSE2 non-temporal stores (rows of
+// permute and grad_y: use_streaming_stores checks the alignment).
 inline void stream_bytes(char* dst, const char* src, int64_t n) {
 #if defined(__x86_64__)
   for (int64_t i = 0; i < n; i += 16) {
     _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-  }
-#else
-  std::memcpy(dst, src, n);
-#endif
-}
-
-// dst (64-byte aligned) = src, n a multiple of 64 bytes, with SSE2 non-temporal stores.
-void copy_row_streaming(char* dst, const char* src, int64_t n) {
-#if defined(__x86_64__)
-  for (int64_t i = 0; i < n; i += 64) {
-    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
-    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
-    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
   }
 #else
   std::memcpy(dst, src, n);
@@ -376,7 +360,7 @@ inline void load_lanes(const typename Tag::S* p, V& v) {
   std::memcpy(&v, tmp, sizeof(v));
 }
 // kStream: p is 16-byte aligned and the 16 values leave with non-temporal stores (see
-// copy_row_streaming); sizeof(S) * 16 is a multiple of 16 bytes for every S.
+// stream_bytes); sizeof(S) * 16 is a multiple of 16 bytes for every S.
 template <class Tag, bool kStream, class V>
 inline void store_lanes(typename Tag::S* p, const V& v) {
   typename Tag::Acc tmp[16];
@@ -465,7 +449,7 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
         if (probs) write_scalar(grad_probs, probs_dtype, t * k + j, 0.0);
       } else if (!probs) {
         if (stream) {
-          copy_row_streaming(reinterpret_cast<char*>(grad_y + row * H), reinterpret_cast<const char*>(g_t),
+          stream_bytes(reinterpret_cast<char*>(grad_y + row * H), reinterpret_cast<const char*>(g_t),
                              H * int64_t(sizeof(S)));
         } else {
           std::memcpy(grad_y + row * H, g_t, H * sizeof(S));
@@ -492,19 +476,6 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
   if (stream) streaming_fence();
 }
 
-// Runs fn(t0, t1) on each thread's contiguous share of [0, n); serially unless `parallel`.
-template <class Fn>
-void parallel_ranges(int64_t n, bool parallel, Fn&& fn) {
-#pragma omp parallel if (parallel)
-  {
-#ifdef COMPASS_OPENMP
-    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-#else
-    const int64_t nt = 1, id = 0;
-#endif
-    fn(n * id / nt, n * (id + 1) / nt);
-  }
-}
 }  // namespace
 
 // ---- entry points (argument order = _ext.py docstring) ------------------------------------------
@@ -565,7 +536,7 @@ void permute(uintptr_t x, int64_t stride_x, int64_t elem_size, int64_t T, int64_
         const int64_t r = rows[t * k + j];
         if (r < 0) continue;
         if (stream) {
-          copy_row_streaming(dst + r * row_bytes, x_t, row_bytes);
+          stream_bytes(dst + r * row_bytes, x_t, row_bytes);
         } else {
           std::memcpy(dst + r * row_bytes, x_t, row_bytes);
         }
