@@ -46,6 +46,9 @@ def ratios(rows: dict) -> dict:
                 out[f"quant/{shape}/{kind}/speedup_vs_eager"] = rows[(p, shape, kind, "eager")]["median_s"] / r["median_s"]
             if (p, shape, "all", "copy") in rows:
                 out[f"quant/{shape}/{kind}/fraction_of_copy"] = r["gbps"] / rows[(p, shape, "all", "copy")]["gbps"]
+        if p == "quant" and impl == "compass_kernel" and (p, shape, "all", "copy") in rows:
+            # like for like with the copy: preallocated outputs, no allocation or dispatch
+            out[f"quant/{shape}/{kind}/kernel_fraction_of_copy"] = r["gbps"] / rows[(p, shape, "all", "copy")]["gbps"]
         if p == "ot" and impl == "compass":
             for peer in ("pot_loop", "pot_official", "pot_numpy", "pot_batch"):
                 if (p, shape, kind, peer) in rows:

@@ -19,7 +19,8 @@ def _case(impl, kind, median, nbytes=1000):
 def _run(tmp_path, *extra):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"benchmarks": [
-        _case("compass", "row", 2.0), _case("eager", "row", 10.0), _case("copy", "all", 1.0)]}))
+        _case("compass", "row", 2.0), _case("compass_kernel", "row", 1.25), _case("eager", "row", 10.0),
+        _case("copy", "all", 1.0)]}))
     return subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(bench), *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
 
@@ -33,6 +34,7 @@ def test_update_baseline_merges(tmp_path):
     assert got["ot/other/speedup_vs_pot_loop"] == 7.0                 # not measured here: kept
     assert got["quant/8x8-bf16/row/speedup_vs_eager"] == 5.0          # measured: replaced (10 / 2)
     assert got["quant/8x8-bf16/row/fraction_of_copy"] == 0.5          # new: added (1 / 2)
+    assert got["quant/8x8-bf16/row/kernel_fraction_of_copy"] == 0.8   # the kernel alone (1 / 1.25)
 
 
 def test_regression_is_reported(tmp_path):

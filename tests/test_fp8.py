@@ -131,6 +131,24 @@ def test_quantize_bitexact_large(kernel_backend, in_dtype):
         assert_bitexact((q.data, q.scale), quantize_fp8_ref(x, granularity, 128, torch.float8_e4m3fn))
 
 
+def test_quantize_streaming_codes_bitexact(kernel_backend):
+    """Codes of >= 32 MiB in rows of a multiple of 64 bytes leave the cpu kernel through
+    non-temporal stores (cpu/streaming.h; row and 1 x 128 block in the row pipeline, and the
+    tensor granularity's cast pass), odd M so the threads' row ranges differ in length, an inf and
+    a NaN row on the general cast between streamed rows."""
+    if kernel_backend != "cpu":
+        pytest.skip("the streaming threshold is the cpu kernel's; other backends run the small shapes")
+    x = spanning((4097, 8192), torch.bfloat16)
+    assert x.shape[0] * x.shape[1] >= 32 << 20
+    for granularity in ("row", "block", "tensor"):
+        q = ck.quantize_fp8(x, granularity=granularity)
+        assert_bitexact((q.data, q.scale), quantize_fp8_ref(x, granularity, 128, torch.float8_e4m3fn))
+    x[1000, 77], x[3001, 4000] = float("inf"), float("nan")
+    for granularity in ("row", "block"):
+        q = ck.quantize_fp8(x, granularity=granularity)
+        assert_bitexact((q.data, q.scale), quantize_fp8_ref(x, granularity, 128, torch.float8_e4m3fn))
+
+
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_quantize_float64_is_fp32_first(kernel_backend, granularity):
     skip_missing_triton(kernel_backend)

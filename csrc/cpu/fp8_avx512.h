@@ -63,8 +63,9 @@ COMPASS_AVX512_TARGET inline typename In::S reduce_amax(__m512i acc) {
 // 16 codes with a two-uop vpmovdb (and bf16 loads with a zero-extend and a shift); here bf16
 // pairs are split by unpacking against zero (the value lands in the high half of each lane, no
 // shift), and 64 codes leave through two saturating dword->word packs, one word->byte pack and
-// one permute that restores the order the in-lane packs shuffled (~10% in cache).
-template <class In, class F>
+// one permute that restores the order the in-lane packs shuffled (~10% in cache). kStream: out is
+// 64-byte aligned and the codes go out with a non-temporal store (cpu/streaming.h).
+template <class In, class F, bool kStream>
 [[gnu::always_inline]] COMPASS_AVX512_TARGET inline void cast64(const typename In::S* __restrict p, __m512 s,
                                                                 uint8_t* __restrict out) {
   __m512i c0, c1, c2, c3;
@@ -94,16 +95,20 @@ template <class In, class F>
       std::is_same_v<In, InBF16>
           ? _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), bytes)
           : _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
-  _mm512_storeu_si512(out, ordered);
+  if constexpr (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out), ordered);
+  } else {
+    _mm512_storeu_si512(out, ordered);
+  }
 }
 
-// out[0, n) = the in-range cast of p / scale (scale finite).
-template <class In, class F>
+// out[0, n) = the in-range cast of p / scale (scale finite); kStream: out 64-byte aligned.
+template <class In, class F, bool kStream>
 COMPASS_AVX512_TARGET void cast_in_range_avx512(const typename In::S* __restrict p, int64_t n, float scale,
                                                 uint8_t* __restrict out) {
   const __m512 s = _mm512_set1_ps(scale);
   int64_t i = 0;
-  for (; i + 64 <= n; i += 64) cast64<In, F>(p + i, s, out + i);
+  for (; i + 64 <= n; i += 64) cast64<In, F, kStream>(p + i, s, out + i);
   for (; i < n; ++i) out[i] = f32_to_fp8_in_range<F>(In::load(p[i]) / scale);
 }
 
@@ -114,8 +119,9 @@ inline const bool kHaveAvx512 = have_avx512();
 // same block of `next` (when next is not null), reduced in the same loop as the casts, so the
 // next row's loads overlap this row's arithmetic and no separate amax pass streams it; `ahead`
 // (the row after next, or null) is prefetched into L2 on the way. A block with a non-finite
-// scale takes the general cast and a separate amax of next's block.
-template <class In, class F>
+// scale takes the general cast and a separate amax of next's block. kStream: out 64-byte aligned
+// and bs, K multiples of 64, so every code leaves by a non-temporal store of cast64.
+template <class In, class F, bool kStream>
 COMPASS_AVX512_TARGET void quantize_row_fused(const typename In::S* p, const typename In::S* next,
                                               const typename In::S* ahead, int64_t K, int64_t bs,
                                               const typename In::S* cur, typename In::S* nxt, float* scale,
@@ -135,7 +141,7 @@ COMPASS_AVX512_TARGET void quantize_row_fused(const typename In::S* p, const typ
     const __m512 s = _mm512_set1_ps(sc);
     __m512i acc = _mm512_setzero_si512();
     for (int64_t i = 0; i < n64; i += 64) {
-      cast64<In, F>(p + k0 + i, s, out + k0 + i);
+      cast64<In, F, kStream>(p + k0 + i, s, out + k0 + i);
       if (q) {
         acc = amax64<In>(acc, q + i);
         if (ahead) {

@@ -7,10 +7,6 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
 #ifdef COMPASS_OPENMP
 #include <omp.h>
 #endif
@@ -19,6 +15,7 @@
 #include "common/dtype.h"
 #include "common/half.h"
 #include "cpu/parallel.h"
+#include "cpu/streaming.h"
 
 namespace compass::cpu {
 namespace {
@@ -151,44 +148,12 @@ void zero_unused_rows(char* out, int64_t row_bytes, const int64_t* offsets, cons
   }
 }
 
-// ---- streaming (non-temporal) row copies ----------------------------------------------------------
+// ---- streaming (non-temporal) row copies (cpu/streaming.h) ---------------------------------------
 // permute, and unpermute's backward (grad_y), write each of their T*k rows once, and at MoE sizes
-// the buffer is larger than the last-level cache: ordinary stores first read every destination
-// line (read-for-ownership), half again the traffic the scatter needs. Non-temporal stores skip
-// that read. T=8192, H=2048 fp32 on this EPYC: permute 0.62-0.91 -> 0.70-1.0 of a copy of the same
-// bytes; route + permute + unpermute forward and backward, E=16 k=2, 22.6-23.7 -> 20.9-22.7 ms.
-// Below the threshold the rows would still be in cache for the op that reads them next, so
-// ordinary stores stay. (unpermute's own output, a third of its traffic, measured slower streamed
-// through an L1 row buffer.)
-constexpr int64_t kStreamMinBytes = int64_t(32) << 20;
-
-bool use_streaming_stores(const char* dst, int64_t row_bytes, int64_t total_bytes) {
-#if defined(__x86_64__)
-  return total_bytes >= kStreamMinBytes && row_bytes % 64 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0;
-#else
-  (void)dst, (void)row_bytes, (void)total_bytes;
-  return false;
-#endif
-}
-
-// dst (16-byte aligned) = src, n a multiple of 16 bytes, with SSE2 non-temporal stores (rows of
-// permute and grad_y: use_streaming_stores checks the alignment).
-inline void stream_bytes(char* dst, const char* src, int64_t n) {
-#if defined(__x86_64__)
-  for (int64_t i = 0; i < n; i += 16) {
-    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-  }
-#else
-  std::memcpy(dst, src, n);
-#endif
-}
-
-// Non-temporal stores are weakly ordered: each thread fences its own before the region ends.
-void streaming_fence() {
-#if defined(__x86_64__)
-  _mm_sfence();
-#endif
-}
+// the buffer is larger than the last-level cache, so they stream it. T=8192, H=2048 fp32 on this
+// EPYC: permute 0.62-0.91 -> 0.70-1.0 of a copy of the same bytes; route + permute + unpermute
+// forward and backward, E=16 k=2, 22.6-23.7 -> 20.9-22.7 ms. (unpermute's own output, a third of
+// its traffic, measured slower streamed through an L1 row buffer.)
 
 // ---- route --------------------------------------------------------------------------------------
 // Stable counting sort over the flattened [T*k] ids, in chunks: per-chunk histograms, an exclusive
