@@ -1,9 +1,10 @@
 """The portable fallbacks of the hand-vectorised CPU paths, exercised on an AVX-512 machine.
 
 COMPASS_CPU_NO_AVX512=1 (csrc/common/cpu_features.h, read once per process) turns off the AVX-512
-FP8 row pipeline (csrc/cpu/fp8_avx512.h) and the wide OTPO distance tile (csrc/cpu/otpo_cost.cpp),
-so a CPU without AVX-512 runs what these subprocesses run: the FP8 tests (bit-exact against the
-reference) and the OTPO tests.
+FP8 row pipeline (csrc/cpu/fp8_avx512.h), the wide OTPO distance tile (csrc/cpu/otpo_cost.cpp) and
+the 64-byte non-temporal row copies (csrc/cpu/streaming.h), so a CPU without AVX-512 runs what
+these subprocesses run: the FP8 tests (bit-exact against the reference), the OTPO tests and the
+streamed permute / unpermute-backward rows.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ HERE = Path(__file__).parent
     ("test_fp8.py", 250),                                           # (Triton-only cases skip)
     ("test_ot.py::test_otpo_cpu_cost_tiles_on_awkward_shapes", 6),
     ("test_ot.py::test_otpo_matches_official_loop", 8),
+    ("test_permute.py::test_permute_streaming_rows_bit_exact", 1),  # SSE2 non-temporal stores
+    ("test_unpermute.py::test_unpermute_backward_streaming_rows", 2),
 ])
 def test_without_avx512_paths(target, min_passed):
     # The child imports the compass_kernels this process imported (installed, or the source tree
