@@ -158,3 +158,25 @@ def test_unpermute_backward_streaming_rows(dtype):
         torch.testing.assert_close(gp, want_p.to(gp.dtype), rtol=1e-4, atol=1e-3)
         (gy1,) = torch.autograd.grad(ck.unpermute(y, plan), y, g)      # no probs: a plain dispatch
         torch.testing.assert_close(gy1, ck.permute(g, plan), rtol=0, atol=0)
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="compass_kernels._cpu not built")
+@pytest.mark.parametrize("k", [2, 5, 8])
+def test_unpermute_streaming_rows_bit_exact(k):
+    """An fp32 output of >= 32 MiB in rows of a multiple of 64 bytes leaves the cpu kernel through
+    non-temporal stores (x86 with AVX-512): whole rows for <= 4 routed slots, 2048-element chunks
+    past 4 (k = 5: a group of 4 and one of 1; H = 2064 leaves a 16-element chunk). -1 slots,
+    tokens with no slot, a -0 weight and NaN and -0 payloads: the reference's bits."""
+    T, H, E = 4100, 2064, 16
+    ids = make_ids(T, k, E, "holes")
+    ids[7] = -1                                                     # the empty sum
+    with ck.use_backend("cpu"):
+        plan = ck.route(ids, E)
+        y = torch.randn(plan.num_rows, H)
+        y[3, :100], y[5, 17] = -0.0, float("nan")
+        probs = torch.rand(T, k)
+        probs[0, 0] = -0.0
+        assert T * H * 4 >= 32 << 20
+        for p in (probs, None):
+            got, want = ck.unpermute(y, plan, p), unpermute_ref(y, plan.row_id_map, p)
+            assert torch.equal(got.view(torch.int32), want.view(torch.int32))

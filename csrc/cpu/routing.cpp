@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #ifdef COMPASS_OPENMP
@@ -151,9 +152,11 @@ void zero_unused_rows(char* out, int64_t row_bytes, const int64_t* offsets, cons
 // ---- streaming (non-temporal) row copies (cpu/streaming.h) ---------------------------------------
 // permute, and unpermute's backward (grad_y), write each of their T*k rows once, and at MoE sizes
 // the buffer is larger than the last-level cache, so they stream it. T=8192, H=2048 fp32 on this
-// EPYC: permute 0.62-0.91 -> 0.70-1.0 of a copy of the same bytes; route + permute + unpermute
-// forward and backward, E=16 k=2, 22.6-23.7 -> 20.9-22.7 ms. (unpermute's own output, a third of
-// its traffic, measured slower streamed through an L1 row buffer.)
+// EPYC: permute 0.62-0.91 -> 0.70-1.0 of a copy of the same bytes with 16-byte stores, and
+// E16k2 3.3-3.8 -> 2.5-2.8 ms with whole-line (AVX-512) ones; route + permute + unpermute forward
+// and backward, E=16 k=2, 22.6-23.7 -> 20.9-22.7 ms. unpermute streams its fp32 sums straight
+// from the registers (combine_rows_streamed): E16k2 2.9 -> 2.4-2.6 ms in a fast-memory window,
+// 4.2-4.8 -> 3.5-4.1 ms in a slow one. (Through an L1 row buffer it had measured slower.)
 
 // ---- route --------------------------------------------------------------------------------------
 // Stable counting sort over the flattened [T*k] ids, in chunks: per-chunk histograms, an exclusive
@@ -226,7 +229,7 @@ void route_impl(const I* ids, int64_t T, int64_t k, int64_t E, int64_t capacity,
 // target_clones; the same loop cut into 512-element chunks 24 GB/s, hence whole rows when k <= 4.
 // Per element the sum is still ((0 + w0*y0) + w1*y1) + ... in slot order: bit-identical to the
 // reference.
-constexpr int64_t kChunk = 512;  // k > 4: H per pass, so the fp32 partial sum (2 KiB) stays in L1
+constexpr int64_t kChunk = 2048;  // k > 4: H per pass, so the fp32 partial sum (8 KiB) stays in L1
 constexpr int kGroup = 4;        // rows fused per pass
 
 // a = (first ? 0 : acc) + w[0]*src[0] + ... + w[R-1]*src[R-1], then to out (last) or back to acc.
@@ -259,11 +262,41 @@ void combine_group(int r, const typename Tag::S* const* src, const typename Tag:
   }
 }
 
-// Tokens [t0, t1): one thread's share.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define COMPASS_STREAM_COMBINE 1
+// combine_rows<F32, R, kFirst, true> with the sum streamed to out (n a multiple of 16, out 64-byte
+// aligned; cpu/streaming.h): the same operations in the same order, so the same bits.
+template <int R, bool kFirst>
+__attribute__((target("avx512f"))) void combine_rows_streamed(const float* const* src, const float* w, int64_t n,
+                                                               const float* acc, float* out) {
+  __m512 wr[R];
+  const float* p[R];
+  for (int r = 0; r < R; ++r) wr[r] = _mm512_set1_ps(w[r]), p[r] = src[r];
+  for (int64_t i = 0; i < n; i += 16) {
+    __m512 a = kFirst ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + i);
+    for (int r = 0; r < R; ++r) a = _mm512_add_ps(a, _mm512_mul_ps(wr[r], _mm512_loadu_ps(p[r] + i)));
+    _mm512_stream_ps(out + i, a);
+  }
+}
+
+template <bool kFirst>
+void combine_group_streamed(int r, const float* const* src, const float* w, int64_t n, const float* acc,
+                            float* out) {
+  switch (r) {
+    case 1: return combine_rows_streamed<1, kFirst>(src, w, n, acc, out);
+    case 2: return combine_rows_streamed<2, kFirst>(src, w, n, acc, out);
+    case 3: return combine_rows_streamed<3, kFirst>(src, w, n, acc, out);
+    default: return combine_rows_streamed<4, kFirst>(src, w, n, acc, out);
+  }
+}
+#endif
+
+// Tokens [t0, t1): one thread's share. stream (fp32, AVX-512, out rows 64-byte aligned and past
+// kStreamMinBytes in all): the final sums go to out with non-temporal stores.
 template <class Tag>
 void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, const int64_t* rows,
                       int64_t k, const void* probs, int probs_dtype, typename Tag::S* out,
-                      int64_t t0, int64_t t1) {
+                      int64_t t0, int64_t t1, bool stream) {
   using S = typename Tag::S;
   using Acc = typename Tag::Acc;
   const size_t n_slots = size_t(std::max<int64_t>(k, 1));
@@ -285,6 +318,14 @@ void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, con
       continue;
     }
     if (m <= kGroup) {  // one pass over the whole row, no partial sums (the k = 2 case)
+#ifdef COMPASS_STREAM_COMBINE
+      if constexpr (std::is_same_v<Tag, F32>) {
+        if (stream) {
+          combine_group_streamed<true>(int(m), src.data(), w.data(), H, acc, o);
+          continue;
+        }
+      }
+#endif
       combine_group<Tag, true, true>(int(m), src.data(), w.data(), H, acc, o);
       continue;
     }
@@ -295,6 +336,15 @@ void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, con
         const int r = int(std::min<int64_t>(kGroup, m - g));
         for (int i = 0; i < r; ++i) chunk_src[i] = src[g + i] + h0;
         const bool first = g == 0, last = g + r == m;
+#ifdef COMPASS_STREAM_COMBINE
+        if constexpr (std::is_same_v<Tag, F32>) {
+          if (stream && last && n % 16 == 0) {
+            if (first) combine_group_streamed<true>(r, chunk_src, &w[g], n, acc, o + h0);
+            else combine_group_streamed<false>(r, chunk_src, &w[g], n, acc, o + h0);
+            continue;
+          }
+        }
+#endif
         if (first && last) combine_group<Tag, true, true>(r, chunk_src, &w[g], n, acc, o + h0);
         else if (first) combine_group<Tag, true, false>(r, chunk_src, &w[g], n, acc, o + h0);
         else if (last) combine_group<Tag, false, true>(r, chunk_src, &w[g], n, acc, o + h0);
@@ -532,10 +582,14 @@ void unpermute(uintptr_t y, int64_t stride_y, int dtype, int64_t num_rows, int64
     using Tag = decltype(tag);
     using S = typename Tag::S;
     const int64_t bytes = T * (k + 1) * H * int64_t(sizeof(S));
+    const int64_t row_bytes = H * int64_t(sizeof(S));
+    const bool stream = std::is_same_v<Tag, F32> && have_avx512() &&
+                        use_streaming_stores(reinterpret_cast<const void*>(out), row_bytes, T * row_bytes);
     parallel_ranges(T, bytes >= kMoveParallelMin, [&](int64_t t0, int64_t t1) {
       unpermute_tokens<Tag>(reinterpret_cast<const S*>(y), stride_y, H, rows, k,
                             reinterpret_cast<const void*>(probs), probs_dtype,
-                            reinterpret_cast<S*>(out), t0, t1);
+                            reinterpret_cast<S*>(out), t0, t1, stream);
+      if (stream) streaming_fence();
     });
   });
 }
