@@ -58,3 +58,33 @@ def test_compile_fullgraph_route_permute_unpermute(backend):
             want = torch.autograd.grad(ref, (x, probs, w), g)
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b)
+
+
+def test_graphs_see_the_custom_ops_and_eager_calls_skip_them(monkeypatch):
+    """In eager mode without gradients route / permute / unpermute call their implementations
+    directly (routing._eager); a tracer (make_fx: a dispatch mode), autograd and torch.compile
+    go through the custom ops, so graphs hold compass ops and backward still works."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    ids, x, probs = make_ids(13, 2, 8, "holes"), torch.randn(13, 6), torch.rand(13, 2)
+
+    def chain(ids, x, probs):
+        plan = ck.route(ids, 8, align=2)
+        return ck.unpermute(ck.permute(x, plan), plan, probs)
+
+    targets = {str(n.target) for n in make_fx(chain)(ids, x, probs).graph.nodes if n.op == "call_function"}
+    assert {"compass.route.default", "compass.permute.default", "compass.unpermute.default"} <= targets, targets
+
+    calls = []
+    for name in ("_route_op", "_permute_op", "_unpermute_op"):
+        op = getattr(routing, name)
+        monkeypatch.setattr(routing, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    eager = chain(ids, x, probs)
+    assert calls == []                                              # no dispatch in plain eager
+    xg = x.clone().requires_grad_(True)
+    out = chain(ids, xg, probs)
+    assert calls == ["_permute_op", "_unpermute_op"]                # x needs a gradient; the ids never do
+    assert torch.equal(out, eager)
+    (gx,) = torch.autograd.grad(out.sum(), xg)
+    routed = ck.route(ids, 8, align=2).row_id_map >= 0
+    torch.testing.assert_close(gx, torch.where(routed, probs, 0.0).sum(1, keepdim=True).expand(13, 6))

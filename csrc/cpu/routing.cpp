@@ -190,8 +190,8 @@ void route_impl(const I* ids, int64_t T, int64_t k, int64_t E, int64_t capacity,
   }
   const int64_t bad = *std::min_element(first_bad.begin(), first_bad.end());
   if (bad < n) {
-    fail("topk_ids contains ", int64_t(ids[bad]), " at [", bad / k, ", ", bad % k,
-         "]; expected values in [-1, E) with E = ", E);
+    fail("topk_ids must hold values in [-1, num_experts) = [-1, ", E, "), found ", int64_t(ids[bad]), " at [",
+         bad / k, ", ", bad % k, "]");
   }
 
   offsets[0] = 0;
