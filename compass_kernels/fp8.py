@@ -369,7 +369,8 @@ def quantize_fp8(x: torch.Tensor, *, granularity: str = "row", block_size: int =
     _check_granularity(granularity)
     _check_block_size(block_size)
     _check_fp8_dtype(dtype)
-    data, scale = _quantize_op(x, granularity, block_size, dtype)
+    quantize = _quantize_impl if _ext.eager(x) else _quantize_op
+    data, scale = quantize(x, granularity, block_size, dtype)
     return Fp8Tensor(data, scale, granularity, block_size)
 
 
@@ -393,8 +394,9 @@ def grouped_gemm_fp8(q_x: Fp8Tensor, q_w: Fp8Tensor, offsets: torch.Tensor, *,
     """
     _check_gemm(q_x, q_w, offsets, out_dtype)
     block_size = _gemm_block_size(q_x, q_w)
-    return _gemm_fp8_op(q_x.data, q_x.scale, q_x.granularity, q_w.data, q_w.scale, q_w.granularity, offsets,
-                        block_size, out_dtype)
+    gemm = _gemm_impl if _ext.eager(q_x.data, q_x.scale, q_w.data, q_w.scale, offsets) else _gemm_fp8_op
+    return gemm(q_x.data, q_x.scale, q_x.granularity, q_w.data, q_w.scale, q_w.granularity, offsets, block_size,
+                out_dtype)
 
 
 def smooth_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:

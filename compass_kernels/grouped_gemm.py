@@ -51,8 +51,8 @@ def _check(x, w, offsets, trans_b: bool) -> None:
 
 def check_offset_values(offsets: torch.Tensor, M: int) -> None:
     """Value checks that read ``offsets``: eager CPU tensors only (free there), or GPU tensors with
-    COMPASS_CHECK=1 (they synchronise); never under torch.compile."""
-    if torch.compiler.is_compiling() or not (offsets.device.type == "cpu" or _ext._check_values()):
+    COMPASS_CHECK=1 (they synchronise); never under torch.compile or another tracer."""
+    if _ext.tracing() or not (offsets.device.type == "cpu" or _ext._check_values()):
         return
     if offsets.numel() and (offsets.diff() < 0).any():
         raise ValueError(f"offsets must be non-decreasing, got {offsets.tolist()}")
@@ -309,4 +309,4 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, tra
     fp32 accumulation for fp32/bf16/fp16 (fp64 for fp64); rows outside the groups are zero.
     """
     _check(x, w, offsets, trans_b)
-    return _gemm_op(x, w, offsets, trans_b)
+    return (_gemm_impl if _ext.eager(x, w, offsets) else _gemm_op)(x, w, offsets, trans_b)

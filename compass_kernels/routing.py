@@ -63,7 +63,7 @@ def _check_topk_ids(topk_ids, num_experts: int) -> None:
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
-    if torch.compiler.is_compiling() or topk_ids.numel() == 0:
+    if _ext.tracing() or topk_ids.numel() == 0:
         return
     if topk_ids.device.type == "cpu" and _backend.resolve("route", topk_ids.device) == "cpu":
         return  # the kernel checks every id in its counting pass, with the same message
@@ -74,19 +74,6 @@ def _check_topk_ids(topk_ids, num_experts: int) -> None:
             raise ValueError(
                 f"topk_ids must hold values in [-1, num_experts) = [-1, {num_experts}), found {bad}"
             )
-
-
-def _eager(*tensors) -> bool:
-    """Whether an op may call its implementation directly instead of through its torch.library
-    custom op: eager mode (no dynamo, jit tracing, dispatch or function modes, functorch
-    transforms), plain tensors, and no gradient to record. Graphs, fake tensors and autograd see
-    the custom op; the direct call skips its dispatcher, autograd and dynamo wrappers, ~60 us per
-    op when a large MoE step has evicted that code from the caches (3-5 us hot)."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
 
 
 def _check_plan(plan) -> None:
@@ -334,7 +321,7 @@ def route(topk_ids: torch.Tensor, num_experts: int, capacity: int | None = None,
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
     _check_topk_ids(topk_ids, num_experts)
     T, k = topk_ids.shape
-    route_fn = _route_impl if _eager(topk_ids) else _route_op
+    route_fn = _route_impl if _ext.eager(topk_ids) else _route_op
     row_id_map, tokens_per_expert, expert_offsets = route_fn(
         topk_ids, num_experts, -1 if capacity is None else capacity, align
     )
@@ -361,7 +348,7 @@ def permute(x: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = Non
     _check_plan(plan)
     _check_rows("x", x, plan.num_tokens, plan.row_id_map.device)
     _check_probs(probs, plan, x.device)
-    permute_fn = _permute_impl if _eager(x, probs) else _permute_op
+    permute_fn = _permute_impl if _ext.eager(x, probs) else _permute_op
     xp = permute_fn(x, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, plan.num_rows)
     if probs is None:
         return xp
@@ -384,6 +371,6 @@ def unpermute(y: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = N
     if not y.dtype.is_floating_point or y.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError(f"y must be float32, float64, float16 or bfloat16, got {y.dtype}")
     _check_probs(probs, plan, y.device)
-    if _eager(y, probs):
+    if _ext.eager(y, probs):
         return _unpermute_impl(y, plan.row_id_map, probs)
     return _unpermute_op(y, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, probs)

@@ -94,7 +94,7 @@ def _check(x, split_sizes, sorted_idxs, num_rows) -> None:
     if num_rows is not None and (isinstance(num_rows, bool) or not isinstance(num_rows, (int, torch.SymInt))
                                  or num_rows < 0):
         raise ValueError(f"num_rows must be None or an int >= 0, got {num_rows!r}")
-    if torch.compiler.is_compiling() or split_sizes.numel() == 0:
+    if _ext.tracing() or split_sizes.numel() == 0:
         return
     if x.device.type == "cpu" or _ext._check_values():
         if int(split_sizes.min()) < 0:

@@ -75,3 +75,28 @@ def test_fallback_warns_once(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             ck.route(torch.tensor([[1, 0]]), 2)  # second call: no second warning
+
+
+def test_tracers_see_the_custom_ops_of_the_direct_eager_calls():
+    """quantize_fp8, grouped_gemm_fp8 and grouped_gemm call their implementations directly in
+    plain eager mode (_ext.eager); under a tracer (make_fx) they must still be compass ops, and
+    grouped_gemm with a weight that needs a gradient goes through the op (its autograd)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, w = torch.randn(10, 16), torch.randn(3, 8, 16)
+    offsets = torch.tensor([0, 4, 4, 10])
+
+    def chain(x, w, offsets):
+        qx, qw = ck.quantize_fp8(x, granularity="row"), ck.quantize_fp8(w, granularity="row")
+        return ck.grouped_gemm_fp8(qx, qw, offsets, out_dtype=torch.float32) + ck.grouped_gemm(x, w, offsets,
+                                                                                                trans_b=True)
+
+    graph = make_fx(chain)(x, w, offsets).graph
+    targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
+    assert {"compass.quantize_fp8.default", "compass.grouped_gemm_fp8.default",
+            "compass.grouped_gemm.default"} <= targets, targets
+    torch.testing.assert_close(make_fx(chain)(x, w, offsets)(x, w, offsets), chain(x, w, offsets))
+    wg = w.clone().requires_grad_(True)
+    (dw,) = torch.autograd.grad(ck.grouped_gemm(x, wg, offsets, trans_b=True).sum(), wg)
+    torch.testing.assert_close(dw[1], torch.zeros(8, 16))          # the empty group
+    torch.testing.assert_close(dw[0], x[:4].sum(0).expand(8, 16))
