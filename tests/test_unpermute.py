@@ -140,6 +140,21 @@ def test_unpermute_end_to_end_identity(kernel_backend):
     torch.testing.assert_close(ck.unpermute(ck.permute(x, plan), plan, probs), x)
 
 
+def _lane_order_dots(g, y, row_id_map):
+    """<g[t], y[row(t, j)]> in fp32 as the cpu kernel sums it (H a multiple of 16): 16 lane sums
+    over the row in order, each step a product then an add, then halved pairwise 8, 4, 2, 1 and
+    + 0.0 (its empty scalar tail); 0 for unrouted slots. Bit for bit, unlike a torch dot."""
+    T, k = row_id_map.shape
+    gf, yf = g.float(), y.float()
+    rows = row_id_map.clamp(min=0)
+    part = torch.zeros(T, k, 16)
+    for i in range(0, g.shape[1], 16):
+        part = part + gf[:, None, i:i + 16] * yf[rows, i:i + 16]
+    for half in (8, 4, 2, 1):
+        part = part[..., :half] + part[..., half:2 * half]
+    return torch.where(row_id_map >= 0, part[..., 0] + 0.0, 0.0)
+
+
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="compass_kernels._cpu not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unpermute_backward_streaming_rows(dtype):
@@ -156,6 +171,7 @@ def test_unpermute_backward_streaming_rows(dtype):
         want_y, want_p = unpermute_bwd_ref(g, y.detach(), plan.row_id_map, probs.detach())
         torch.testing.assert_close(gy, want_y, rtol=0, atol=0)
         torch.testing.assert_close(gp, want_p.to(gp.dtype), rtol=1e-4, atol=1e-3)
+        assert torch.equal(gp, _lane_order_dots(g, y.detach(), plan.row_id_map))
         (gy1,) = torch.autograd.grad(ck.unpermute(y, plan), y, g)      # no probs: a plain dispatch
         torch.testing.assert_close(gy1, ck.permute(g, plan), rtol=0, atol=0)
 

@@ -443,6 +443,44 @@ void scale_and_dot_n(int r, const typename Tag::S* g, const typename Tag::S* con
   }
 }
 
+#ifdef COMPASS_STREAM_COMBINE
+// scale_and_dot<F32, R, true> written for AVX-512 (H a multiple of 16, dst rows 64-byte aligned):
+// the same products, sums and final pairwise reduction, so the same bits, with the w_r * g rows
+// stored straight from the registers instead of through a 16-value buffer per store. T=8192
+// H=2048, slow-memory window: E16k2 7.2-7.8 -> 6.2-6.8 ms, E128k8 24.7-25.7 -> 21.2-21.6 ms.
+template <int R>
+__attribute__((target("avx512f"))) void scale_and_dot_streamed(const float* g, const float* const* y, const float* w,
+                                                                float* const* dst, int64_t H, float* dots) {
+  __m512 wr[R], part[R];
+  for (int r = 0; r < R; ++r) wr[r] = _mm512_set1_ps(w[r]), part[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < H; i += 16) {
+    const __m512 gv = _mm512_loadu_ps(g + i);
+    for (int r = 0; r < R; ++r) {
+      part[r] = _mm512_add_ps(part[r], _mm512_mul_ps(gv, _mm512_loadu_ps(y[r] + i)));
+      _mm512_stream_ps(dst[r] + i, _mm512_mul_ps(wr[r], gv));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float p[16];
+    _mm512_storeu_ps(p, part[r]);
+    for (int half = 8; half >= 1; half /= 2) {
+      for (int l = 0; l < half; ++l) p[l] = p[l] + p[l + half];
+    }
+    dots[r] = p[0] + 0.0f;  // + the (empty) scalar tail, as scale_and_dot
+  }
+}
+
+inline void scale_and_dot_streamed_n(int r, const float* g, const float* const* y, const float* w, float* const* dst,
+                                     int64_t H, float* dots) {
+  switch (r) {
+    case 1: return scale_and_dot_streamed<1>(g, y, w, dst, H, dots);
+    case 2: return scale_and_dot_streamed<2>(g, y, w, dst, H, dots);
+    case 3: return scale_and_dot_streamed<3>(g, y, w, dst, H, dots);
+    default: return scale_and_dot_streamed<4>(g, y, w, dst, H, dots);
+  }
+}
+#endif
+
 template <class Tag>
 void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const typename Tag::S* y,
                           int64_t stride_y, int64_t H, const int64_t* rows, int64_t k,
@@ -455,6 +493,7 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
   std::vector<S*> dst(n);
   std::vector<Acc> w(n), dots(n);
   std::vector<int64_t> slot(n);
+  const bool avx512 = have_avx512();
   for (int64_t t = t0; t < t1; ++t) {
     const S* g_t = g + t * stride_g;
     int64_t m = 0;
@@ -478,6 +517,14 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
     }
     for (int64_t b = 0; b < m; b += kGroup) {
       const int64_t r = std::min<int64_t>(kGroup, m - b);
+#ifdef COMPASS_STREAM_COMBINE
+      if constexpr (std::is_same_v<Tag, F32>) {
+        if (stream && avx512) {
+          scale_and_dot_streamed_n(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
+          continue;
+        }
+      }
+#endif
       if (stream) {
         scale_and_dot_n<Tag, true>(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
       } else {
