@@ -156,7 +156,8 @@ void zero_unused_rows(char* out, int64_t row_bytes, const int64_t* offsets, cons
 // E16k2 3.3-3.8 -> 2.5-2.8 ms with whole-line (AVX-512) ones; route + permute + unpermute forward
 // and backward, E=16 k=2, 22.6-23.7 -> 20.9-22.7 ms. unpermute streams its fp32 sums straight
 // from the registers (combine_rows_streamed): E16k2 2.9 -> 2.4-2.6 ms in a fast-memory window,
-// 4.2-4.8 -> 3.5-4.1 ms in a slow one. (Through an L1 row buffer it had measured slower.)
+// 4.2-4.8 -> 3.5-4.1 ms in a slow one; bf16 sums E16k2 2.6-3.0 -> 2.3-2.5 ms. (Through an L1 row
+// buffer it had measured slower.)
 
 // ---- route --------------------------------------------------------------------------------------
 // Stable counting sort over the flattened [T*k] ids, in chunks: per-chunk histograms, an exclusive
@@ -264,35 +265,75 @@ void combine_group(int r, const typename Tag::S* const* src, const typename Tag:
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define COMPASS_STREAM_COMBINE 1
-// combine_rows<F32, R, kFirst, true> with the sum streamed to out (n a multiple of 16, out 64-byte
-// aligned; cpu/streaming.h): the same operations in the same order, so the same bits.
-template <int R, bool kFirst>
-__attribute__((target("avx512f"))) void combine_rows_streamed(const float* const* src, const float* w, int64_t n,
-                                                               const float* acc, float* out) {
+#define COMPASS_AVX512_BW __attribute__((target("avx512f,avx512bw")))
+
+// 16 bf16 values as fp32 (exact), and 16 fp32 values rounded to bf16 as f32_to_bf16 (common/half.h):
+// round to nearest even, every NaN to 0x7FC0.
+COMPASS_AVX512_BW inline __m512 bf16x16_to_f32(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+COMPASS_AVX512_BW inline __m256i f32x16_to_bf16(__m512 a) {
+  const __m512i u = _mm512_castps_si512(a);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// combine_rows<Tag, R, kFirst, true> for F32 or BF16 with the sum streamed to out, 64 bytes per
+// store (n a multiple of 64 / sizeof(S), out 64-byte aligned; cpu/streaming.h): the same fp32
+// operations in the same order and the same rounding to S, so the same bits.
+template <class Tag, int R, bool kFirst>
+COMPASS_AVX512_BW void combine_rows_streamed(const typename Tag::S* const* src, const float* w, int64_t n,
+                                             const float* acc, typename Tag::S* out) {
+  using S = typename Tag::S;
+  constexpr int kHalves = 64 / (16 * int(sizeof(S)));  // 16-lane fp32 groups per 64-byte store
   __m512 wr[R];
-  const float* p[R];
+  const S* p[R];
   for (int r = 0; r < R; ++r) wr[r] = _mm512_set1_ps(w[r]), p[r] = src[r];
-  for (int64_t i = 0; i < n; i += 16) {
-    __m512 a = kFirst ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + i);
-    for (int r = 0; r < R; ++r) a = _mm512_add_ps(a, _mm512_mul_ps(wr[r], _mm512_loadu_ps(p[r] + i)));
-    _mm512_stream_ps(out + i, a);
+  for (int64_t i = 0; i < n; i += 16 * kHalves) {
+    __m512 a[kHalves];
+    for (int h = 0; h < kHalves; ++h) {
+      const int64_t j = i + 16 * h;
+      a[h] = kFirst ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + j);
+      for (int r = 0; r < R; ++r) {
+        __m512 v;
+        if constexpr (std::is_same_v<Tag, F32>) {
+          v = _mm512_loadu_ps(p[r] + j);
+        } else {
+          v = bf16x16_to_f32(p[r] + j);
+        }
+        a[h] = _mm512_add_ps(a[h], _mm512_mul_ps(wr[r], v));
+      }
+    }
+    if constexpr (std::is_same_v<Tag, F32>) {
+      _mm512_stream_ps(reinterpret_cast<float*>(out + i), a[0]);
+    } else {
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(f32x16_to_bf16(a[0])), f32x16_to_bf16(a[1]), 1);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(out + i), both);
+    }
   }
 }
 
-template <bool kFirst>
-void combine_group_streamed(int r, const float* const* src, const float* w, int64_t n, const float* acc,
-                            float* out) {
+template <class Tag, bool kFirst>
+void combine_group_streamed(int r, const typename Tag::S* const* src, const float* w, int64_t n, const float* acc,
+                            typename Tag::S* out) {
   switch (r) {
-    case 1: return combine_rows_streamed<1, kFirst>(src, w, n, acc, out);
-    case 2: return combine_rows_streamed<2, kFirst>(src, w, n, acc, out);
-    case 3: return combine_rows_streamed<3, kFirst>(src, w, n, acc, out);
-    default: return combine_rows_streamed<4, kFirst>(src, w, n, acc, out);
+    case 1: return combine_rows_streamed<Tag, 1, kFirst>(src, w, n, acc, out);
+    case 2: return combine_rows_streamed<Tag, 2, kFirst>(src, w, n, acc, out);
+    case 3: return combine_rows_streamed<Tag, 3, kFirst>(src, w, n, acc, out);
+    default: return combine_rows_streamed<Tag, 4, kFirst>(src, w, n, acc, out);
   }
 }
 #endif
 
-// Tokens [t0, t1): one thread's share. stream (fp32, AVX-512, out rows 64-byte aligned and past
-// kStreamMinBytes in all): the final sums go to out with non-temporal stores.
+// The dtypes whose unpermute sums can leave through combine_rows_streamed.
+template <class Tag>
+constexpr bool kStreamedCombine = std::is_same_v<Tag, F32> || std::is_same_v<Tag, BF16>;
+
+// Tokens [t0, t1): one thread's share. stream (fp32 or bf16, AVX-512, out rows 64-byte aligned and
+// past kStreamMinBytes in all): the final sums go to out with non-temporal stores.
 template <class Tag>
 void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, const int64_t* rows,
                       int64_t k, const void* probs, int probs_dtype, typename Tag::S* out,
@@ -319,9 +360,9 @@ void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, con
     }
     if (m <= kGroup) {  // one pass over the whole row, no partial sums (the k = 2 case)
 #ifdef COMPASS_STREAM_COMBINE
-      if constexpr (std::is_same_v<Tag, F32>) {
+      if constexpr (kStreamedCombine<Tag>) {
         if (stream) {
-          combine_group_streamed<true>(int(m), src.data(), w.data(), H, acc, o);
+          combine_group_streamed<Tag, true>(int(m), src.data(), w.data(), H, acc, o);
           continue;
         }
       }
@@ -337,10 +378,10 @@ void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, con
         for (int i = 0; i < r; ++i) chunk_src[i] = src[g + i] + h0;
         const bool first = g == 0, last = g + r == m;
 #ifdef COMPASS_STREAM_COMBINE
-        if constexpr (std::is_same_v<Tag, F32>) {
-          if (stream && last && n % 16 == 0) {
-            if (first) combine_group_streamed<true>(r, chunk_src, &w[g], n, acc, o + h0);
-            else combine_group_streamed<false>(r, chunk_src, &w[g], n, acc, o + h0);
+        if constexpr (kStreamedCombine<Tag>) {
+          if (stream && last && n * int64_t(sizeof(S)) % 64 == 0) {
+            if (first) combine_group_streamed<Tag, true>(r, chunk_src, &w[g], n, acc, o + h0);
+            else combine_group_streamed<Tag, false>(r, chunk_src, &w[g], n, acc, o + h0);
             continue;
           }
         }
@@ -630,7 +671,7 @@ void unpermute(uintptr_t y, int64_t stride_y, int dtype, int64_t num_rows, int64
     using S = typename Tag::S;
     const int64_t bytes = T * (k + 1) * H * int64_t(sizeof(S));
     const int64_t row_bytes = H * int64_t(sizeof(S));
-    const bool stream = std::is_same_v<Tag, F32> && have_avx512() &&
+    const bool stream = kStreamedCombine<Tag> && have_avx512() &&
                         use_streaming_stores(reinterpret_cast<const void*>(out), row_bytes, T * row_bytes);
     parallel_ranges(T, bytes >= kMoveParallelMin, [&](int64_t t0, int64_t t1) {
       unpermute_tokens<Tag>(reinterpret_cast<const S*>(y), stride_y, H, rows, k,
