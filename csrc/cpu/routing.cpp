@@ -485,20 +485,43 @@ void scale_and_dot_n(int r, const typename Tag::S* g, const typename Tag::S* con
 }
 
 #ifdef COMPASS_STREAM_COMBINE
-// scale_and_dot<F32, R, true> written for AVX-512 (H a multiple of 16, dst rows 64-byte aligned):
-// the same products, sums and final pairwise reduction, so the same bits, with the w_r * g rows
-// stored straight from the registers instead of through a 16-value buffer per store. T=8192
-// H=2048, slow-memory window: E16k2 7.2-7.8 -> 6.2-6.8 ms, E128k8 24.7-25.7 -> 21.2-21.6 ms.
-template <int R>
-__attribute__((target("avx512f"))) void scale_and_dot_streamed(const float* g, const float* const* y, const float* w,
-                                                                float* const* dst, int64_t H, float* dots) {
+// scale_and_dot<Tag, R, true> for F32 or BF16 written for AVX-512 (dst rows 64-byte aligned, H a
+// multiple of 64 / sizeof(S)): the same products, sums, rounding to S and final pairwise
+// reduction, so the same bits, with the w_r * g rows stored straight from the registers instead
+// of through a 16-value buffer per store. T=8192 H=2048, slow-memory window: fp32 E16k2 7.2-7.8
+// -> 6.2-6.8 ms, E128k8 24.7-25.7 -> 21.2-21.6 ms; bf16 (whose 32-byte buffered stores had gone
+// through 16-byte non-temporal stores one call at a time) E16k2 14.4-15.0 -> 3.9-4.2 ms, E128k8
+// 56-59 -> 12.7-13.3 ms.
+template <class Tag>
+COMPASS_AVX512_BW inline __m512 load16(const typename Tag::S* p) {
+  if constexpr (std::is_same_v<Tag, F32>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    return bf16x16_to_f32(p);
+  }
+}
+
+template <class Tag, int R>
+COMPASS_AVX512_BW void scale_and_dot_streamed(const typename Tag::S* g, const typename Tag::S* const* y,
+                                              const float* w, typename Tag::S* const* dst, int64_t H, float* dots) {
+  constexpr int kHalves = 64 / (16 * int(sizeof(typename Tag::S)));
   __m512 wr[R], part[R];
   for (int r = 0; r < R; ++r) wr[r] = _mm512_set1_ps(w[r]), part[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < H; i += 16) {
-    const __m512 gv = _mm512_loadu_ps(g + i);
+  for (int64_t i = 0; i < H; i += 16 * kHalves) {
+    __m512 gv[kHalves];
+    for (int h = 0; h < kHalves; ++h) gv[h] = load16<Tag>(g + i + 16 * h);
     for (int r = 0; r < R; ++r) {
-      part[r] = _mm512_add_ps(part[r], _mm512_mul_ps(gv, _mm512_loadu_ps(y[r] + i)));
-      _mm512_stream_ps(dst[r] + i, _mm512_mul_ps(wr[r], gv));
+      __m512 d[kHalves];
+      for (int h = 0; h < kHalves; ++h) {
+        part[r] = _mm512_add_ps(part[r], _mm512_mul_ps(gv[h], load16<Tag>(y[r] + i + 16 * h)));
+        d[h] = _mm512_mul_ps(wr[r], gv[h]);
+      }
+      if constexpr (std::is_same_v<Tag, F32>) {
+        _mm512_stream_ps(reinterpret_cast<float*>(dst[r] + i), d[0]);
+      } else {
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(f32x16_to_bf16(d[0])), f32x16_to_bf16(d[1]), 1);
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst[r] + i), both);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -511,13 +534,14 @@ __attribute__((target("avx512f"))) void scale_and_dot_streamed(const float* g, c
   }
 }
 
-inline void scale_and_dot_streamed_n(int r, const float* g, const float* const* y, const float* w, float* const* dst,
-                                     int64_t H, float* dots) {
+template <class Tag>
+void scale_and_dot_streamed_n(int r, const typename Tag::S* g, const typename Tag::S* const* y, const float* w,
+                              typename Tag::S* const* dst, int64_t H, float* dots) {
   switch (r) {
-    case 1: return scale_and_dot_streamed<1>(g, y, w, dst, H, dots);
-    case 2: return scale_and_dot_streamed<2>(g, y, w, dst, H, dots);
-    case 3: return scale_and_dot_streamed<3>(g, y, w, dst, H, dots);
-    default: return scale_and_dot_streamed<4>(g, y, w, dst, H, dots);
+    case 1: return scale_and_dot_streamed<Tag, 1>(g, y, w, dst, H, dots);
+    case 2: return scale_and_dot_streamed<Tag, 2>(g, y, w, dst, H, dots);
+    case 3: return scale_and_dot_streamed<Tag, 3>(g, y, w, dst, H, dots);
+    default: return scale_and_dot_streamed<Tag, 4>(g, y, w, dst, H, dots);
   }
 }
 #endif
@@ -559,9 +583,9 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
     for (int64_t b = 0; b < m; b += kGroup) {
       const int64_t r = std::min<int64_t>(kGroup, m - b);
 #ifdef COMPASS_STREAM_COMBINE
-      if constexpr (std::is_same_v<Tag, F32>) {
+      if constexpr (kStreamedCombine<Tag>) {
         if (stream && avx512) {
-          scale_and_dot_streamed_n(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
+          scale_and_dot_streamed_n<Tag>(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
           continue;
         }
       }
