@@ -29,8 +29,8 @@ HERE = Path(__file__).parent
     ("test_ot.py::test_otpo_cpu_cost_tiles_on_awkward_shapes", 6),
     ("test_ot.py::test_otpo_matches_official_loop", 8),
     ("test_permute.py::test_permute_streaming_rows_bit_exact", 1),  # SSE2 non-temporal stores
-    ("test_unpermute.py::test_unpermute_backward_streaming_rows", 2),
-    ("test_unpermute.py::test_unpermute_streaming_rows_bit_exact", 6),
+    ("test_unpermute.py::test_unpermute_backward_streaming_rows", 3),
+    ("test_unpermute.py::test_unpermute_streaming_rows_bit_exact", 9),
 ])
 def test_without_avx512_paths(target, min_passed):
     # The child imports the compass_kernels this process imported (installed, or the source tree

@@ -156,7 +156,7 @@ def _lane_order_dots(g, y, row_id_map):
 
 
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="compass_kernels._cpu not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_unpermute_backward_streaming_rows(dtype):
     """grad_y of >= 32 MiB with rows of a multiple of 64 bytes leaves the cpu kernel through
     non-temporal stores (x86), with and without probs: the same values as the reference."""
@@ -177,14 +177,14 @@ def test_unpermute_backward_streaming_rows(dtype):
 
 
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="compass_kernels._cpu not built")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k", [2, 5, 8])
 def test_unpermute_streaming_rows_bit_exact(k, dtype):
-    """An fp32 or bf16 output of >= 32 MiB in rows of a multiple of 64 bytes leaves the cpu kernel
-    through non-temporal stores (x86 with AVX-512): whole rows for <= 4 routed slots,
+    """An fp32, bf16 or fp16 output of >= 32 MiB in rows of a multiple of 64 bytes leaves the cpu
+    kernel through non-temporal stores (x86 with AVX-512): whole rows for <= 4 routed slots,
     2048-element chunks past 4 (k = 5: a group of 4 and one of 1; H leaves a last chunk of one
-    64-byte store). -1 slots, tokens with no slot, a -0 weight, NaN and -0 payloads and, for bf16,
-    sums near the largest bf16: the reference's bits (NaN where it has NaN)."""
+    64-byte store). -1 slots, tokens with no slot, a -0 weight, NaN and -0 payloads and, for the
+    16-bit types, sums near their largest value: the reference's bits (NaN where it has NaN)."""
     T, E = 4100, 16
     H = 2048 + 64 // dtype.itemsize if dtype == torch.float32 else 4096 + 64 // dtype.itemsize
     ids = make_ids(T, k, E, "holes")
@@ -193,8 +193,8 @@ def test_unpermute_streaming_rows_bit_exact(k, dtype):
         plan = ck.route(ids, E)
         y = torch.randn(plan.num_rows, H).to(dtype)
         y[3, :100], y[5, 17] = -0.0, float("nan")
-        if dtype == torch.bfloat16:
-            y[9, :8] = torch.finfo(torch.bfloat16).max
+        if dtype != torch.float32:
+            y[9, :8] = torch.finfo(dtype).max
         probs = torch.rand(T, k)
         probs[0, 0] = -0.0
         assert T * H * dtype.itemsize >= 32 << 20

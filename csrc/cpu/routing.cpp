@@ -156,8 +156,8 @@ void zero_unused_rows(char* out, int64_t row_bytes, const int64_t* offsets, cons
 // E16k2 3.3-3.8 -> 2.5-2.8 ms with whole-line (AVX-512) ones; route + permute + unpermute forward
 // and backward, E=16 k=2, 22.6-23.7 -> 20.9-22.7 ms. unpermute streams its fp32 sums straight
 // from the registers (combine_rows_streamed): E16k2 2.9 -> 2.4-2.6 ms in a fast-memory window,
-// 4.2-4.8 -> 3.5-4.1 ms in a slow one; bf16 sums E16k2 2.6-3.0 -> 2.3-2.5 ms. (Through an L1 row
-// buffer it had measured slower.)
+// 4.2-4.8 -> 3.5-4.1 ms in a slow one; bf16 sums E16k2 2.6-3.0 -> 2.3-2.5 ms, fp16 4.0-4.3 ->
+// 2.4-2.8 ms. (Through an L1 row buffer it had measured slower.)
 
 // ---- route --------------------------------------------------------------------------------------
 // Stable counting sort over the flattened [T*k] ids, in chunks: per-chunk histograms, an exclusive
@@ -265,24 +265,56 @@ void combine_group(int r, const typename Tag::S* const* src, const typename Tag:
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define COMPASS_STREAM_COMBINE 1
-#define COMPASS_AVX512_BW __attribute__((target("avx512f,avx512bw")))
+#define COMPASS_AVX512_BW __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-// 16 bf16 values as fp32 (exact), and 16 fp32 values rounded to bf16 as f32_to_bf16 (common/half.h):
-// round to nearest even, every NaN to 0x7FC0.
-COMPASS_AVX512_BW inline __m512 bf16x16_to_f32(const uint16_t* p) {
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// 16 values of S as fp32 (exact), and 16 fp32 values rounded to a 16-bit S as Tag::store does
+// (common/half.h): round to nearest even; NaN to 0x7FC0 (bf16) or sign | 0x7E00 (fp16).
+template <class Tag>
+COMPASS_AVX512_BW inline __m512 load16(const typename Tag::S* p) {
+  if constexpr (std::is_same_v<Tag, F32>) {
+    return _mm512_loadu_ps(p);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<Tag, BF16>) {
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm512_cvtph_ps(h);
+    }
+  }
 }
-COMPASS_AVX512_BW inline __m256i f32x16_to_bf16(__m512 a) {
+
+template <class Tag>
+COMPASS_AVX512_BW inline __m256i round16(__m512 a) {
   const __m512i u = _mm512_castps_si512(a);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
+  const __mmask16 nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  if constexpr (std::is_same_v<Tag, BF16>) {
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(r);
+  } else {  // the hardware conversion rounds as c10 does; only its NaN keeps payload bits
+    const __m256i h = _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i nan_code = _mm512_cvtepi32_epi16(
+        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)),
+                        _mm512_set1_epi32(0x7E00)));
+    return _mm256_mask_mov_epi16(h, nan, nan_code);
+  }
 }
 
-// combine_rows<Tag, R, kFirst, true> for F32 or BF16 with the sum streamed to out, 64 bytes per
-// store (n a multiple of 64 / sizeof(S), out 64-byte aligned; cpu/streaming.h): the same fp32
+// 64 bytes of S (64 / sizeof(S) values: one fp32 vector or two rounded to 16 bits) to a 64-byte
+// aligned out, non-temporal.
+template <class Tag>
+COMPASS_AVX512_BW inline void stream64(typename Tag::S* out, const __m512* a) {
+  if constexpr (std::is_same_v<Tag, F32>) {
+    _mm512_stream_ps(out, a[0]);
+  } else {
+    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(round16<Tag>(a[0])), round16<Tag>(a[1]), 1);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(out), both);
+  }
+}
+
+// combine_rows<Tag, R, kFirst, true> for F32, BF16 or F16 with the sum streamed to out, 64 bytes
+// per store (n a multiple of 64 / sizeof(S), out 64-byte aligned; cpu/streaming.h): the same fp32
 // operations in the same order and the same rounding to S, so the same bits.
 template <class Tag, int R, bool kFirst>
 COMPASS_AVX512_BW void combine_rows_streamed(const typename Tag::S* const* src, const float* w, int64_t n,
@@ -297,22 +329,9 @@ COMPASS_AVX512_BW void combine_rows_streamed(const typename Tag::S* const* src, 
     for (int h = 0; h < kHalves; ++h) {
       const int64_t j = i + 16 * h;
       a[h] = kFirst ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + j);
-      for (int r = 0; r < R; ++r) {
-        __m512 v;
-        if constexpr (std::is_same_v<Tag, F32>) {
-          v = _mm512_loadu_ps(p[r] + j);
-        } else {
-          v = bf16x16_to_f32(p[r] + j);
-        }
-        a[h] = _mm512_add_ps(a[h], _mm512_mul_ps(wr[r], v));
-      }
+      for (int r = 0; r < R; ++r) a[h] = _mm512_add_ps(a[h], _mm512_mul_ps(wr[r], load16<Tag>(p[r] + j)));
     }
-    if constexpr (std::is_same_v<Tag, F32>) {
-      _mm512_stream_ps(reinterpret_cast<float*>(out + i), a[0]);
-    } else {
-      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(f32x16_to_bf16(a[0])), f32x16_to_bf16(a[1]), 1);
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(out + i), both);
-    }
+    stream64<Tag>(out + i, a);
   }
 }
 
@@ -330,10 +349,10 @@ void combine_group_streamed(int r, const typename Tag::S* const* src, const floa
 
 // The dtypes whose unpermute sums can leave through combine_rows_streamed.
 template <class Tag>
-constexpr bool kStreamedCombine = std::is_same_v<Tag, F32> || std::is_same_v<Tag, BF16>;
+constexpr bool kStreamedCombine = std::is_same_v<Tag, F32> || std::is_same_v<Tag, BF16> || std::is_same_v<Tag, F16>;
 
-// Tokens [t0, t1): one thread's share. stream (fp32 or bf16, AVX-512, out rows 64-byte aligned and
-// past kStreamMinBytes in all): the final sums go to out with non-temporal stores.
+// Tokens [t0, t1): one thread's share. stream (fp32, bf16 or fp16, AVX-512, out rows 64-byte aligned
+// and past kStreamMinBytes in all): the final sums go to out with non-temporal stores.
 template <class Tag>
 void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, const int64_t* rows,
                       int64_t k, const void* probs, int probs_dtype, typename Tag::S* out,
@@ -485,22 +504,13 @@ void scale_and_dot_n(int r, const typename Tag::S* g, const typename Tag::S* con
 }
 
 #ifdef COMPASS_STREAM_COMBINE
-// scale_and_dot<Tag, R, true> for F32 or BF16 written for AVX-512 (dst rows 64-byte aligned, H a
+// scale_and_dot<Tag, R, true> for F32, BF16 or F16 written for AVX-512 (dst rows 64-byte aligned, H a
 // multiple of 64 / sizeof(S)): the same products, sums, rounding to S and final pairwise
 // reduction, so the same bits, with the w_r * g rows stored straight from the registers instead
 // of through a 16-value buffer per store. T=8192 H=2048, slow-memory window: fp32 E16k2 7.2-7.8
 // -> 6.2-6.8 ms, E128k8 24.7-25.7 -> 21.2-21.6 ms; bf16 (whose 32-byte buffered stores had gone
 // through 16-byte non-temporal stores one call at a time) E16k2 14.4-15.0 -> 3.9-4.2 ms, E128k8
-// 56-59 -> 12.7-13.3 ms.
-template <class Tag>
-COMPASS_AVX512_BW inline __m512 load16(const typename Tag::S* p) {
-  if constexpr (std::is_same_v<Tag, F32>) {
-    return _mm512_loadu_ps(p);
-  } else {
-    return bf16x16_to_f32(p);
-  }
-}
-
+// 56-59 -> 12.7-13.3 ms; fp16 likewise 15.8-15.9 -> 4.0-4.1 ms.
 template <class Tag, int R>
 COMPASS_AVX512_BW void scale_and_dot_streamed(const typename Tag::S* g, const typename Tag::S* const* y,
                                               const float* w, typename Tag::S* const* dst, int64_t H, float* dots) {
@@ -516,12 +526,7 @@ COMPASS_AVX512_BW void scale_and_dot_streamed(const typename Tag::S* g, const ty
         part[r] = _mm512_add_ps(part[r], _mm512_mul_ps(gv[h], load16<Tag>(y[r] + i + 16 * h)));
         d[h] = _mm512_mul_ps(wr[r], gv[h]);
       }
-      if constexpr (std::is_same_v<Tag, F32>) {
-        _mm512_stream_ps(reinterpret_cast<float*>(dst[r] + i), d[0]);
-      } else {
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(f32x16_to_bf16(d[0])), f32x16_to_bf16(d[1]), 1);
-        _mm512_stream_si512(reinterpret_cast<__m512i*>(dst[r] + i), both);
-      }
+      stream64<Tag>(dst[r] + i, d);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -590,7 +595,9 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
         }
       }
 #endif
-      if (stream) {
+      // Buffered non-temporal stores only in whole lines (fp32, fp64): 16 fp16 / bf16 values are half
+      // a line, and streamed half-lines made the fp16 backward 3-4x slower than ordinary stores.
+      if (stream && sizeof(S) * 16 % 64 == 0) {
         scale_and_dot_n<Tag, true>(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
       } else {
         scale_and_dot_n<Tag, false>(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
