@@ -19,6 +19,12 @@ def _clean(v):
     return v
 
 
+def _complete_lines(path: Path) -> list:
+    """The lines of ``path`` that end in a newline: a process killed mid-append (or a read racing
+    an append) can leave a partial last line, which belongs to a step that did not finish."""
+    return path.read_text().split("\n")[:-1]
+
+
 class MetricsWriter:
     def __init__(self, path):
         self.path = Path(path)
@@ -28,7 +34,7 @@ class MetricsWriter:
         """Drop records of ``stage`` with ``step >= step`` (steps not in the checkpoint)."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
+        keep = [line for line in _complete_lines(self.path)
                 if line.strip() and not ((r := json.loads(line)).get("stage") == stage and r.get("step", -1) >= step)]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
@@ -43,4 +49,4 @@ def read_metrics(path) -> list:
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in _complete_lines(path) if line.strip()]

@@ -162,3 +162,17 @@ def test_user_text_data(tmp_path):
     p.write_text('{"text": "ok"}\n{"txt": "bad"}\n')
     with pytest.raises(ValueError, match="t.jsonl:2"):
         StageData("general", TOK, 32, 2, data_file=str(p))
+
+
+def test_metrics_ignore_a_partial_last_line(tmp_path):
+    """A run killed mid-append (or a reader racing the append) leaves a line without its newline:
+    readers skip it and a resumed run's truncation drops it."""
+    m = MetricsWriter(tmp_path / "metrics.jsonl")
+    for step in range(3):
+        m.write({"stage": "general", "step": step, "loss": 1.0})
+    with m.path.open("a") as f:
+        f.write('{"stage": "general", "step": 3, "')
+    assert [r["step"] for r in read_metrics(m.path)] == [0, 1, 2]
+    m.truncate_after("general", 2)
+    assert m.path.read_text().endswith("\n")
+    assert [r["step"] for r in read_metrics(m.path)] == [0, 1]
