@@ -2,9 +2,9 @@
 
 COMPASS_CPU_NO_AVX512=1 (csrc/common/cpu_features.h, read once per process) turns off the AVX-512
 FP8 row pipeline (csrc/cpu/fp8_avx512.h), the wide OTPO distance tile (csrc/cpu/otpo_cost.cpp) and
-the 64-byte non-temporal row copies (csrc/cpu/streaming.h), so a CPU without AVX-512 runs what
-these subprocesses run: the FP8 tests (bit-exact against the reference), the OTPO tests and the
-streamed permute / unpermute-backward rows.
+the 64-byte non-temporal row copies (csrc/cpu/streaming.h) and the AVX-512 routing loops
+(csrc/cpu/routing.cpp), so a CPU without AVX-512 runs what these subprocesses run: the FP8 tests
+(bit-exact against the reference), the OTPO tests and the routing tests of those loops.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ HERE = Path(__file__).parent
     ("test_permute.py::test_permute_streaming_rows_bit_exact", 1),  # SSE2 non-temporal stores
     ("test_unpermute.py::test_unpermute_backward_streaming_rows", 3),
     ("test_unpermute.py::test_unpermute_streaming_rows_bit_exact", 9),
+    ("test_unpermute.py::test_unpermute_backward_cpu_bits", 6),              # generic 16-bit loops
+    ("test_unpermute.py::test_unpermute_matches_reference", 100),
 ])
 def test_without_avx512_paths(target, min_passed):
     # The child imports the compass_kernels this process imported (installed, or the source tree

@@ -141,18 +141,42 @@ def test_unpermute_end_to_end_identity(kernel_backend):
 
 
 def _lane_order_dots(g, y, row_id_map):
-    """<g[t], y[row(t, j)]> in fp32 as the cpu kernel sums it (H a multiple of 16): 16 lane sums
-    over the row in order, each step a product then an add, then halved pairwise 8, 4, 2, 1 and
-    + 0.0 (its empty scalar tail); 0 for unrouted slots. Bit for bit, unlike a torch dot."""
+    """<g[t], y[row(t, j)]> in fp32 as the cpu kernel sums it: 16 lane sums over the first
+    H - H % 16 elements in order, each step a product then an add, halved pairwise 8, 4, 2, 1,
+    plus a scalar sum of the last H % 16 in order; 0 for unrouted slots. Bit for bit, unlike a
+    torch dot."""
     T, k = row_id_map.shape
+    H = g.shape[1]
     gf, yf = g.float(), y.float()
     rows = row_id_map.clamp(min=0)
     part = torch.zeros(T, k, 16)
-    for i in range(0, g.shape[1], 16):
+    for i in range(0, H - H % 16, 16):
         part = part + gf[:, None, i:i + 16] * yf[rows, i:i + 16]
     for half in (8, 4, 2, 1):
         part = part[..., :half] + part[..., half:2 * half]
-    return torch.where(row_id_map >= 0, part[..., 0] + 0.0, 0.0)
+    tail = torch.zeros(T, k)
+    for i in range(H - H % 16, H):
+        tail = tail + gf[:, None, i] * yf[rows, i]
+    return torch.where(row_id_map >= 0, part[..., 0] + tail, 0.0)
+
+
+@pytest.mark.skipif("cpu" not in cpu_backends(), reason="compass_kernels._cpu not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("H", [77, 2048])
+def test_unpermute_backward_cpu_bits(dtype, H):
+    """Cached sizes (ordinary stores; the 16-bit types on their AVX-512 loops where the CPU has
+    them): grad_y is the reference's, bit for bit, and grad_probs the lane-order sum's, with and
+    without a scalar tail (H = 77)."""
+    T, k, E = 300, 5, 8
+    with ck.use_backend("cpu"):
+        plan = ck.route(make_ids(T, k, E, "holes"), E)
+        y = torch.randn(plan.num_rows, H).to(dtype).requires_grad_(True)
+        probs = torch.rand(T, k, requires_grad=True)
+        g = torch.randn(T, H).to(dtype)
+        gy, gp = torch.autograd.grad(ck.unpermute(y, plan, probs), (y, probs), g)
+    want_y, _ = unpermute_bwd_ref(g, y.detach(), plan.row_id_map, probs.detach())
+    assert torch.equal(gy, want_y)
+    assert torch.equal(gp, _lane_order_dots(g, y.detach(), plan.row_id_map))
 
 
 @pytest.mark.skipif("cpu" not in cpu_backends(), reason="compass_kernels._cpu not built")
