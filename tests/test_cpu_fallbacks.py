@@ -1,9 +1,9 @@
 """The portable fallbacks of the hand-vectorised CPU paths, exercised on an AVX-512 machine.
 
 COMPASS_CPU_NO_AVX512=1 (csrc/common/cpu_features.h, read once per process) turns off the AVX-512
-FP8 row pipeline (csrc/cpu/fp8_avx512.h), the wide OTPO distance tile (csrc/cpu/otpo_cost.cpp) and
-the 64-byte non-temporal row copies (csrc/cpu/streaming.h) and the AVX-512 routing loops
-(csrc/cpu/routing.cpp), so a CPU without AVX-512 runs what these subprocesses run: the FP8 tests
+FP8 row pipeline (csrc/cpu/fp8_avx512.h), the wide OTPO distance tile (csrc/cpu/otpo_cost.cpp), the
+64-byte non-temporal row copies (csrc/cpu/streaming.h) and the AVX-512 routing loops
+(csrc/cpu/routing_avx512.h), so a CPU without AVX-512 runs what these subprocesses run: the FP8 tests
 (bit-exact against the reference), the OTPO tests and the routing tests of those loops.
 """
 

@@ -5,6 +5,11 @@
 #include <cstdlib>
 #include <cstring>
 
+// The target attribute of the hand-written AVX-512 functions: the features have_avx512() checks.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define COMPASS_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#endif
+
 namespace compass {
 
 inline bool avx512_paths_disabled() {

@@ -16,8 +16,6 @@
 
 namespace compass::cpu::fp8 {
 
-#define COMPASS_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-
 // f32_to_fp8_in_range on 16 lanes: dword codes 0..255, the sign in bit 7.
 template <class F>
 COMPASS_AVX512_TARGET inline __m512i codes16(__m512 x, __m512 s) {

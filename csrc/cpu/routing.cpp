@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #ifdef COMPASS_OPENMP
@@ -14,8 +13,9 @@
 
 #include "common/check.h"
 #include "common/dtype.h"
-#include "common/half.h"
+#include "cpu/float_tags.h"
 #include "cpu/parallel.h"
+#include "cpu/routing_avx512.h"
 #include "cpu/streaming.h"
 
 namespace compass::cpu {
@@ -43,32 +43,7 @@ constexpr int64_t kMoveParallelMin = 256 * 1024;  // bytes moved
 #define COMPASS_CLONES
 #endif
 
-// ---- dtype tags: storage type, accumulator type, exact load and RNE store -----------------------
-struct F32 {
-  using S = float;
-  using Acc = float;
-  static float load(float v) { return v; }
-  static float store(float a) { return a; }
-};
-struct F64 {
-  using S = double;
-  using Acc = double;
-  static double load(double v) { return v; }
-  static double store(double a) { return a; }
-};
-struct F16 {
-  using S = uint16_t;
-  using Acc = float;
-  static float load(uint16_t v) { return fp16_to_f32(v); }
-  static uint16_t store(float a) { return f32_to_fp16(a); }
-};
-struct BF16 {
-  using S = uint16_t;
-  using Acc = float;
-  static float load(uint16_t v) { return bf16_to_f32(v); }
-  static uint16_t store(float a) { return f32_to_bf16(a); }
-};
-
+// ---- dtype dispatch (tags: cpu/float_tags.h) ----------------------------------------------------
 template <class Fn>
 void dispatch_float(const char* name, int code, Fn&& fn) {
   switch (static_cast<DType>(code)) {
@@ -154,10 +129,8 @@ void zero_unused_rows(char* out, int64_t row_bytes, const int64_t* offsets, cons
 // the buffer is larger than the last-level cache, so they stream it. T=8192, H=2048 fp32 on this
 // EPYC: permute 0.62-0.91 -> 0.70-1.0 of a copy of the same bytes with 16-byte stores, and
 // E16k2 3.3-3.8 -> 2.5-2.8 ms with whole-line (AVX-512) ones; route + permute + unpermute forward
-// and backward, E=16 k=2, 22.6-23.7 -> 20.9-22.7 ms. unpermute streams its fp32 sums straight
-// from the registers (combine_rows_streamed): E16k2 2.9 -> 2.4-2.6 ms in a fast-memory window,
-// 4.2-4.8 -> 3.5-4.1 ms in a slow one; bf16 sums E16k2 2.6-3.0 -> 2.3-2.5 ms, fp16 4.0-4.3 ->
-// 2.4-2.8 ms. (Through an L1 row buffer it had measured slower.)
+// and backward, E=16 k=2, 22.6-23.7 -> 20.9-22.7 ms. unpermute's sums and the backward's scaled
+// rows stream from the AVX-512 registers: cpu/routing_avx512.h has their numbers.
 
 // ---- route --------------------------------------------------------------------------------------
 // Stable counting sort over the flattened [T*k] ids, in chunks: per-chunk histograms, an exclusive
@@ -252,137 +225,20 @@ COMPASS_CLONES void combine_rows(const typename Tag::S* const* src, const typena
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define COMPASS_STREAM_COMBINE 1
-#define COMPASS_AVX512_BW __attribute__((target("avx512f,avx512bw,avx512vl")))
-
-// 16 values of S as fp32 (exact), and 16 fp32 values rounded to a 16-bit S as Tag::store does
-// (common/half.h): round to nearest even; NaN to 0x7FC0 (bf16) or sign | 0x7E00 (fp16).
-template <class Tag>
-COMPASS_AVX512_BW inline __m512 load16(const typename Tag::S* p) {
-  if constexpr (std::is_same_v<Tag, F32>) {
-    return _mm512_loadu_ps(p);
-  } else {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    if constexpr (std::is_same_v<Tag, BF16>) {
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-    } else {
-      return _mm512_cvtph_ps(h);
-    }
-  }
-}
-
-template <class Tag>
-COMPASS_AVX512_BW inline __m256i round16(__m512 a) {
-  const __m512i u = _mm512_castps_si512(a);
-  const __mmask16 nan = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-  if constexpr (std::is_same_v<Tag, BF16>) {
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-    return _mm512_cvtepi32_epi16(r);
-  } else {  // the hardware conversion rounds as c10 does; only its NaN keeps payload bits
-    const __m256i h = _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256i nan_code = _mm512_cvtepi32_epi16(
-        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x8000)),
-                        _mm512_set1_epi32(0x7E00)));
-    return _mm256_mask_mov_epi16(h, nan, nan_code);
-  }
-}
-
-// 64 bytes of S (64 / sizeof(S) values: one fp32 vector or two rounded to 16 bits) to a 64-byte
-// aligned out, non-temporal.
-template <class Tag>
-COMPASS_AVX512_BW inline void stream64(typename Tag::S* out, const __m512* a) {
-  if constexpr (std::is_same_v<Tag, F32>) {
-    _mm512_stream_ps(out, a[0]);
-  } else {
-    const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(round16<Tag>(a[0])), round16<Tag>(a[1]), 1);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(out), both);
-  }
-}
-
-// combine_rows<Tag, R, kFirst, true> for F32, BF16 or F16 with the sum streamed to out, 64 bytes
-// per store (n a multiple of 64 / sizeof(S), out 64-byte aligned; cpu/streaming.h): the same fp32
-// operations in the same order and the same rounding to S, so the same bits.
-template <class Tag, int R, bool kFirst>
-COMPASS_AVX512_BW void combine_rows_streamed(const typename Tag::S* const* src, const float* w, int64_t n,
-                                             const float* acc, typename Tag::S* out) {
-  using S = typename Tag::S;
-  constexpr int kHalves = 64 / (16 * int(sizeof(S)));  // 16-lane fp32 groups per 64-byte store
-  __m512 wr[R];
-  const S* p[R];
-  for (int r = 0; r < R; ++r) wr[r] = _mm512_set1_ps(w[r]), p[r] = src[r];
-  for (int64_t i = 0; i < n; i += 16 * kHalves) {
-    __m512 a[kHalves];
-    for (int h = 0; h < kHalves; ++h) {
-      const int64_t j = i + 16 * h;
-      a[h] = kFirst ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + j);
-      for (int r = 0; r < R; ++r) a[h] = _mm512_add_ps(a[h], _mm512_mul_ps(wr[r], load16<Tag>(p[r] + j)));
-    }
-    stream64<Tag>(out + i, a);
-  }
-}
-
-template <class Tag, bool kFirst>
-void combine_group_streamed(int r, const typename Tag::S* const* src, const float* w, int64_t n, const float* acc,
-                            typename Tag::S* out) {
-  switch (r) {
-    case 1: return combine_rows_streamed<Tag, 1, kFirst>(src, w, n, acc, out);
-    case 2: return combine_rows_streamed<Tag, 2, kFirst>(src, w, n, acc, out);
-    case 3: return combine_rows_streamed<Tag, 3, kFirst>(src, w, n, acc, out);
-    default: return combine_rows_streamed<Tag, 4, kFirst>(src, w, n, acc, out);
-  }
-}
-
-// The 16-bit dtypes: their generic loops convert through common/half.h's bit arithmetic, which
-// GCC vectorises poorly (fp16 unpermute 3x and its backward 8x the bf16 time, in cache).
-template <class Tag>
-constexpr bool kHalfTag = std::is_same_v<Tag, BF16> || std::is_same_v<Tag, F16>;
-
-// combine_rows<Tag, R, kFirst, kLast> for a 16-bit Tag with AVX-512 and ordinary stores, any n:
-// the same operations in the same order and the same rounding, 16 lanes at a time, then the
-// scalar form for the last n % 16.
-template <class Tag, int R, bool kFirst, bool kLast>
-COMPASS_AVX512_BW void combine_rows_avx512(const typename Tag::S* const* src, const float* w, int64_t n, float* acc,
-                                           typename Tag::S* out) {
-  using S = typename Tag::S;
-  __m512 wr[R];
-  const S* p[R];
-  for (int r = 0; r < R; ++r) wr[r] = _mm512_set1_ps(w[r]), p[r] = src[r];
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m512 a = kFirst ? _mm512_setzero_ps() : _mm512_loadu_ps(acc + i);
-    for (int r = 0; r < R; ++r) a = _mm512_add_ps(a, _mm512_mul_ps(wr[r], load16<Tag>(p[r] + i)));
-    if constexpr (kLast) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), round16<Tag>(a));
-    } else {
-      _mm512_storeu_ps(acc + i, a);
-    }
-  }
-  for (; i < n; ++i) {
-    float a = kFirst ? 0.0f : acc[i];
-    for (int r = 0; r < R; ++r) a = a + w[r] * Tag::load(p[r][i]);
-    if constexpr (kLast) {
-      out[i] = Tag::store(a);
-    } else {
-      acc[i] = a;
-    }
-  }
-}
-#endif
-
-template <class Tag, bool kFirst, bool kLast>
+// kStream (with kLast): the sums leave through non-temporal stores (combine_rows_avx512; the caller
+// checks AVX-512, the dtype and the alignment). The 16-bit types take the AVX-512 loop at every
+// size where the CPU has it (cpu/routing_avx512.h).
+template <class Tag, bool kFirst, bool kLast, bool kStream = false>
 void combine_group(int r, const typename Tag::S* const* src, const typename Tag::Acc* w, int64_t n,
                    typename Tag::Acc* acc, typename Tag::S* out) {
-#ifdef COMPASS_STREAM_COMBINE
-  if constexpr (kHalfTag<Tag>) {
+#ifdef COMPASS_ROUTING_AVX512
+  if constexpr (kStream ? kAvx512Tag<Tag> : kHalfTag<Tag>) {
     if (have_avx512()) {
       switch (r) {
-        case 1: return combine_rows_avx512<Tag, 1, kFirst, kLast>(src, w, n, acc, out);
-        case 2: return combine_rows_avx512<Tag, 2, kFirst, kLast>(src, w, n, acc, out);
-        case 3: return combine_rows_avx512<Tag, 3, kFirst, kLast>(src, w, n, acc, out);
-        default: return combine_rows_avx512<Tag, 4, kFirst, kLast>(src, w, n, acc, out);
+        case 1: return combine_rows_avx512<Tag, 1, kFirst, kLast, kStream>(src, w, n, acc, out);
+        case 2: return combine_rows_avx512<Tag, 2, kFirst, kLast, kStream>(src, w, n, acc, out);
+        case 3: return combine_rows_avx512<Tag, 3, kFirst, kLast, kStream>(src, w, n, acc, out);
+        default: return combine_rows_avx512<Tag, 4, kFirst, kLast, kStream>(src, w, n, acc, out);
       }
     }
   }
@@ -395,13 +251,8 @@ void combine_group(int r, const typename Tag::S* const* src, const typename Tag:
   }
 }
 
-
-// The dtypes whose unpermute sums can leave through combine_rows_streamed.
-template <class Tag>
-constexpr bool kStreamedCombine = std::is_same_v<Tag, F32> || std::is_same_v<Tag, BF16> || std::is_same_v<Tag, F16>;
-
-// Tokens [t0, t1): one thread's share. stream (fp32, bf16 or fp16, AVX-512, out rows 64-byte aligned
-// and past kStreamMinBytes in all): the final sums go to out with non-temporal stores.
+// Tokens [t0, t1): one thread's share. stream (kAvx512Tag, AVX-512, out rows 64-byte aligned and
+// past kStreamMinBytes in all): the final sums go to out with non-temporal stores.
 template <class Tag>
 void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, const int64_t* rows,
                       int64_t k, const void* probs, int probs_dtype, typename Tag::S* out,
@@ -427,15 +278,11 @@ void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, con
       continue;
     }
     if (m <= kGroup) {  // one pass over the whole row, no partial sums (the k = 2 case)
-#ifdef COMPASS_STREAM_COMBINE
-      if constexpr (kStreamedCombine<Tag>) {
-        if (stream) {
-          combine_group_streamed<Tag, true>(int(m), src.data(), w.data(), H, acc, o);
-          continue;
-        }
+      if (stream) {
+        combine_group<Tag, true, true, true>(int(m), src.data(), w.data(), H, acc, o);
+      } else {
+        combine_group<Tag, true, true>(int(m), src.data(), w.data(), H, acc, o);
       }
-#endif
-      combine_group<Tag, true, true>(int(m), src.data(), w.data(), H, acc, o);
       continue;
     }
     const S* chunk_src[kGroup];
@@ -445,16 +292,10 @@ void unpermute_tokens(const typename Tag::S* y, int64_t stride_y, int64_t H, con
         const int r = int(std::min<int64_t>(kGroup, m - g));
         for (int i = 0; i < r; ++i) chunk_src[i] = src[g + i] + h0;
         const bool first = g == 0, last = g + r == m;
-#ifdef COMPASS_STREAM_COMBINE
-        if constexpr (kStreamedCombine<Tag>) {
-          if (stream && last && n * int64_t(sizeof(S)) % 64 == 0) {
-            if (first) combine_group_streamed<Tag, true>(r, chunk_src, &w[g], n, acc, o + h0);
-            else combine_group_streamed<Tag, false>(r, chunk_src, &w[g], n, acc, o + h0);
-            continue;
-          }
-        }
-#endif
-        if (first && last) combine_group<Tag, true, true>(r, chunk_src, &w[g], n, acc, o + h0);
+        if (stream && last && n * int64_t(sizeof(S)) % 64 == 0) {
+          if (first) combine_group<Tag, true, true, true>(r, chunk_src, &w[g], n, acc, o + h0);
+          else combine_group<Tag, false, true, true>(r, chunk_src, &w[g], n, acc, o + h0);
+        } else if (first && last) combine_group<Tag, true, true>(r, chunk_src, &w[g], n, acc, o + h0);
         else if (first) combine_group<Tag, true, false>(r, chunk_src, &w[g], n, acc, o + h0);
         else if (last) combine_group<Tag, false, true>(r, chunk_src, &w[g], n, acc, o + h0);
         else combine_group<Tag, false, false>(r, chunk_src, &w[g], n, acc, o + h0);
@@ -534,59 +375,25 @@ COMPASS_CLONES void scale_and_dot(const typename Tag::S* g, const typename Tag::
   for (int r = 0; r < R; ++r) {
     Acc p[L];
     std::memcpy(p, &part[r], sizeof(p));
-    for (int64_t half = L / 2; half >= 1; half /= 2) {
-      for (int64_t l = 0; l < half; ++l) p[l] = p[l] + p[l + half];
-    }
-    dots[r] = p[0] + tail[r];
+    dots[r] = pairwise_lane_sum(p, tail[r]);
   }
 }
 
-#ifdef COMPASS_STREAM_COMBINE
-// scale_and_dot<Tag, R, false> for a 16-bit Tag with AVX-512 and ordinary stores, any H: the same
-// 16 lane sums, scalar tail, final reduction and rounding as the generic loop (kHalfTag).
-template <class Tag, int R>
-COMPASS_AVX512_BW void scale_and_dot_avx512(const typename Tag::S* g, const typename Tag::S* const* y, const float* w,
-                                            typename Tag::S* const* dst, int64_t H, float* dots) {
-  __m512 wr[R], part[R];
-  for (int r = 0; r < R; ++r) wr[r] = _mm512_set1_ps(w[r]), part[r] = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= H; i += 16) {
-    const __m512 gv = load16<Tag>(g + i);
-    for (int r = 0; r < R; ++r) {
-      part[r] = _mm512_add_ps(part[r], _mm512_mul_ps(gv, load16<Tag>(y[r] + i)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst[r] + i), round16<Tag>(_mm512_mul_ps(wr[r], gv)));
-    }
-  }
-  float tail[R] = {};
-  for (; i < H; ++i) {
-    const float gv = Tag::load(g[i]);
-    for (int r = 0; r < R; ++r) {
-      dst[r][i] = Tag::store(w[r] * gv);
-      tail[r] = tail[r] + gv * Tag::load(y[r][i]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float p[16];
-    _mm512_storeu_ps(p, part[r]);
-    for (int half = 8; half >= 1; half /= 2) {
-      for (int l = 0; l < half; ++l) p[l] = p[l] + p[l + half];
-    }
-    dots[r] = p[0] + tail[r];
-  }
-}
-#endif
-
+// kStream: dst rows leave through non-temporal stores. With AVX-512 the fp32 / 16-bit streamed
+// rows and every 16-bit row take scale_and_dot_avx512 (cpu/routing_avx512.h); the generic loop
+// streams only whole lines (fp32, fp64), since 16 buffered 16-bit values are half a line and
+// streamed half-lines made the fp16 backward 3-4x slower than ordinary stores (the caller checks).
 template <class Tag, bool kStream>
 void scale_and_dot_n(int r, const typename Tag::S* g, const typename Tag::S* const* y, const typename Tag::Acc* w,
                      typename Tag::S* const* dst, int64_t H, typename Tag::Acc* dots) {
-#ifdef COMPASS_STREAM_COMBINE
-  if constexpr (kHalfTag<Tag> && !kStream) {
+#ifdef COMPASS_ROUTING_AVX512
+  if constexpr (kStream ? kAvx512Tag<Tag> : kHalfTag<Tag>) {
     if (have_avx512()) {
       switch (r) {
-        case 1: return scale_and_dot_avx512<Tag, 1>(g, y, w, dst, H, dots);
-        case 2: return scale_and_dot_avx512<Tag, 2>(g, y, w, dst, H, dots);
-        case 3: return scale_and_dot_avx512<Tag, 3>(g, y, w, dst, H, dots);
-        default: return scale_and_dot_avx512<Tag, 4>(g, y, w, dst, H, dots);
+        case 1: return scale_and_dot_avx512<Tag, 1, kStream>(g, y, w, dst, H, dots);
+        case 2: return scale_and_dot_avx512<Tag, 2, kStream>(g, y, w, dst, H, dots);
+        case 3: return scale_and_dot_avx512<Tag, 3, kStream>(g, y, w, dst, H, dots);
+        default: return scale_and_dot_avx512<Tag, 4, kStream>(g, y, w, dst, H, dots);
       }
     }
   }
@@ -598,54 +405,6 @@ void scale_and_dot_n(int r, const typename Tag::S* g, const typename Tag::S* con
     default: return scale_and_dot<Tag, 4, kStream>(g, y, w, dst, H, dots);
   }
 }
-
-#ifdef COMPASS_STREAM_COMBINE
-// scale_and_dot<Tag, R, true> for F32, BF16 or F16 written for AVX-512 (dst rows 64-byte aligned, H a
-// multiple of 64 / sizeof(S)): the same products, sums, rounding to S and final pairwise
-// reduction, so the same bits, with the w_r * g rows stored straight from the registers instead
-// of through a 16-value buffer per store. T=8192 H=2048, slow-memory window: fp32 E16k2 7.2-7.8
-// -> 6.2-6.8 ms, E128k8 24.7-25.7 -> 21.2-21.6 ms; bf16 (whose 32-byte buffered stores had gone
-// through 16-byte non-temporal stores one call at a time) E16k2 14.4-15.0 -> 3.9-4.2 ms, E128k8
-// 56-59 -> 12.7-13.3 ms; fp16 likewise 15.8-15.9 -> 4.0-4.1 ms.
-template <class Tag, int R>
-COMPASS_AVX512_BW void scale_and_dot_streamed(const typename Tag::S* g, const typename Tag::S* const* y,
-                                              const float* w, typename Tag::S* const* dst, int64_t H, float* dots) {
-  constexpr int kHalves = 64 / (16 * int(sizeof(typename Tag::S)));
-  __m512 wr[R], part[R];
-  for (int r = 0; r < R; ++r) wr[r] = _mm512_set1_ps(w[r]), part[r] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < H; i += 16 * kHalves) {
-    __m512 gv[kHalves];
-    for (int h = 0; h < kHalves; ++h) gv[h] = load16<Tag>(g + i + 16 * h);
-    for (int r = 0; r < R; ++r) {
-      __m512 d[kHalves];
-      for (int h = 0; h < kHalves; ++h) {
-        part[r] = _mm512_add_ps(part[r], _mm512_mul_ps(gv[h], load16<Tag>(y[r] + i + 16 * h)));
-        d[h] = _mm512_mul_ps(wr[r], gv[h]);
-      }
-      stream64<Tag>(dst[r] + i, d);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float p[16];
-    _mm512_storeu_ps(p, part[r]);
-    for (int half = 8; half >= 1; half /= 2) {
-      for (int l = 0; l < half; ++l) p[l] = p[l] + p[l + half];
-    }
-    dots[r] = p[0] + 0.0f;  // + the (empty) scalar tail, as scale_and_dot
-  }
-}
-
-template <class Tag>
-void scale_and_dot_streamed_n(int r, const typename Tag::S* g, const typename Tag::S* const* y, const float* w,
-                              typename Tag::S* const* dst, int64_t H, float* dots) {
-  switch (r) {
-    case 1: return scale_and_dot_streamed<Tag, 1>(g, y, w, dst, H, dots);
-    case 2: return scale_and_dot_streamed<Tag, 2>(g, y, w, dst, H, dots);
-    case 3: return scale_and_dot_streamed<Tag, 3>(g, y, w, dst, H, dots);
-    default: return scale_and_dot_streamed<Tag, 4>(g, y, w, dst, H, dots);
-  }
-}
-#endif
 
 template <class Tag>
 void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const typename Tag::S* y,
@@ -659,7 +418,8 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
   std::vector<S*> dst(n);
   std::vector<Acc> w(n), dots(n);
   std::vector<int64_t> slot(n);
-  const bool avx512 = have_avx512();
+  // Rows scaled by w stream where scale_and_dot_n can stream them: see there.
+  const bool stream_rows = stream && ((kAvx512Tag<Tag> && have_avx512()) || sizeof(S) * 16 % 64 == 0);
   for (int64_t t = t0; t < t1; ++t) {
     const S* g_t = g + t * stride_g;
     int64_t m = 0;
@@ -683,17 +443,7 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
     }
     for (int64_t b = 0; b < m; b += kGroup) {
       const int64_t r = std::min<int64_t>(kGroup, m - b);
-#ifdef COMPASS_STREAM_COMBINE
-      if constexpr (kStreamedCombine<Tag>) {
-        if (stream && avx512) {
-          scale_and_dot_streamed_n<Tag>(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
-          continue;
-        }
-      }
-#endif
-      // Buffered non-temporal stores only in whole lines (fp32, fp64): 16 fp16 / bf16 values are half
-      // a line, and streamed half-lines made the fp16 backward 3-4x slower than ordinary stores.
-      if (stream && sizeof(S) * 16 % 64 == 0) {
+      if (stream_rows) {
         scale_and_dot_n<Tag, true>(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
       } else {
         scale_and_dot_n<Tag, false>(int(r), g_t, &src[b], &w[b], &dst[b], H, &dots[b]);
@@ -798,7 +548,7 @@ void unpermute(uintptr_t y, int64_t stride_y, int dtype, int64_t num_rows, int64
     using S = typename Tag::S;
     const int64_t bytes = T * (k + 1) * H * int64_t(sizeof(S));
     const int64_t row_bytes = H * int64_t(sizeof(S));
-    const bool stream = kStreamedCombine<Tag> && have_avx512() &&
+    const bool stream = kAvx512Tag<Tag> && have_avx512() &&
                         use_streaming_stores(reinterpret_cast<const void*>(out), row_bytes, T * row_bytes);
     parallel_ranges(T, bytes >= kMoveParallelMin, [&](int64_t t0, int64_t t1) {
       unpermute_tokens<Tag>(reinterpret_cast<const S*>(y), stride_y, H, rows, k,

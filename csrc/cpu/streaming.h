@@ -32,7 +32,7 @@ inline bool use_streaming_stores(const void* dst, int64_t row_bytes, int64_t tot
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // One 64-byte non-temporal store per line (dst 64-byte aligned), then 16-byte ones for the rest.
-__attribute__((target("avx512f"))) inline void stream_bytes_avx512(char* dst, const char* src, int64_t n) {
+COMPASS_AVX512_TARGET inline void stream_bytes_avx512(char* dst, const char* src, int64_t n) {
   int64_t i = 0;
   for (; i + 64 <= n; i += 64) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + i), _mm512_loadu_si512(src + i));
@@ -47,8 +47,7 @@ __attribute__((target("avx512f"))) inline void stream_bytes_avx512(char* dst, co
 // with AVX-512 where dst is 64-byte aligned (the case use_streaming_stores admits), SSE2 otherwise.
 inline void stream_bytes(char* dst, const char* src, int64_t n) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  static const bool avx512 = have_avx512();
-  if (avx512 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) return stream_bytes_avx512(dst, src, n);
+  if (have_avx512() && reinterpret_cast<uintptr_t>(dst) % 64 == 0) return stream_bytes_avx512(dst, src, n);
 #endif
 #if defined(__x86_64__)
   for (int64_t i = 0; i < n; i += 16) {
