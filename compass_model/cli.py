@@ -3,7 +3,8 @@
   compass demo [--out DIR] [--resume]       the main job: the tiny preset through all seven stages,
                                             evaluation, FP8, plots and DIR/report.json (~7 min on 2 cores)
   compass train --preset NAME|--config FILE --stages LIST [--data FILE] [--steps N] [--seed N] --out DIR
-  torchrun --nproc-per-node N -m compass_model.cli train ... --ep N     expert parallelism (gloo / NCCL)
+  torchrun --nproc-per-node N*M -m compass_model.cli train ... --dp N --ep M   data x expert parallel
+                                            (gloo / NCCL; docs/distributed.md)
   compass eval --checkpoint DIR [--out FILE]
   compass generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--speculative]
   compass quantize --checkpoint DIR [--out FILE] [--save DIR]
@@ -85,7 +86,8 @@ def _train(args, demo: bool) -> int:
     from compass_model.data import load_tokenizer
     from compass_model.train.parallel import exit_ep, finish_ep, init_ep
     from compass_model.train.pipeline import run_pipeline
-    ctx = init_ep(getattr(args, "ep", 1))
+    ctx = init_ep(getattr(args, "ep", 1), dp=getattr(args, "dp", 1),
+                  router_stats=getattr(args, "router_stats", "global"))
     if demo:
         args.preset, args.config, args.stages, args.steps, args.data = "tiny", None, STAGE_LIST, None, None
     cfg, obj = _config(args)
@@ -215,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    "--resume continues")
     t.add_argument("--ep", type=int, default=1, help="expert parallelism over torchrun's processes "
                                                      "(torchrun --nproc-per-node N -m compass_model.cli train --ep N)")
+    t.add_argument("--dp", type=int, default=1, help="data parallelism: torchrun starts dp x ep processes; "
+                                                     "dp > 1 FSDP2-shards the dense weights")
+    t.add_argument("--router-stats", choices=["global", "local"], default="global",
+                   help="router load statistics over the whole batch (default) or each rank's rows")
     t.add_argument("--fp8", action="store_true", help="add the FP8 report (naive vs expert-aware) after evaluation")
     common(t)
     e = sub.add_parser("eval", help="evaluate a checkpoint on held-out tasks")

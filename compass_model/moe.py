@@ -67,19 +67,53 @@ def aux_loss_coefficient(config: CompassConfig, step) -> torch.Tensor:
     return lo + (hi - lo) * frac
 
 
-def load_balancing_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens=None) -> torch.Tensor:
     """Switch / Mixtral top-k form ``E * sum_i f_i P_i``: f_i the fraction of (token, slot)
-    assignments to expert i (no gradient), P_i the mean router probability of expert i. 1 when uniform."""
+    assignments to expert i (no gradient), P_i the mean router probability of expert i. 1 when uniform.
+
+    Global-batch statistics (``global_router_counts``): ``counts_E`` summed over the ranks sharing
+    the batch and ``num_tokens`` the batch's token count, so this rank's value is its share
+    ``E * sum_i f_i * sum_{t local} p_ti / T_global``; the shares sum to the single-process loss and
+    the gradient flows through the local scores only. ``num_tokens`` None: this batch's T."""
     T, E = scores_TE.shape
     f_E = counts_E.detach().float() / counts_E.sum().clamp(min=1)
-    P_E = scores_TE.float().sum(0) / max(T, 1)
+    P_E = scores_TE.float().sum(0) / (max(T, 1) if num_tokens is None else num_tokens.clamp(min=1))
     return E * (f_E * P_E).sum()
 
 
-def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """ST-MoE z-loss ``mean_t logsumexp(logits_t)^2`` (0 for T = 0), fp32."""
+def router_z_loss(logits_TE: torch.Tensor, num_tokens=None) -> torch.Tensor:
+    """ST-MoE z-loss ``mean_t logsumexp(logits_t)^2`` (0 for T = 0), fp32. ``num_tokens``: the
+    denominator (the global batch's T for this rank's share); None: this batch's T."""
     T = logits_TE.shape[0]
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / max(T, 1)
+    den = max(T, 1) if num_tokens is None else num_tokens.clamp(min=1)
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / den
+
+
+def global_router_counts(counts_E: torch.Tensor, num_tokens: int, group):
+    """Global-batch router statistics: one all-gather over ``group`` (every rank holding part of the
+    batch, in batch order) of this rank's ``[counts_E, T]`` (E + 1 floats). Returns the summed
+    counts [E], the summed token count (0-d) and the counts of the ranks before this one [E] (where
+    this rank's assignments start in each expert's global (token, slot) order: global capacity)."""
+    import torch.distributed as dist
+
+    mine = torch.cat([counts_E.float(), counts_E.new_full((1,), float(num_tokens))])
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, mine, group=group)
+    every = torch.stack(parts)                                   # [world, E + 1]
+    before = every[:dist.get_rank(group)].sum(0)
+    total = every.sum(0)
+    return total[:-1], total[-1], before[:-1]
+
+
+def drop_over_capacity(ids_TK: torch.Tensor, num_experts: int, capacity, start_E: torch.Tensor) -> torch.Tensor:
+    """Assignments past an expert's capacity marked -1 (dropped), keeping (token, slot) order: the
+    assignment's place in its expert is ``start_E[e]`` (assignments of earlier ranks) plus its local
+    rank. Equals ``ck.route(ids, E, capacity)``'s drops on the concatenated global batch."""
+    flat = ids_TK.reshape(-1)
+    onehot = F.one_hot(flat, num_experts)                        # [T k, E]
+    local_rank = (onehot.cumsum(0) * onehot).sum(-1) - 1
+    keep = start_E.to(local_rank.dtype)[flat] + local_rank < capacity
+    return torch.where(keep, flat, torch.full_like(flat, -1)).view_as(ids_TK)
 
 
 def router_stats(counts_E: torch.Tensor, kept_E: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -155,6 +189,10 @@ class MoE(nn.Module):
         self.w2_EFD = nn.Parameter(torch.randn(E, Fd, D) * config.init_std)
         self.shared = SwiGLU(D, config.shared_expert_dim) if config.shared_expert_dim else None
 
+    # Global-batch router statistics: the process group of every rank holding part of the batch
+    # (set by the distributed trainer, ``compass_model.train.parallel``); None: this batch's own.
+    stats_group = None
+
     def capacity(self, num_tokens: int) -> int | None:
         if self.capacity_factor is None or not self.training:
             return None
@@ -168,8 +206,15 @@ class MoE(nn.Module):
             logits_TE, scores_TE, ids_TK, gates_TK = self.router(x_TD)
             counts_E = torch.zeros(E, device=x.device).scatter_add_(
                 0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), device=x.device))
+            n_global, capacity, kept_E = None, self.capacity(T), None
+            if self.stats_group is not None:     # counts and T summed over the ranks sharing the batch
+                counts_E, n_global, start_E = global_router_counts(counts_E, T, self.stats_group)
+                if self.capacity_factor is not None and self.training:   # capacity of the global batch
+                    capacity = self.capacity(int(n_global))               # a host read, with capacity only
+                    ids_TK = drop_over_capacity(ids_TK, E, capacity, start_E)
+                    kept_E, capacity = counts_E.clamp(max=capacity), None
         with nvtx_range("permute"):
-            plan = ck.route(ids_TK, E, capacity=self.capacity(T))
+            plan = ck.route(ids_TK, E, capacity=capacity)
             xp_RD = ck.permute(x_TD, plan)
         xe_MD, offsets, state = self._dispatch(xp_RD, plan)
         w13, w2 = self.w13_EDF, self.w2_EFD
@@ -191,9 +236,9 @@ class MoE(nn.Module):
         if self.training and self.router.bias_rate > 0:
             self.router.load += counts_E
         router = {
-            "aux": load_balancing_loss(scores_TE, counts_E),
-            "z": router_z_loss(logits_TE),
-            "stats": router_stats(counts_E, plan.tokens_per_expert),
+            "aux": load_balancing_loss(scores_TE, counts_E, n_global),
+            "z": router_z_loss(logits_TE, n_global),
+            "stats": router_stats(counts_E, plan.tokens_per_expert if kept_E is None else kept_E),
         }
         return out_TD.reshape(x.shape), router
 

@@ -1,20 +1,27 @@
-"""Expert-parallel training for ``compass train --ep N`` (launched by ``torchrun``).
+"""Data x expert parallel training for ``compass train --dp N --ep M`` (launched by ``torchrun``).
 
-The EP group is the whole world and also the data-parallel group. Every rank holds the replicated
-parameters (attention, router, shared expert, embeddings) and its ``E / N`` experts
-(``distributed.shard_moe_layers``). The global batch is the stage's batch whatever N is: each
-micro-batch's rows are split over the ranks (``rows`` must be divisible by N), the token
-normaliser ``N_tokens`` is computed from the whole micro-batch (every rank builds it: batches are a
-pure function of the step), so the ranks' losses *sum* to the single-process loss and
+World = N x M ranks on a 2-D ``DeviceMesh`` ("dp", "ep"); rank r = d M + e. Every rank takes its own
+rows of each micro-batch (the stage's ``rows`` must be divisible by the world), so the global batch
+is the stage's batch whatever the layout. The token normaliser is the whole micro-batch's on every
+rank (batches are a pure function of the step), so the ranks' losses *sum* to the single-process
+loss, and every gradient reduction is a SUM:
 
-  replicated gradients   all-reduce SUM (each rank saw its rows only)
-  expert gradients       complete on the owning rank (the all-to-all brought every routed token)
-  clipping               one global norm: replicated part once + every rank's expert part
+  experts (``EPMoE``)    split over "ep" (rank e owns E / M of them); complete within an EP group
+                         (the all-to-all brought every token routed to them); all-reduced SUM over
+                         "dp" (the N ranks holding the same shard)
+  everything else        --dp 1: replicated, all-reduced SUM over the world (one flat buffer);
+                         --dp N > 1: FSDP2 ``fully_shard`` over the world (each block one unit, then
+                         the root; reduce-scatter with divide factor 1 = SUM); bf16 stages use the
+                         mixed-precision policy (bf16 params in compute, fp32 reduction)
+  clipping               the global norm: sharded and expert parts summed over the ranks once each
+  router statistics      "global" (default): every MoE layer all-gathers its expert counts and
+                         token count over the world (one (E + 1)-float vector per rank and layer):
+                         the aux loss, capacity and bias update see the micro-batch as one process
+                         would; "local": each rank's own rows (the Megatron default), the bias
+                         update's load still summed over the world so the ranks keep one bias
 
-Same math as ``--ep 1`` (the load-balancing loss, computed per forward on the rank's rows, is the
-exception: per-rank balance, as Megatron computes it per micro-batch). Checkpoints hold the dense
-model (experts gathered: a checkpoint loads at any EP size or none) and every rank's optimizer
-state (``optimizer-rank{r}.pt``: resume needs the same N).
+Checkpoints: the dense model (experts gathered, loadable anywhere) plus the optimizer state as a
+``torch.distributed.checkpoint`` directory (``dcp_checkpoint.py``), which resumes at any layout.
 """
 
 from __future__ import annotations
@@ -27,50 +34,122 @@ import torch
 import torch.distributed as dist
 
 from compass_model.data import PackedBatch
-from compass_model.distributed import is_expert_param, shard_moe_layers
+from compass_model.distributed import check_ep_size, expert_params, is_expert_param, shard_moe_layers
+
+ROUTER_STATS = ("global", "local")
 
 
 @dataclass(frozen=True)
 class EPContext:
+    """This rank's place in the (dp, ep) layout; ``mesh`` the 2-D DeviceMesh (None in unit tests
+    that build groups themselves)."""
     rank: int
     world: int
+    dp: int = 1
+    ep: int = 0                        # 0: the whole world (EP = DP, no --dp)
+    router_stats: str = "global"
+    mesh: object = None
+
+    def __post_init__(self):
+        if self.ep == 0:
+            object.__setattr__(self, "ep", self.world // self.dp)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def fsdp(self) -> bool:
+        return self.dp > 1
 
-def init_ep(ep: int, timeout_s: float = 600) -> EPContext | None:
-    """Join the process group torchrun set up (gloo on CPU, NCCL with CUDA); None for ``ep == 1``."""
-    if ep == 1:
+    def group(self, dim: str):
+        """The process group along mesh dimension "dp" or "ep" (None: the world)."""
+        if self.mesh is None:
+            return None
+        return self.mesh[dim].get_group()
+
+
+def check_layout(dp: int, ep: int, world: int, num_experts: int | None = None) -> None:
+    """Clear errors for a layout torchrun cannot run: N x M must be the world, E divisible by M."""
+    for name, v in (("--dp", dp), ("--ep", ep)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if dp * ep != world:
+        raise ValueError(f"--dp {dp} x --ep {ep} = {dp * ep} ranks, but torchrun started {world} processes; "
+                         f"start dp x ep of them (torchrun --nproc-per-node {dp * ep} ...)")
+    if num_experts is not None:
+        check_ep_size(num_experts, ep)
+
+
+def init_ep(ep: int, timeout_s: float = 600, dp: int = 1, router_stats: str = "global") -> EPContext | None:
+    """Join the process group torchrun set up (gloo on CPU, NCCL with CUDA) and build the (dp, ep)
+    mesh; None for a single process."""
+    if router_stats not in ROUTER_STATS:
+        raise ValueError(f"--router-stats must be one of {ROUTER_STATS}, got {router_stats!r}")
+    if dp * ep == 1 and "WORLD_SIZE" not in os.environ:
         return None
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise RuntimeError(f"--ep {ep} needs torchrun: torchrun --nproc-per-node {ep} -m compass_model.cli train ...")
+        raise RuntimeError(f"--dp {dp} --ep {ep} needs torchrun: torchrun --nproc-per-node {dp * ep} "
+                           "-m compass_model.cli train ...")
     world = int(os.environ["WORLD_SIZE"])
-    if world != ep:
-        raise ValueError(f"--ep {ep} but torchrun started {world} processes; they must match")
+    check_layout(dp, ep, world)
+    if world == 1:
+        return None
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     if backend_device() == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return EPContext(dist.get_rank(), dist.get_world_size())
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(backend_device(), (dp, ep), mesh_dim_names=("dp", "ep"))
+    return EPContext(dist.get_rank(), world, dp, ep, router_stats, mesh)
 
 
 def backend_device() -> str:
     return "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
 
 
-def shard(model, ctx: EPContext | None):
+def shard(model, ctx: EPContext | None, stage=None):
+    """The model laid out for ``ctx``: MoE layers split over "ep", their router statistics global
+    over the world (``router_stats="global"``), dense parameters FSDP-sharded when dp > 1."""
     if ctx is None:
         return model
-    return shard_moe_layers(model, model.config)
+    check_ep_size(model.config.num_experts, ctx.ep)
+    if ctx.ep > 1:
+        model = shard_moe_layers(model, model.config, ctx.group("ep"))
+    if ctx.router_stats == "global":
+        for moe in model.moe_layers():
+            moe.stats_group = dist.group.WORLD
+    if ctx.fsdp:
+        fully_shard_dense(model, ctx, bf16=stage is not None and stage.precision == "bf16")
+    return model
+
+
+def fully_shard_dense(model, ctx: EPContext, bf16: bool = False):
+    """FSDP2 over every parameter but the expert shards, on the world (dp x ep flattened): each
+    block and MTP module one unit, then the root. Gradients are summed (divide factor 1), as the
+    ranks' losses sum to the objective. bf16: params gathered in bf16, gradients reduced in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(backend_device(), (ctx.world,), mesh_dim_names=("fsdp",))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                                  reduce_dtype=torch.float32 if bf16 else None)
+    ignored = set(expert_params(model))
+    units = [*model.layers, *model.mtp, model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, ignored_params=ignored, mp_policy=policy)
+    for unit in units:          # SUM: divide by 1, and plain SUM collectives (gloo has no PREMUL_SUM)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    return model
 
 
 def check_rows(stage, ctx: EPContext | None) -> None:
     if ctx is not None and stage.rows % ctx.world:
-        raise ValueError(f"stage {stage.name}: rows ({stage.rows}) must be divisible by --ep {ctx.world} "
-                         "(each micro-batch's rows are split over the ranks)")
+        raise ValueError(f"stage {stage.name}: rows ({stage.rows}) must be divisible by the world size "
+                         f"{ctx.world} (--dp {ctx.dp} x --ep {ctx.ep}: each micro-batch's rows are split over the ranks)")
 
 
 def rank_rows(b: PackedBatch, ctx: EPContext | None) -> PackedBatch:
@@ -83,14 +162,12 @@ def rank_rows(b: PackedBatch, ctx: EPContext | None) -> PackedBatch:
                                          b.response_mask, b.prompt_weight)))
 
 
-@torch.no_grad()
-def reduce_gradients(model, ctx: EPContext | None) -> None:
-    """All-reduce SUM of the replicated parameters' gradients (one flat buffer)."""
-    if ctx is None:
+def _all_reduce_flat(grads: list, group=None) -> None:
+    """All-reduce SUM of ``grads`` in place through one flat buffer."""
+    if not grads:
         return
-    grads = [p.grad for n, p in model.named_parameters() if p.grad is not None and not is_expert_param(n, model)]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     o = 0
     for g in grads:
         g.copy_(flat[o:o + g.numel()].view_as(g))
@@ -98,16 +175,37 @@ def reduce_gradients(model, ctx: EPContext | None) -> None:
 
 
 @torch.no_grad()
+def reduce_gradients(model, ctx: EPContext | None) -> None:
+    """Replicated gradients all-reduced SUM over the world (FSDP2 has reduce-scattered them already
+    when dp > 1); expert shards' gradients all-reduced SUM over "dp"."""
+    if ctx is None:
+        return
+    if not ctx.fsdp:
+        _all_reduce_flat([p.grad for n, p in model.named_parameters()
+                          if p.grad is not None and not is_expert_param(n, model)])
+    if ctx.dp > 1:
+        _all_reduce_flat([p.grad for p in expert_params(model) if p.grad is not None], ctx.group("dp"))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
 def clip_grad_norm(model, max_norm: float, ctx: EPContext | None) -> float:
-    """``clip_grad_norm_`` over the whole (sharded) model: the same norm and scale on every rank."""
+    """``clip_grad_norm_`` over the whole (sharded) model: the same norm and scale on every rank.
+    One all-reduce over the world of this rank's sum of squares: FSDP shards count once each,
+    expert shards (held by dp ranks each) 1 / dp each, replicated parameters are added locally."""
     params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     if ctx is None:
         return float(torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm))
-    rep = sum(p.grad.double().square().sum() for n, p in params if not is_expert_param(n, model))
-    exp = sum((p.grad.double().square().sum() for n, p in params if is_expert_param(n, model)),
-              torch.zeros((), dtype=torch.float64))
-    dist.all_reduce(exp)
-    norm = float((rep + exp).sqrt())
+    zero = torch.zeros((), dtype=torch.float64)
+    sq = lambda ps: sum((_local(p.grad).double().square().sum() for p in ps), zero)  # noqa: E731
+    expert = [p for n, p in params if is_expert_param(n, model)]
+    dense = [p for n, p in params if not is_expert_param(n, model)]
+    shared = sq(expert) / ctx.dp + (sq(dense) if ctx.fsdp else zero)
+    dist.all_reduce(shared)
+    norm = float((shared + (zero if ctx.fsdp else sq(dense))).sqrt())
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
         for _, p in params:
@@ -125,58 +223,44 @@ def all_reduce_totals(totals: dict, ctx: EPContext | None) -> dict:
     return {**totals, **dict(zip(keys, t.tolist()))}
 
 
+def forward_shares(ctx: EPContext | None) -> tuple[int, int]:
+    """How many forwards of one micro-batch split the per-forward mean terms: (MTP, router). The
+    MTP loss is a mean over each rank's rows (averaged over the ranks); with global router
+    statistics the aux and z terms are already this rank's share of the micro-batch's value."""
+    if ctx is None:
+        return 1, 1
+    return ctx.world, 1 if ctx.router_stats == "global" else ctx.world
+
+
+@torch.no_grad()
+def sync_router_load(model, ctx: EPContext | None) -> None:
+    """Local router statistics: sum the bias update's load over the world so every rank applies the
+    same bias update (global statistics have summed it already)."""
+    if ctx is None or ctx.router_stats == "global":
+        return
+    loads = [m.router.load for m in model.moe_layers() if m.router.bias_rate > 0]
+    _all_reduce_flat(loads)
+
+
 @torch.no_grad()
 def dense_model(model_ep, ctx: EPContext | None):
-    """The single-process model with every expert gathered (collective: all ranks call it)."""
+    """The single-process model with every FSDP shard and expert gathered (collective: all ranks)."""
     if ctx is None:
         return model_ep
     from compass_model.distributed import EPMoE
     from compass_model.model import CompassForCausalLM
 
     dense = CompassForCausalLM(model_ep.config)
-    state = dict(model_ep.state_dict())
+    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model_ep.state_dict().items()}
     for name, mod in model_ep.named_modules():
         if isinstance(mod, EPMoE):
             for leaf in ("w13_EDF", "w2_EFD"):
                 shard_ = getattr(mod, leaf).detach().contiguous()
-                parts = [torch.empty_like(shard_) for _ in range(ctx.world)]
-                dist.all_gather(parts, shard_)
+                parts = [torch.empty_like(shard_) for _ in range(ctx.ep)]
+                dist.all_gather(parts, shard_, group=ctx.group("ep"))
                 state[f"{name}.{leaf}"] = torch.cat(parts)
     dense.load_state_dict(state, strict=True)
     return dense
-
-
-def save_ep_checkpoint(stage_dir, model_ep, opt, step: int, done: bool, ctx: EPContext):
-    """Collective: the dense model (experts gathered) and every rank's optimizer state, atomically."""
-    from pathlib import Path
-
-    from compass_model.train.state import save_checkpoint
-
-    stage_dir = Path(stage_dir)
-    dense = dense_model(model_ep, ctx)
-    part = stage_dir / f".opt-{step:06d}-rank{ctx.rank}.pt"
-    if not ctx.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(opt.state_dict(), part)
-    dist.barrier()
-    if ctx.is_main:
-        files = {f"optimizer-rank{r}.pt": stage_dir / f".opt-{step:06d}-rank{r}.pt" for r in range(1, ctx.world)}
-        save_checkpoint(stage_dir, dense, opt, step, done, extra={"ep_world": ctx.world}, extra_files=files)
-    dist.barrier()
-
-
-def load_optimizer_state(ckpt_dir, state: dict, ctx: EPContext | None):
-    """This rank's optimizer state from a checkpoint (``trainer.pt`` holds rank 0's)."""
-    from pathlib import Path
-
-    saved_world = state.get("extra", {}).get("ep_world", 1)
-    world = 1 if ctx is None else ctx.world
-    if saved_world != world:
-        raise ValueError(f"{ckpt_dir} holds optimizer state for --ep {saved_world}; resume with --ep {saved_world} "
-                         f"(the weights alone load at any EP size)")
-    if ctx is None or ctx.is_main:
-        return state["optimizer"]
-    return torch.load(Path(ckpt_dir) / f"optimizer-rank{ctx.rank}.pt", map_location="cpu", weights_only=True)
 
 
 def finish_ep(ctx: EPContext | None) -> None:

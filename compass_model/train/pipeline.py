@@ -99,7 +99,7 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
             ckpt = latest_checkpoint(sdir) if resume else None
             model = load_model(ckpt) if ckpt is not None else _start_model(config, prev_dir, seed)
             _apply_stage_rope(model, stage)
-            model = parallel.shard(model, ctx)
+            model = parallel.shard(model, ctx, stage)
             data = StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows, seed=seed, data_file=data_file)
             before = 0 if ckpt is None else trainer_state(ckpt)["step"]
             train_stage(model, stage, data, sdir, metrics, resume=ckpt is not None, progress=progress, ctx=ctx,

@@ -18,6 +18,7 @@ import torch
 
 from compass_model.moe import aux_loss_coefficient
 from compass_model.train import parallel
+from compass_model.train.dcp_checkpoint import load_optimizer, save_distributed_checkpoint
 from compass_model.train.metrics import MetricsWriter, read_metrics
 from compass_model.train.schedule import lr_at
 from compass_model.train.state import latest_checkpoint, save_checkpoint, trainer_state
@@ -28,12 +29,13 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 
-def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (0.9, 0.95); weight decay on matrices only (not norms, router biases are buffers)."""
+def make_optimizer(model, lr: float, weight_decay: float, foreach: bool | None = None) -> torch.optim.AdamW:
+    """AdamW (0.9, 0.95); weight decay on matrices only (not norms, router biases are buffers).
+    ``foreach=False`` where FSDP2's DTensor parameters and plain expert shards mix."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, foreach=foreach)
 
 
 def _autocast(model, precision: str):
@@ -52,13 +54,15 @@ def accumulate_gradients(model, micro: list, stage, step: int, ctx=None):
     """Forward + backward of one optimizer step's micro-batches (``PackedBatch``es) into ``.grad``.
     Returns (totals: loss terms summed as the objective sees them, per-micro expert-load fractions,
     per-micro load entropies). ``ctx`` (expert parallelism, ``parallel.EPContext``): this rank runs
-    its rows of every micro-batch; the token count is the whole step's on every rank."""
+    its rows of every micro-batch; the token count is the whole step's on every rank, and with global
+    router statistics so are the aux and z normalisers (``parallel.forward_shares``)."""
     device = next(model.parameters()).device
     c = model.config
     n_tokens = sum(float(b.loss_mask()[b.labels != -100].sum()) for b in micro)
     w_mtp = stage.mtp_loss_weight if step % stage.mtp_every == 0 else 0.0
     alpha = float(aux_loss_coefficient(c, model.step))
-    M = len(micro) * (1 if ctx is None else ctx.world)      # per-forward means: averaged over all forwards
+    mtp_share, router_share = parallel.forward_shares(ctx)
+    M_mtp, M = len(micro) * mtp_share, len(micro) * router_share   # per-forward means: averaged over forwards
     micro = [parallel.rank_rows(b, ctx) for b in micro]
     totals = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "aux": 0.0, "z": 0.0, "tokens": n_tokens,
               "aux_coef": alpha, "mtp_weight": w_mtp}
@@ -68,11 +72,12 @@ def accumulate_gradients(model, micro: list, stage, step: int, ctx=None):
         with _autocast(model, stage.precision):
             out = model(**_to(b, device), num_tokens=max(n_tokens, 1.0))
         ls = out.losses
-        loss = ls["lm"] + (w_mtp * ls["mtp"] + alpha * ls["aux"] + c.z_loss_coef * ls["z"]) / M
+        loss = ls["lm"] + w_mtp * ls["mtp"] / M_mtp + (alpha * ls["aux"] + c.z_loss_coef * ls["z"]) / M
         loss.backward()
         totals["loss"] += float(loss.detach())
         totals["lm"] += float(ls["lm"].detach())
-        for k in ("mtp", "aux", "z"):
+        totals["mtp"] += float(ls["mtp"].detach()) / M_mtp
+        for k in ("aux", "z"):
             totals[k] += float(ls[k].detach()) / M
         trunk = out.router_stats[:n_trunk]
         if trunk:
@@ -94,14 +99,12 @@ def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = N
     parallel.check_rows(stage, ctx)
     main = ctx is None or ctx.is_main
     metrics = metrics if main else None
-    opt = make_optimizer(model, stage.lr, stage.weight_decay)
+    opt = make_optimizer(model, stage.lr, stage.weight_decay, foreach=False if ctx is not None and ctx.fsdp else None)
     start = 0
     if resume and (ckpt := latest_checkpoint(stage_dir)) is not None:
         st = trainer_state(ckpt)
         start = st["step"]
-        opt_state = parallel.load_optimizer_state(ckpt, st, ctx)
-        if opt_state is not None:
-            opt.load_state_dict(opt_state)
+        load_optimizer(ckpt, st, model, opt, ctx)
     if metrics is not None:
         metrics.truncate_after(stage.name, start)          # steps past the checkpoint run again
     model.train()
@@ -120,6 +123,7 @@ def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = N
         totals = parallel.all_reduce_totals(totals, ctx)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        parallel.sync_router_load(model, ctx)
         model.after_optimizer_step()
         record = {"stage": stage.name, "step": step, **totals, "lr": lr, "grad_norm": grad_norm,
                   "seconds": time.perf_counter() - t0}
@@ -133,7 +137,7 @@ def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = N
             if ctx is None:
                 save_checkpoint(stage_dir, model, opt, step + 1, done=last)
             else:
-                parallel.save_ep_checkpoint(stage_dir, model, opt, step + 1, last, ctx)
+                save_distributed_checkpoint(stage_dir, model, opt, step + 1, last, ctx)
         if bar is not None:
             bar.set_postfix(loss=f"{totals['loss']:.3f}")
             bar.update(1)
@@ -143,7 +147,7 @@ def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = N
         if ctx is None:
             save_checkpoint(stage_dir, model, opt, 0, done=True)
         else:
-            parallel.save_ep_checkpoint(stage_dir, model, opt, 0, True, ctx)
+            save_distributed_checkpoint(stage_dir, model, opt, 0, True, ctx)
     return stage_summary(stage.name, read_metrics(metrics.path) if metrics is not None else [])
 
 

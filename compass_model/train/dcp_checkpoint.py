@@ -1,0 +1,107 @@
+"""Distributed checkpoints: the dense model plus the optimizer state with ``torch.distributed.checkpoint``.
+
+A distributed run's checkpoint directory ``step-NNNNNN`` holds what a single-process one holds
+(``model.safetensors`` with every expert gathered, ``config.json``, ``trainer.pt`` with the step)
+and ``optimizer/``: a DCP directory of the AdamW state keyed by parameter name,
+``<param name>.<exp_avg|exp_avg_sq|step>``, each tensor saved as its global tensor:
+
+  FSDP2-sharded parameters     their DTensor states (Shard(0) over the world)
+  expert shards (EPMoE)        wrapped as DTensors on the (dp, ep) mesh: (Replicate(), Shard(0))
+  replicated parameters        plain tensors (DCP writes one copy)
+
+so every rank writes only its shards, and a resume at another layout (other dp / ep, or one
+process) reads the slices it now owns: DCP reshards. The directory is written under a temporary
+name by all ranks, then moved into the step directory by rank 0 before ``LATEST`` names it
+(``state.save_checkpoint``), so a kill at any point leaves the previous checkpoint in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from compass_model.distributed import is_expert_param
+from compass_model.train.state import save_checkpoint
+
+OPTIMIZER_DIR = "optimizer"
+
+
+def _named_params(model, opt) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) in the optimizer's index order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names[id(p)], p) for g in opt.param_groups for p in g["params"]]
+
+
+def _global_view(t: torch.Tensor, name: str, model, ctx):
+    """An expert shard's tensor as a DTensor over the (dp, ep) mesh; anything else unchanged."""
+    if ctx is None or ctx.ep == 1 or not is_expert_param(name, model) or t.dim() == 0:
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    return DTensor.from_local(t, ctx.mesh, [Replicate(), Shard(0)], run_check=False)
+
+
+def optimizer_state(model, opt, ctx) -> dict:
+    """The optimizer state keyed ``<param>.<field>`` as global (DTensor) views; see the module doc."""
+    out = {}
+    for name, p in _named_params(model, opt):
+        for field, t in opt.state.get(p, {}).items():
+            out[f"{name}.{field}"] = _global_view(t, name, model, ctx)
+    return out
+
+
+def save_distributed_checkpoint(stage_dir, model, opt, step: int, done: bool, ctx) -> None:
+    """Collective: every rank writes its optimizer shards, rank 0 the dense model, atomically."""
+    import torch.distributed.checkpoint as dcp
+
+    from compass_model.train.parallel import dense_model
+
+    stage_dir = Path(stage_dir)
+    dense = dense_model(model, ctx)
+    tmp = stage_dir / f".opt-{step:06d}"
+    if ctx.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dcp.save(optimizer_state(model, opt, ctx), checkpoint_id=str(tmp))
+    dist.barrier()
+    if ctx.is_main:
+        save_checkpoint(stage_dir, dense, None, step, done,
+                        extra={"dp": ctx.dp, "ep": ctx.ep}, extra_files={OPTIMIZER_DIR: tmp})
+    dist.barrier()
+
+
+def load_optimizer(ckpt_dir, trainer: dict, model, opt, ctx) -> None:
+    """Load a checkpoint's optimizer state into ``opt`` for this rank's layout (any dp / ep, or one
+    process: DCP reads the slices this rank owns)."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / OPTIMIZER_DIR).is_dir():
+        if ctx is not None:
+            raise ValueError(f"{ckpt_dir} is a single-process checkpoint (optimizer state in trainer.pt); "
+                             "resume it in one process, or start the stage afresh with --dp / --ep")
+        if trainer.get("optimizer") is not None:
+            opt.load_state_dict(trainer["optimizer"])
+        return
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(ckpt_dir / OPTIMIZER_DIR)).read_metadata().state_dict_metadata
+    named = _named_params(model, opt)
+    targets, fields = {}, []
+    for i, (name, p) in enumerate(named):
+        for field in ("step", "exp_avg", "exp_avg_sq"):
+            key = f"{name}.{field}"
+            if key in saved:
+                like = torch.zeros((), dtype=torch.float32) if field == "step" else torch.zeros_like(p.detach())
+                targets[key] = _global_view(like, name, model, ctx)
+                fields.append((i, field, key))
+    dcp.load(targets, checkpoint_id=str(ckpt_dir / OPTIMIZER_DIR))
+    sd = opt.state_dict()
+    state: dict = {}
+    for i, field, key in fields:
+        t = targets[key]
+        if is_expert_param(named[i][0], model) and hasattr(t, "to_local"):
+            t = t.to_local()                    # expert shards are plain parameters
+        state.setdefault(i, {})[field] = t
+    sd["state"] = state
+    opt.load_state_dict(sd)
