@@ -209,6 +209,7 @@ class MoE(nn.Module):
             n_global, capacity, kept_E = None, self.capacity(T), None
             if self.stats_group is not None:     # counts and T summed over the ranks sharing the batch
                 counts_E, n_global, start_E = global_router_counts(counts_E, T, self.stats_group)
+                kept_E = counts_E
                 if self.capacity_factor is not None and self.training:   # capacity of the global batch
                     capacity = self.capacity(int(n_global))               # a host read, with capacity only
                     ids_TK = drop_over_capacity(ids_TK, E, capacity, start_E)

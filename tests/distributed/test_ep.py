@@ -100,6 +100,49 @@ def _check_case(rank: int, world: int, tokens: list[int], skew=False, shared=0, 
         assert int(router["stats"]["load"][lo:lo + L].sum()) == 0, where
 
 
+def _check_global_stats(rank: int, world: int, tokens: list[int], capacity=None, skew=False) -> None:
+    """Global router statistics (``MoE.stats_group``): the ranks' shards of one batch give the
+    single-process layer on the concatenated batch: outputs, drops (capacity of the whole batch, in
+    its (token, slot) order), the aux and z losses (each rank's share sums to the dense value) and
+    every gradient, the router's through the aux and z losses included."""
+    from compass_model.config import CompassConfig
+    from compass_model.distributed import EPMoE
+
+    cfg = CompassConfig(d_model=D, num_experts=E, top_k=K, expert_ffn_dim=FFN, capacity_factor=capacity)
+    dense = _dense(cfg, skew)
+    xs, gs = _inputs(tokens, skew)
+    ref_x = torch.cat(xs).requires_grad_()
+    ref_out, ref_r = dense(ref_x)
+    ((ref_out * torch.cat(gs)).sum() + ref_r["aux"] + ref_r["z"]).backward()
+
+    ep = EPMoE.from_dense(dense, cfg)
+    ep.stats_group = dist.group.WORLD
+    x = xs[rank].clone().requires_grad_()
+    out, r = ep(x)
+    ((out * gs[rank]).sum() + r["aux"] + r["z"]).backward()
+    where = f"rank {rank}/{world}, tokens {tokens}, capacity {capacity}, skew {skew}"
+    lo_t = sum(tokens[:rank])
+    torch.testing.assert_close(out, ref_out[lo_t:lo_t + tokens[rank]], **TOL, msg=lambda m: f"output, {where}: {m}")
+    torch.testing.assert_close(x.grad, ref_x.grad[lo_t:lo_t + tokens[rank]], **TOL,
+                               msg=lambda m: f"grad x, {where}: {m}")
+    losses = torch.stack([r["aux"], r["z"]]).detach()
+    dist.all_reduce(losses)
+    torch.testing.assert_close(losses, torch.stack([ref_r["aux"], ref_r["z"]]).detach().float(), rtol=1e-6, atol=0,
+                               msg=lambda m: f"aux, z, {where}: {m}")
+    for k in ("load", "dropped"):
+        torch.testing.assert_close(r["stats"][k], ref_r["stats"][k], **TOL, msg=lambda m, k=k: f"{k}, {where}: {m}")
+    L = E // world
+    lo = rank * L
+    torch.testing.assert_close(ep.w13_EDF.grad, dense.w13_EDF.grad[lo:lo + L], **TOL,
+                               msg=lambda m: f"grad w13, {where}: {m}")
+    g = ep.router.weight.grad.clone()
+    dist.all_reduce(g)
+    torch.testing.assert_close(g, dense.router.weight.grad, rtol=1e-5, atol=1e-6,   # the router computes in fp32
+                               msg=lambda m: f"grad router, {where}: {m}")
+    if capacity is not None:
+        assert float(ref_r["stats"]["dropped"]) > 0, where       # the case really drops slots
+
+
 def _train_losses(rank: int, world: int, fsdp: bool, steps: int = 5) -> None:
     """``steps`` AdamW steps of a small MoE transformer (fp64): the EP model (this rank's batch
     rows, expert shards; replicated gradients averaged by ``average_gradients`` or FSDP2) gives the
@@ -167,6 +210,9 @@ def _worker(rank: int, world: int, store: str) -> None:
         _check_case(rank, world, [9, 4], capacity=0.5)                              # dropped slots
         _train_losses(rank, world, fsdp=False)
         _train_losses(rank, world, fsdp=True)
+    _check_global_stats(rank, world, uneven)
+    _check_global_stats(rank, world, uneven, capacity=0.75, skew=True)      # global capacity drops
+    _check_global_stats(rank, world, [0 if r == 0 else 7 for r in range(world)], capacity=1.0)
     with pytest.raises(ValueError, match="divisible"):
         EPDispatcher(2 * world + 1)
     dist.barrier()
