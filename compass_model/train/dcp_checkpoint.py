@@ -6,7 +6,8 @@ and ``optimizer/``: a DCP directory of the AdamW state keyed by parameter name,
 ``<param name>.<exp_avg|exp_avg_sq|step>``, each tensor saved as its global tensor:
 
   FSDP2-sharded parameters     their DTensor states (Shard(0) over the world)
-  expert shards (EPMoE)        wrapped as DTensors on the (dp, ep) mesh: (Replicate(), Shard(0))
+  expert shards (EPMoE)        viewed as DTensors of all E experts on the (dp, ep) mesh:
+                               (Shard(1), Shard(0)) under FSDP2, (Replicate(), Shard(0)) without
   replicated parameters        plain tensors (DCP writes one copy)
 
 so every rank writes only its shards, and a resume at another layout (other dp / ep, or one
@@ -28,6 +29,10 @@ from compass_model.train.state import save_checkpoint
 OPTIMIZER_DIR = "optimizer"
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _named_params(model, opt) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) in the optimizer's index order."""
     names = {id(p): n for n, p in model.named_parameters()}
@@ -35,12 +40,16 @@ def _named_params(model, opt) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _global_view(t: torch.Tensor, name: str, model, ctx):
-    """An expert shard's tensor as a DTensor over the (dp, ep) mesh; anything else unchanged."""
+    """An expert shard's tensor as a DTensor of all E experts on the (dp, ep) mesh: dim 0 over ep,
+    dim 1 over dp under FSDP2 (replicated over dp otherwise); anything else unchanged."""
     if ctx is None or ctx.ep == 1 or not is_expert_param(name, model) or t.dim() == 0:
         return t
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    return DTensor.from_local(t, ctx.mesh, [Replicate(), Shard(0)], run_check=False)
+    shape = (t.shape[0] * ctx.ep, *t.shape[1:])                 # t.shape: global over dp already
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(_local(t), ctx.mesh, [Shard(1) if ctx.fsdp else Replicate(), Shard(0)],
+                              run_check=False, shape=shape, stride=stride)
 
 
 def optimizer_state(model, opt, ctx) -> dict:
@@ -92,16 +101,15 @@ def load_optimizer(ckpt_dir, trainer: dict, model, opt, ctx) -> None:
         for field in ("step", "exp_avg", "exp_avg_sq"):
             key = f"{name}.{field}"
             if key in saved:
-                like = torch.zeros((), dtype=torch.float32) if field == "step" else torch.zeros_like(p.detach())
-                targets[key] = _global_view(like, name, model, ctx)
-                fields.append((i, field, key))
+                held = torch.zeros((), dtype=torch.float32) if field == "step" else torch.zeros_like(p.detach())
+                targets[key] = _global_view(held, name, model, ctx)
+                fields.append((i, field, key, held))
     dcp.load(targets, checkpoint_id=str(ckpt_dir / OPTIMIZER_DIR))
     sd = opt.state_dict()
     state: dict = {}
-    for i, field, key in fields:
-        t = targets[key]
-        if is_expert_param(named[i][0], model) and hasattr(t, "to_local"):
-            t = t.to_local()                    # expert shards are plain parameters
-        state.setdefault(i, {})[field] = t
+    for i, field, key, held in fields:
+        if targets[key] is not held:            # an expert shard's view: copy its local part back
+            _local(held).copy_(_local(targets[key]))
+        state.setdefault(i, {})[field] = held
     sd["state"] = state
     opt.load_state_dict(sd)

@@ -6,13 +6,14 @@ is the stage's batch whatever the layout. The token normaliser is the whole micr
 rank (batches are a pure function of the step), so the ranks' losses *sum* to the single-process
 loss, and every gradient reduction is a SUM:
 
-  experts (``EPMoE``)    split over "ep" (rank e owns E / M of them); complete within an EP group
-                         (the all-to-all brought every token routed to them); all-reduced SUM over
-                         "dp" (the N ranks holding the same shard)
+  experts (``EPMoE``)    split over "ep" (rank e owns E / M of them), complete within an EP group
+                         (the all-to-all brought every token routed to them); --dp N > 1: FSDP2
+                         over "dp" on dim 1 (reduce-scatter SUM over the N ranks sharing the slice)
   everything else        --dp 1: replicated, all-reduced SUM over the world (one flat buffer);
-                         --dp N > 1: FSDP2 ``fully_shard`` over the world (each block one unit, then
-                         the root; reduce-scatter with divide factor 1 = SUM); bf16 stages use the
-                         mixed-precision policy (bf16 params in compute, fp32 reduction)
+                         --dp N > 1: FSDP2 ``fully_shard`` over the world (routers, shared experts,
+                         blocks, then the root; reduce-scatter with divide factor 1 = SUM); bf16
+                         stages use the mixed-precision policy (bf16 compute, fp32 reduction; the
+                         router stays fp32)
   clipping               the global norm: sharded and expert parts summed over the ranks once each
   router statistics      "global" (default): every MoE layer all-gathers its expert counts and
                          token count over the world (one (E + 1)-float vector per rank and layer):
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from compass_model.data import PackedBatch
-from compass_model.distributed import check_ep_size, expert_params, is_expert_param, shard_moe_layers
+from compass_model.distributed import check_ep_size, is_expert_param, shard_moe_layers
 
 ROUTER_STATS = ("global", "local")
 
@@ -127,19 +128,30 @@ def shard(model, ctx: EPContext | None, stage=None):
 
 
 def fully_shard_dense(model, ctx: EPContext, bf16: bool = False):
-    """FSDP2 over every parameter but the expert shards, on the world (dp x ep flattened): each
-    block and MTP module one unit, then the root. Gradients are summed (divide factor 1), as the
-    ranks' losses sum to the objective. bf16: params gathered in bf16, gradients reduced in fp32."""
+    """FSDP2 units, innermost first: each router (always fp32, see ``moe.Router``) and shared expert
+    over the world; each ``EPMoE``'s expert shards over "dp" on dim 1 (E / ep can be smaller than
+    dp); each block and MTP module, then the root, over the world (dim 0). Gradients are summed
+    (divide factor 1), as the ranks' losses sum to the objective. bf16: params gathered in bf16,
+    gradients reduced in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
 
-    mesh = init_device_mesh(backend_device(), (ctx.world,), mesh_dim_names=("fsdp",))
+    from compass_model.distributed import EPMoE
+
+    world = init_device_mesh(backend_device(), (ctx.world,), mesh_dim_names=("fsdp",))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
                                   reduce_dtype=torch.float32 if bf16 else None)
-    ignored = set(expert_params(model))
-    units = [*model.layers, *model.mtp, model]
-    for unit in units:
-        fully_shard(unit, mesh=mesh, ignored_params=ignored, mp_policy=policy)
+    units = []
+    for moe in model.moe_layers():
+        units.append(fully_shard(moe.router, mesh=world, mp_policy=MixedPrecisionPolicy()))
+        if moe.shared is not None:
+            units.append(fully_shard(moe.shared, mesh=world, mp_policy=policy))
+        if isinstance(moe, EPMoE):
+            units.append(fully_shard(moe, mesh=ctx.mesh["dp"], mp_policy=policy,
+                                     shard_placement_fn=lambda p: Shard(1)))
+    for unit in [*model.layers, *model.mtp, model]:
+        units.append(fully_shard(unit, mesh=world, mp_policy=policy))
     for unit in units:          # SUM: divide by 1, and plain SUM collectives (gloo has no PREMUL_SUM)
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
@@ -176,15 +188,11 @@ def _all_reduce_flat(grads: list, group=None) -> None:
 
 @torch.no_grad()
 def reduce_gradients(model, ctx: EPContext | None) -> None:
-    """Replicated gradients all-reduced SUM over the world (FSDP2 has reduce-scattered them already
-    when dp > 1); expert shards' gradients all-reduced SUM over "dp"."""
-    if ctx is None:
-        return
-    if not ctx.fsdp:
+    """dp = 1: replicated gradients all-reduced SUM over the world (expert shards' are complete).
+    dp > 1: nothing to do, FSDP2 reduce-scattered every gradient in the backward."""
+    if ctx is not None and not ctx.fsdp:
         _all_reduce_flat([p.grad for n, p in model.named_parameters()
                           if p.grad is not None and not is_expert_param(n, model)])
-    if ctx.dp > 1:
-        _all_reduce_flat([p.grad for p in expert_params(model) if p.grad is not None], ctx.group("dp"))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -194,18 +202,18 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def clip_grad_norm(model, max_norm: float, ctx: EPContext | None) -> float:
     """``clip_grad_norm_`` over the whole (sharded) model: the same norm and scale on every rank.
-    One all-reduce over the world of this rank's sum of squares: FSDP shards count once each,
-    expert shards (held by dp ranks each) 1 / dp each, replicated parameters are added locally."""
+    One all-reduce over the world of this rank's sum of squares of its shards (FSDP2 and expert
+    shards count once each); replicated parameters (dp = 1) are added locally."""
     params = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     if ctx is None:
         return float(torch.nn.utils.clip_grad_norm_([p for _, p in params], max_norm))
     zero = torch.zeros((), dtype=torch.float64)
     sq = lambda ps: sum((_local(p.grad).double().square().sum() for p in ps), zero)  # noqa: E731
-    expert = [p for n, p in params if is_expert_param(n, model)]
-    dense = [p for n, p in params if not is_expert_param(n, model)]
-    shared = sq(expert) / ctx.dp + (sq(dense) if ctx.fsdp else zero)
-    dist.all_reduce(shared)
-    norm = float((shared + (zero if ctx.fsdp else sq(dense))).sqrt())
+    sharded = [p for n, p in params if ctx.fsdp or is_expert_param(n, model)]
+    replicated = [p for n, p in params if not (ctx.fsdp or is_expert_param(n, model))]
+    total = sq(sharded)
+    dist.all_reduce(total)
+    norm = float((total + sq(replicated)).sqrt())
     coef = max_norm / (norm + 1e-6)
     if coef < 1:
         for _, p in params:
@@ -255,7 +263,7 @@ def dense_model(model_ep, ctx: EPContext | None):
     for name, mod in model_ep.named_modules():
         if isinstance(mod, EPMoE):
             for leaf in ("w13_EDF", "w2_EFD"):
-                shard_ = getattr(mod, leaf).detach().contiguous()
+                shard_ = state[f"{name}.{leaf}"].detach().contiguous()      # gathered over dp above
                 parts = [torch.empty_like(shard_) for _ in range(ctx.ep)]
                 dist.all_gather(parts, shard_, group=ctx.group("ep"))
                 state[f"{name}.{leaf}"] = torch.cat(parts)
