@@ -12,6 +12,8 @@
                                             calibration coverage, worst-expert SQNR, MoE layer speed
   compass experiment balance|experts|combine|otpo-vs-dpo [--quick] [--out DIR]
                                             the paper's ablations, JSON + PNG each
+  compass plan --preset NAME --gpus N [--gpu-mem GiB] [--seq-len L] [--micro-batch B] [--dp N --ep M]
+                                            per-GPU memory and all-to-all bytes of a dp x ep layout
   compass info                              what compass_kernels built and would use (JSON)
   compass route-demo                        the routing kernels against the Megatron-style path
 """
@@ -249,6 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("--out", default="compass-out/experiments")
     x.add_argument("--quick", action="store_true", help="small sizes (seconds; what the tests run)")
     x.add_argument("--seed", type=int, default=0)
+    pl = sub.add_parser("plan", help="per-GPU memory and all-to-all bytes of a preset at a dp x ep layout")
+    pl.add_argument("--preset", required=True, help="tiny | small | proxy-2b | compass-v3")
+    pl.add_argument("--gpus", type=int, required=True)
+    pl.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
+    pl.add_argument("--seq-len", type=int, help="tokens per sequence (default: min(max_seq_len, 4096))")
+    pl.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per micro-batch")
+    pl.add_argument("--dp", type=int, help="data-parallel size (default: chosen with --ep)")
+    pl.add_argument("--ep", type=int, help="expert-parallel size (default: the largest divisor of E within a node)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     sub.add_parser("info", help="print compass_kernels.backend_info() as JSON")
     sub.add_parser("route-demo", help="routing kernels vs the Megatron-style path "
                                       "([--tokens N] [--hidden N] [--reps N]; compass_kernels.cli demo)")
@@ -257,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "info":
         from compass_kernels import cli as kcli
         return kcli.main(["info"])
+    if args.cmd == "plan":
+        from compass_model.plan import format_plan, make_plan
+        p = make_plan(args.preset, args.gpus, args.gpu_mem, args.seq_len, args.micro_batch, args.dp, args.ep)
+        print(json.dumps(p.to_dict(), indent=1) if args.json else format_plan(p))
+        return 0
     if args.cmd in ("demo", "train"):
         return _train(args, demo=args.cmd == "demo")
     if args.cmd == "eval":

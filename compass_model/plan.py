@@ -147,7 +147,7 @@ def make_plan(preset: str, gpus: int, gpu_mem_gib: float = 80.0, seq_len: int | 
         dp = dp if dp is not None else gpus // ep
     from compass_model.train.parallel import check_layout
 
-    check_layout(dp, ep, gpus, c.num_experts)
+    check_layout(dp, ep, gpus, c.num_experts, world_is=f"--gpus is {gpus}")
     shapes = param_shapes(c)
     b = rank_bytes(c, dp, ep, 0, shapes)
     unit = _largest_unit_bytes(shapes, ep)

@@ -70,14 +70,15 @@ class EPContext:
         return self.mesh[dim].get_group()
 
 
-def check_layout(dp: int, ep: int, world: int, num_experts: int | None = None) -> None:
+def check_layout(dp: int, ep: int, world: int, num_experts: int | None = None, world_is: str = "") -> None:
     """Clear errors for a layout torchrun cannot run: N x M must be the world, E divisible by M."""
     for name, v in (("--dp", dp), ("--ep", ep)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an int >= 1, got {v!r}")
     if dp * ep != world:
-        raise ValueError(f"--dp {dp} x --ep {ep} = {dp * ep} ranks, but torchrun started {world} processes; "
-                         f"start dp x ep of them (torchrun --nproc-per-node {dp * ep} ...)")
+        raise ValueError(f"--dp {dp} x --ep {ep} = {dp * ep} ranks, but "
+                         + (world_is or f"torchrun started {world} processes; start dp x ep of them "
+                                        f"(torchrun --nproc-per-node {dp * ep} ...)"))
     if num_experts is not None:
         check_ep_size(num_experts, ep)
 
