@@ -45,6 +45,25 @@ def _start_model(config: CompassConfig, prev_dir, seed: int):
     return CompassForCausalLM(config)
 
 
+# RoPE fields: the long-context stage changes them (set_rope), so a checkpoint may differ there
+_STAGE_FIELDS = ("rope_base", "rope_scaling", "rope_factor", "rope_original_max_len", "yarn_beta_fast",
+                 "yarn_beta_slow", "max_seq_len")
+
+
+def check_resume_config(ckpt, config: CompassConfig) -> None:
+    """A resumed stage must be the model the run was started with: a clear error naming the fields
+    that differ (another --preset or model config), not a silent switch to the checkpoint's."""
+    from compass_model.checkpoint import load_config
+
+    saved = json.loads(load_config(ckpt).to_json())
+    asked = json.loads(config.to_json())
+    diff = sorted(k for k in saved.keys() | asked.keys() if k not in _STAGE_FIELDS and saved.get(k) != asked.get(k))
+    if diff:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {asked.get(k)!r} asked" for k in diff[:4])
+        raise ValueError(f"--resume: {ckpt} holds another model ({shown}); resume with the run's own "
+                         "--preset / --config, or train into a new --out")
+
+
 def _apply_stage_rope(model, stage) -> None:
     """``rope_factor > 1``: YaRN over the current context (the paper's 32K -> 128K step, scaled)."""
     c = model.config
@@ -97,6 +116,8 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
                 metrics=metrics, resume=resume, pairs_file=data_file)
         else:
             ckpt = latest_checkpoint(sdir) if resume else None
+            if ckpt is not None:
+                check_resume_config(ckpt, config)
             model = load_model(ckpt) if ckpt is not None else _start_model(config, prev_dir, seed)
             _apply_stage_rope(model, stage)
             model = parallel.shard(model, ctx, stage)

@@ -7,44 +7,12 @@ process and at --ep 1 under torchrun) with the uninterrupted run's losses."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-STEPS = 4
-CFG = {"model": {"preset": "tiny", "router_bias_rate": 1e-3},
-       "stages": [{"name": "general", "steps": STEPS, "rows": 4, "grad_accum": 2, "seq_len": 64,
-                   "warmup_steps": 1}]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(tmp_path, name, world, *extra, cfg=CFG, check=True):
-    """``compass train`` in ``world`` processes (torchrun) or one (world 0); returns the process."""
-    cfg_file = tmp_path / f"cfg-{name}.json"
-    cfg_file.write_text(json.dumps(cfg))
-    args = ["-m", "compass_model.cli", "train", "--config", str(cfg_file), "--stages", "general", "--no-eval",
-            "--no-progress", "--out", str(tmp_path / name), *extra]
-    if world:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-               "--master-port", str(_free_port()), *args]
-    else:
-        cmd = [sys.executable, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
+from train_runs import CFG, STEPS, launch
 
 
 def _train(tmp_path, name, world, *extra, **kw):
