@@ -25,8 +25,8 @@ routed to it, from every rank), summed over the ranks' losses. The router and sh
 the data-parallel ranks is the caller's business. Two ways are provided for EP = DP (one group):
 ``average_gradients`` (all-reduce the replicated part, scale the experts by 1 / dp) and
 ``fully_shard_replicated`` (FSDP2 over the replicated part, expert shards ignored; then
-``scale_expert_gradients``). EP inside a larger DP (EP group x replica groups) would also reduce
-each expert shard over the ranks holding the same shard: not implemented here.
+``scale_expert_gradients``). EP inside a larger DP (a dp x ep mesh, each expert shard FSDP-sharded
+over the ranks holding it) is the trainer's layout: ``compass_model.train.parallel``.
 
 torch.compile: the split sizes are read on the host, so an EP layer cannot compile with
 fullgraph=True (untested; the local route / permute / grouped GEMM / sort_chunks ops can).
@@ -161,7 +161,9 @@ class EPMoE(MoE):
     complete but *summed* over the ranks' losses, so divide it by the DP size where the replicated
     parameters' gradients are averaged (``average_gradients`` does both). With
     ``router_bias_rate > 0`` all-reduce ``router.load`` before ``update_bias`` so the ranks keep
-    one bias.
+    one bias. Setting ``stats_group`` (see ``MoE``) makes the router statistics global over that
+    group instead: the aux and z losses become this rank's share of the whole batch's values, and
+    the capacity and the bias load are the whole batch's.
     """
 
     def __init__(self, config: CompassConfig, group: dist.ProcessGroup | None = None):

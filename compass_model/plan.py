@@ -19,8 +19,9 @@ outputs, q / k / v, the attention output, the router's fp32 logits and scores, t
 the experts' gate|up and SwiGLU outputs and their outputs, the shared expert's; plus the logits in
 16 and 32 bits. Checkpointing each block keeps only its input and recomputes one block at a time.
 
-All-to-all: each token's k routed copies cross the EP group four times a step (dispatch and combine,
-forward and backward), a fraction (ep - 1) / ep of them off the rank under uniform routing.
+All-to-all: ``CompassConfig.all_to_all_bytes_per_token`` (MTP layers included): each token's k
+routed copies cross the EP group four times a step (dispatch and combine, forward and backward), a
+fraction (ep - 1) / ep of them off the rank under uniform routing.
 """
 
 from __future__ import annotations
@@ -155,10 +156,11 @@ def make_plan(preset: str, gpus: int, gpu_mem_gib: float = 80.0, seq_len: int | 
     tokens = micro_batch * S
     act = activation_bytes(c, tokens, False)
     act_ckpt = activation_bytes(c, tokens, True)
-    elem = c.torch_dtype.itemsize
-    a2a = 4 * c.top_k * c.d_model * elem * (c.n_moe_layers + c.mtp_depth)
+    # every copy (ep = 1: all of them stay on the rank) and the off-rank ones (the config's model)
+    a2a = round(c.all_to_all_bytes_per_token(2, include_mtp=True) * 2)
+    off = round(c.all_to_all_bytes_per_token(ep, include_mtp=True))
     plan = Plan(preset, gpus, dp, ep, S, micro_batch, gpu_mem_gib, b["params"], b["param_bytes"], b["grad_bytes"],
-                b["optimizer_bytes"], gather, act, act_ckpt, a2a, a2a * (ep - 1) // ep, False, False)
+                b["optimizer_bytes"], gather, act, act_ckpt, a2a, off, False, False)
     plan.fits = plan.total_bytes(False) <= gpu_mem_gib * GiB
     plan.fits_with_checkpointing = plan.total_bytes(True) <= gpu_mem_gib * GiB
     return plan
