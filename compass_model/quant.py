@@ -4,7 +4,7 @@
 ``CompassForCausalLM`` by an ``Fp8MoE``: the expert weights become FP8 codes plus fp32 scales and
 the experts run through ``compass_kernels.grouped_gemm_fp8``; router, shared expert, attention,
 embeddings, norms and head stay in the model's precision (bf16/fp32). Definitions:
-../shared/REFERENCE.md (FP8).
+docs/algorithms.md (FP8).
 
 Two methods:
   expert_aware  weights: per expert, per output channel ("row") or 128 x 128 ("block2d") scales;
