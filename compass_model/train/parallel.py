@@ -122,7 +122,7 @@ def shard(model, ctx: EPContext | None, stage=None):
         model = shard_moe_layers(model, model.config, ctx.group("ep"))
     if ctx.router_stats == "global":
         for moe in model.moe_layers():
-            moe.stats_group = dist.group.WORLD
+            moe.router.stats_group = dist.group.WORLD
     if ctx.fsdp:
         fully_shard_dense(model, ctx, bf16=stage is not None and stage.precision == "bf16")
     return model

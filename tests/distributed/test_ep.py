@@ -101,7 +101,7 @@ def _check_case(rank: int, world: int, tokens: list[int], skew=False, shared=0, 
 
 
 def _check_global_stats(rank: int, world: int, tokens: list[int], capacity=None, skew=False) -> None:
-    """Global router statistics (``MoE.stats_group``): the ranks' shards of one batch give the
+    """Global router statistics (``Router.stats_group``): the ranks' shards of one batch give the
     single-process layer on the concatenated batch: outputs, drops (capacity of the whole batch, in
     its (token, slot) order), the aux and z losses (each rank's share sums to the dense value) and
     every gradient, the router's through the aux and z losses included."""
@@ -116,7 +116,7 @@ def _check_global_stats(rank: int, world: int, tokens: list[int], capacity=None,
     ((ref_out * torch.cat(gs)).sum() + ref_r["aux"] + ref_r["z"]).backward()
 
     ep = EPMoE.from_dense(dense, cfg)
-    ep.stats_group = dist.group.WORLD
+    ep.router.stats_group = dist.group.WORLD
     x = xs[rank].clone().requires_grad_()
     out, r = ep(x)
     ((out * gs[rank]).sum() + r["aux"] + r["z"]).backward()
