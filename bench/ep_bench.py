@@ -83,7 +83,8 @@ def worker(argv: list[str]) -> int:
         splits = input_split_sizes or [input.shape[0] // n] * n
         row = input[0].numel() * input.element_size() if input.shape[0] else 0
         kind = "counts" if input.dtype == torch.int64 else "rows"
-        sent[kind] += sum(s for r, s in enumerate(splits) if r != me) * (row if input.dim() > 1 else input.element_size())
+        per_row = row if input.dim() > 1 else input.element_size()
+        sent[kind] += sum(s for r, s in enumerate(splits) if r != me) * per_row
         return a2a(output, input, output_split_sizes, input_split_sizes, group, async_op)
 
     dist.all_to_all_single = counted
