@@ -104,7 +104,8 @@ def _train(args, demo: bool) -> int:
                           progress=not args.no_progress, evaluate=evaluate, fp8=demo or (evaluate and args.fp8),
                           eval_kwargs={"n_tasks": 140} if demo else None, ctx=ctx,
                           fp8_tasks=700 if demo else None,    # 100 per language: 1 point = 1 task
-                          stop_after=getattr(args, "stop_after", None))
+                          stop_after=getattr(args, "stop_after", None),
+                          activation_checkpointing=getattr(args, "activation_checkpointing", False))
     finish_ep(ctx)
     if not report:                                  # a non-zero EP rank: rank 0 reports
         pass
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "(torchrun --nproc-per-node N -m compass_model.cli train --ep N)")
     t.add_argument("--dp", type=int, default=1, help="data parallelism: torchrun starts dp x ep processes; "
                                                      "dp > 1 FSDP2-shards the dense weights")
+    t.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute attention and experts in the backward (less activation memory)")
     t.add_argument("--router-stats", choices=["global", "local"], default="global",
                    help="router load statistics over the whole batch (default) or each rank's rows")
     t.add_argument("--fp8", action="store_true", help="add the FP8 report (naive vs expert-aware) after evaluation")

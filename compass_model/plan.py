@@ -17,7 +17,8 @@ Activations are an estimate (16-bit, one micro-batch of B x S tokens, attention 
 matrix as fused kernels run it): per token and layer the block keeps its norms' inputs and
 outputs, q / k / v, the attention output, the router's fp32 logits and scores, the k permuted rows,
 the experts' gate|up and SwiGLU outputs and their outputs, the shared expert's; plus the logits in
-16 and 32 bits. Checkpointing each block keeps only its input and recomputes one block at a time.
+16 and 32 bits. With activation checkpointing (``compass train --activation-checkpointing``) the
+attention and expert internals are recomputed in the backward, one layer at a time.
 
 All-to-all: ``CompassConfig.all_to_all_bytes_per_token`` (MTP layers included): each token's k
 routed copies cross the EP group four times a step (dispatch and combine, forward and backward), a
@@ -106,19 +107,25 @@ def rank_bytes(config: CompassConfig, dp: int, ep: int, rank: int = 0, shapes=No
 
 
 def activation_bytes(c: CompassConfig, tokens: int, checkpointing: bool) -> int:
-    """16-bit activation estimate for ``tokens`` tokens on one rank (see the module doc)."""
+    """16-bit activation estimate for ``tokens`` tokens on one rank (see the module doc). With
+    checkpointing (``train/recompute.py``: attention and the experts / dense FFN recomputed) a
+    layer keeps its norms' inputs and outputs, the attention output, the router's fp32 logits and
+    scores, the k permuted rows and expert outputs and the shared expert's activations, plus one
+    layer's recomputed inner activations at a time."""
     hd = c.head_dim or c.d_model // c.n_heads
     D, k, F, E = c.d_model, c.top_k, c.expert_ffn_dim, c.num_experts
-    attn = 4 * D + (2 * c.n_heads + 2 * c.n_kv_heads) * hd
-    moe = 2 * D + 4 * E + k * (2 * D + 3 * F) + 3 * c.shared_expert_dim
-    dense = 2 * D + 3 * c.dense_ffn_dim
-    layers = c.n_layers + c.mtp_depth
-    per_layer = [attn + (moe if i >= c.n_dense_layers else dense) for i in range(c.n_layers)]
-    per_layer += [attn + moe] * c.mtp_depth
+    attn_inner = (2 * c.n_heads + 2 * c.n_kv_heads) * hd         # q, k, v, attention output heads
+    attn_kept = 4 * D                                            # norm in / out, wo in / out
+    moe_inner = 3 * k * F                                        # gate|up, SwiGLU
+    moe_kept = 2 * D + 4 * E + 2 * k * D + 3 * c.shared_expert_dim
+    dense_inner, dense_kept = 3 * c.dense_ffn_dim, 2 * D
+    layers = [(attn_kept + moe_kept, attn_inner + moe_inner) if i >= c.n_dense_layers
+              else (attn_kept + dense_kept, attn_inner + dense_inner) for i in range(c.n_layers)]
+    layers += [(attn_kept + moe_kept, attn_inner + moe_inner)] * c.mtp_depth
     logits = 3 * c.vocab_size * (1 + c.mtp_depth)                 # 16-bit logits + fp32 for the CE
     if checkpointing:
-        return 2 * tokens * (layers * D + max(per_layer) + logits)
-    return 2 * tokens * (sum(per_layer) + logits)
+        return 2 * tokens * (sum(kept for kept, _ in layers) + max(inner for _, inner in layers) + logits)
+    return 2 * tokens * (sum(kept + inner for kept, inner in layers) + logits)
 
 
 def choose_layout(num_experts: int, gpus: int, gpus_per_node: int = 8) -> tuple[int, int]:

@@ -79,12 +79,13 @@ def _apply_stage_rope(model, stage) -> None:
 def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, seed: int = 0, data_file=None,
                  resume: bool = False, progress: bool = True, evaluate: bool = True, eval_kwargs: dict | None = None,
                  fp8: bool = False, fp8_tasks: int | None = None, ctx=None, stop_after: int | None = None,
-                 log=print) -> dict:
+                 log=print, activation_checkpointing: bool = False) -> dict:
     """Train ``stages`` (StageConfigs, recipe order) from ``config``; returns the report dict.
     ``ctx``: expert parallelism (``parallel.init_ep``): every rank trains the pretraining and SFT
     stages on its expert shard; rank 0 alone aligns, evaluates and writes files (others return {}).
     ``stop_after``: leave after that many optimizer steps of this call (a time-sliced job; the next
-    call with ``resume=True`` continues); the report then has ``"complete": False``."""
+    call with ``resume=True`` continues); the report then has ``"complete": False``.
+    ``activation_checkpointing``: recompute attention and experts in the backward (``recompute.py``)."""
     main = ctx is None or ctx.is_main
     log = log if main else (lambda *a, **k: None)
     out = Path(out_dir)
@@ -121,6 +122,9 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
             model = load_model(ckpt) if ckpt is not None else _start_model(config, prev_dir, seed)
             _apply_stage_rope(model, stage)
             model = parallel.shard(model, ctx, stage)
+            if activation_checkpointing:
+                from compass_model.train.recompute import apply_activation_checkpointing
+                apply_activation_checkpointing(model)
             data = StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows, seed=seed, data_file=data_file)
             before = 0 if ckpt is None else trainer_state(ckpt)["step"]
             train_stage(model, stage, data, sdir, metrics, resume=ckpt is not None, progress=progress, ctx=ctx,

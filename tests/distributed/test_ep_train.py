@@ -105,3 +105,10 @@ def test_bf16_dp2_ep2(tmp_path):
     assert [r["step"] for r in four] == list(range(STEPS))
     for a, b in zip(one, four):
         assert abs(a["loss"] - b["loss"]) < 2e-2, (a["step"], a["loss"], b["loss"])
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_same_losses(runs):
+    """--activation-checkpointing at --dp 2 --ep 2: recompute changes no loss."""
+    tmp, one = runs
+    _same_losses(one, _train(tmp, "recompute", 4, "--dp", "2", "--ep", "2", "--activation-checkpointing"))
