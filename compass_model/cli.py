@@ -153,13 +153,24 @@ def _dispatch(args, argv: list) -> int:
     return c.generate(args)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (redirections made after setup included)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
 def _setup_logging() -> None:
     """Progress and stage lines go to stderr through the ``compass`` logger (results go to stdout)."""
     log = logging.getLogger("compass")
-    if not any(getattr(h, "_compass", False) for h in log.handlers):
-        h = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(message)s"))
-        h._compass = True
         log.addHandler(h)
     log.setLevel(logging.INFO)
     log.propagate = False

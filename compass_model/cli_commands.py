@@ -229,7 +229,7 @@ def generate(args) -> int:
         raise UsageError(f"--prompt is {ids.shape[1]} tokens, the model's context is {model.config.max_seq_len}: "
                          f"shorten it to at most {model.config.max_seq_len - 1} tokens to leave room to generate")
     n = min(args.max_new_tokens, room)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed) if device.type in ("cpu", "cuda") else None
     out = decode(model, ids, n, temperature=args.temperature, top_p=args.top_p, speculative=args.speculative,
                  generator=gen)
     new = out.tokens[0, ids.shape[1]:].tolist()

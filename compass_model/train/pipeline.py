@@ -35,6 +35,7 @@ from compass_model.train.state import (
     latest_checkpoint,
     load_model,
     stage_done,
+    run_of,
     trainer_state,
     usable_checkpoint,
 )
@@ -78,6 +79,24 @@ def _apply_stage_rope(model, stage) -> None:
                          f"{model.config.max_seq_len}; raise max_seq_len or give the stage a rope_factor")
 
 
+def _check_checkpoints(out: Path, stages, prev_dir, run: dict, resume: bool) -> None:
+    """A resume continues checkpoints of this config and seed only (their headers say which)."""
+    paths = [prev_dir] if prev_dir is not None else []
+    if resume:
+        for st in stages:
+            try:
+                paths.append(latest_checkpoint(stage_dir_for(out, st.name)))
+            except FileNotFoundError:           # a dangling LATEST: the stage's own load reports it
+                pass
+    for p in paths:
+        if p is not None:
+            try:
+                stored = run_of(p)
+            except ValueError:                  # a damaged header: usable_checkpoint falls back
+                continue
+            rundir.check_fingerprint(stored, run, p)
+
+
 def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, seed: int = 0, data_file=None,
                  resume: bool = False, overwrite: bool = False, progress: bool = True, evaluate: bool = True,
                  eval_kwargs: dict | None = None, fp8: bool = False, fp8_tasks: int | None = None, ctx=None,
@@ -116,8 +135,10 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
     if stages[0].name == "align" and prev_dir is None:
         raise ValueError(f"stage align starts from an SFT model, and {out} has none: add sft to --stages "
                          "or resume the run that trained it")
+    if main:
+        _check_checkpoints(out, stages, prev_dir, run, resume)
+        rundir.record(out, run)
     if prev_dir is not None:
-        rundir.check_fingerprint(trainer_state(prev_dir).get("run"), run, prev_dir)
         log(f"[{stages[0].name}] starts from {prev_dir}")
     metrics = MetricsWriter(out / "metrics.jsonl")
     if main and not resume and metrics.path.exists():
@@ -143,8 +164,6 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
                 metrics=metrics, resume=resume, pairs_file=files.get("align"), device=device)
         else:
             ckpt = usable_checkpoint(sdir, log) if resume else None
-            if ckpt is not None:
-                rundir.check_fingerprint(trainer_state(ckpt).get("run"), run, ckpt)
             model = load_model(ckpt, device) if ckpt is not None else _start_model(config, prev_dir, seed, device)
             _apply_stage_rope(model, stage)
             model = parallel.shard(model, ctx)

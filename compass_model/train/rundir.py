@@ -5,7 +5,7 @@
   --out rules  a fresh run needs an empty (or missing) directory; ``resume`` continues what is
                there; ``overwrite`` removes the previous run's files first (only the files a run
                writes: anything else in the directory stays)
-  fingerprint  ``OUT/run.json`` and every checkpoint's ``trainer.pt`` store a digest of the model
+  fingerprint  ``OUT/run.json`` and every checkpoint's weights header store a digest of the model
                config and the seed; a resume with another config or seed is refused
 """
 
@@ -53,8 +53,8 @@ def _entries(out: Path) -> list:
 
 
 def prepare(out, run: dict, *, resume: bool, overwrite: bool) -> None:
-    """Apply the --out rules to ``out`` and record ``run`` (``fingerprint``) in ``OUT/run.json``.
-    Call with the lock held."""
+    """Apply the --out rules to ``out`` and check ``run`` (``fingerprint``) against ``OUT/run.json``.
+    Call with the lock held; ``record`` writes the fingerprint once every other check passed."""
     out = Path(out)
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other: pick one")
@@ -72,6 +72,10 @@ def prepare(out, run: dict, *, resume: bool, overwrite: bool) -> None:
     run_file = out / RUN_FILE
     if resume and run_file.is_file():
         check_fingerprint(json.loads(run_file.read_text()), run, run_file)
+
+
+def record(out, run: dict) -> None:
+    run_file = Path(out) / RUN_FILE
     tmp = run_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(run, indent=1))
     os.replace(tmp, run_file)

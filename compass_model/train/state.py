@@ -9,19 +9,20 @@ any point leaves ``LATEST`` naming a complete checkpoint.
 
 A failed write (disk full, quota) removes the partial temporary directory and raises
 ``CheckpointWriteError`` ("no space left on DIR"); ``LATEST`` and the previous checkpoints are untouched.
-``trainer.pt`` also stores the run's fingerprint (``run``: config and seed, see ``rundir.py``).
+The weights' safetensors header also stores the run's fingerprint (``run_of``; ``rundir.py``).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from compass_model.checkpoint import CheckpointError, from_pretrained, load_weights, save_pretrained
+from compass_model.checkpoint import CheckpointError, from_pretrained, load_weights, read_metadata, save_pretrained
 
 LATEST = "LATEST"
 TRAINER_NAME = "trainer.pt"
@@ -46,8 +47,8 @@ def _disk_full(e: BaseException, where: Path) -> bool:
     return False
 
 
-def _write_files(tmp: Path, model, state: dict, extra_files: dict | None) -> None:
-    save_pretrained(model, tmp)
+def _write_files(tmp: Path, model, state: dict, extra_files: dict | None, run: dict | None) -> None:
+    save_pretrained(model, tmp, metadata={"run": json.dumps(run)} if run is not None else None)
     torch.save(state, tmp / TRAINER_NAME)
     for fname, src in (extra_files or {}).items():
         os.replace(src, tmp / fname)
@@ -58,7 +59,8 @@ def save_checkpoint(stage_dir, model, optimizer, step: int, done: bool = False, 
     """Write the checkpoint of ``step`` finished optimizer steps; returns its directory.
     ``extra_files``: ``{name: path}`` of files already written (other ranks' optimizer states) that
     are moved into the checkpoint before it becomes visible. ``keep_last``: how many of the newest
-    step directories stay (older ones are removed). ``run``: the run's fingerprint (stored)."""
+    step directories stay (older ones are removed). ``run``: the run's fingerprint (stored in
+    the weights' header, ``run_of``)."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     stage_dir = Path(stage_dir)
@@ -68,9 +70,9 @@ def save_checkpoint(stage_dir, model, optimizer, step: int, done: bool = False, 
     if tmp.exists():
         shutil.rmtree(tmp)
     state = {"step": step, "done": done, "optimizer": optimizer.state_dict() if optimizer is not None else None,
-             "extra": extra or {}, "run": run}
+             "extra": extra or {}}
     try:
-        _write_files(tmp, model, state, extra_files)
+        _write_files(tmp, model, state, extra_files, run)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -116,6 +118,12 @@ def trainer_state(checkpoint_dir) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read the trainer state ({e}); the file is damaged") from e
+
+
+def run_of(checkpoint_dir) -> dict | None:
+    """The run fingerprint stored with a checkpoint (None for one saved outside a run)."""
+    text = read_metadata(checkpoint_dir).get("run")
+    return json.loads(text) if text else None
 
 
 def usable_checkpoint(stage_dir, log=None) -> Path | None:
