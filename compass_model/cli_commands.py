@@ -127,7 +127,6 @@ def train(args, demo: bool) -> int:
     from compass_model.train.pipeline import run_pipeline
     if demo:
         args.preset, args.config, args.stages, args.steps, args.data = "tiny", None, STAGE_LIST, None, None
-        args.save_every, args.dtype = getattr(args, "save_every", None), None
     cfg, obj = model_config(args)
     stages = stage_list(args, obj)
     tok = tokenizer_for(args.tokenizer)

@@ -164,3 +164,16 @@ def test_training_progress_is_logged_off_a_terminal(train, tmp_path, caplog):
                      "--out", str(tmp_path / "run")]) == 0
     msgs = [r.getMessage() for r in caplog.records]
     assert any(m.strip().startswith("general: 3/3") and "loss=" in m for m in msgs), msgs
+
+
+def test_pair_building_progress_is_logged(caplog):
+    from compass_model import CompassConfig, CompassForCausalLM
+    from compass_model.data import make_tasks
+    from compass_model.train.pairs import build_pairs
+    torch.manual_seed(0)
+    model = CompassForCausalLM(CompassConfig.from_preset("tiny", n_layers=1, max_seq_len=256))
+    tasks = make_tasks(3, seed=0, n_items=2)
+    with caplog.at_level(logging.INFO, logger="compass"):
+        build_pairs(model, ByteTokenizer(), tasks, max_new_tokens=4, tries=1)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("building preference pairs (tasks sampled): 3/3") for m in msgs), msgs
