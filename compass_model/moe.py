@@ -15,20 +15,20 @@ from __future__ import annotations
 import contextlib
 import math
 
-import nvtx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import compass_kernels as ck
 from compass_model.config import CompassConfig
+from compass_model.nvtx_ranges import nvtx
 
 # An expert is "dead" below this fraction of the uniform load 1/E.
 DEAD_EXPERT_FRACTION = 0.1
 
 
 def nvtx_range(name: str):
-    """An NVTX range (a no-op without a GPU profiler). Dynamo cannot trace the nvtx C calls, so
+    """An NVTX range (a no-op without a GPU profiler or without CUDA; the nvtx package is optional). Dynamo cannot trace the nvtx C calls, so
     compiled graphs get none; profile eager runs."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
