@@ -92,7 +92,7 @@ sm90_instances = int(sys.argv[3])
 # ---- ptxas -v: one row per (entry function, arch), tagged with the source file being built.
 # Ninja prints "[i/n] Building CUDA object .../<file>.cu.o" when a command finishes, followed
 # by that command's (buffered) output, so the last such line names the source of what follows.
-src_re = re.compile(r"^\[\d+/\d+\] Building \w+ object \S*?([\w.]+)\.o$")
+src_re = re.compile(r"^\s*\[\d+/\d+\] Building \w+ object \S*?([\w.]+)\.o$")  # pip -v indents
 entry_re = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 func_re = re.compile(r"Function properties for (\S+)")
 spill_re = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")

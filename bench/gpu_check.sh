@@ -123,7 +123,7 @@ import compass_kernels as ck
 from compass_kernels import _ext
 here = os.path.realpath(os.path.dirname(ck.__file__))
 print('compass_kernels from', here)
-assert not here.startswith(os.path.realpath('$REPO') + os.sep), 'the source tree shadows the installed package'
+assert here != os.path.realpath('$REPO/compass_kernels'), 'the source tree shadows the installed package'
 assert _ext.cpu_module is not None, _ext.cpu_missing
 assert $WANT_CUDA == 0 or _ext.cuda_module is not None, _ext.cuda_missing
 print(json.dumps(ck.backend_info()['built'], indent=1))
