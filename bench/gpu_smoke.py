@@ -338,6 +338,7 @@ other_checks("triton")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--filter", default="", help="only checks whose name contains this")
+    ap.add_argument("--min-pass", type=int, default=0, help="exit 1 unless at least this many checks pass")
     args = ap.parse_args(argv)
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
     print(f"gpu_smoke: device {torch.cuda.get_device_name() if COMPILED else 'cpu'}, "
@@ -361,7 +362,9 @@ def main(argv=None) -> int:
         counts[status] += 1
         print(f"{status} {name}" + (f": {why}" if why else ""), flush=True)
     print(f"gpu_smoke: {counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP", flush=True)
-    return 1 if counts["FAIL"] else 0
+    if counts["PASS"] < args.min_pass:
+        print(f"gpu_smoke: fewer than --min-pass {args.min_pass} checks passed", flush=True)
+    return 1 if counts["FAIL"] or counts["PASS"] < args.min_pass else 0
 
 
 if __name__ == "__main__":

@@ -216,3 +216,29 @@ def test_fp8_below_sm89_runs_the_torch_reference(monkeypatch):
         assert fp8._fp8_backend("grouped_gemm_fp8", "cuda", torch.device("cuda", 0)) == "cuda"
     finally:
         fp8._triton_fp8_device.cache_clear()
+
+
+# ---- the kit on CPU ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gpu_smoke_on_cpu_passes_every_triton_check():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    res = _run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--min-pass", "15"], env=env, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert "0 FAIL" in res.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_exits_0(tmp_path):
+    """The dry run against this tree (copied to a site folder, as the built package would be)."""
+    site = tmp_path / "site"
+    for pkg in ("compass_kernels", "compass_model"):
+        shutil.copytree(ROOT / pkg, site / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {**os.environ, "COMPASS_GPU_DRY_RUN": "1", "SITE": str(site), "OUT": str(tmp_path / "out"),
+           "PYTHON": sys.executable}
+    env.pop("PYTHONPATH", None)
+    res = _run(["bash", str(ROOT / "bench" / "gpu_check.sh")], env=env, timeout=1500)
+    assert res.returncode == 0, res.stdout[-4000:]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "PASS smoke" in summary and "PASS bench" in summary and "PASS import" in summary
