@@ -37,8 +37,8 @@ DEAD_EXPERT_FRACTION = 0.1
 
 
 def nvtx_range(name: str):
-    """An NVTX range (a no-op without a GPU profiler or without CUDA; the nvtx package is optional). Dynamo cannot trace the nvtx C calls, so
-    compiled graphs get none; profile eager runs."""
+    """An NVTX range (a no-op without a GPU profiler; the nvtx package is optional, see nvtx_ranges).
+    Dynamo cannot trace the nvtx C calls, so compiled graphs get none; profile eager runs."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return nvtx.annotate(name, domain="compass")
