@@ -65,6 +65,19 @@ def test_ci_builds_cuda_through_pip_and_runs_the_dry_run():
 # ---- defect: a source tree shadowing the installed package --------------------------------------
 
 
+def test_gpu_check_runs_python_outside_the_source_tree():
+    """Every Python step of bench/gpu_check.sh but pip runs with -P (no working directory on
+    sys.path) from $OUT, and the import step rejects the source tree's package."""
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    calls = [line.strip() for line in text.splitlines() if '"$PY"' in line and not line.strip().startswith("#")]
+    assert len(calls) >= 6, calls
+    for line in calls:
+        rest = line.split('"$PY"', 1)[1].split()
+        assert rest[0] == "-P" or rest[:2] == ["-m", "pip"] or rest[0] == "-c", line
+    assert '(cd "$OUT" && timeout' in text
+    assert "the source tree shadows the installed package" in text
+
+
 def test_source_tree_shadowing_the_installed_package_is_named(tmp_path):
     src = tmp_path / "checkout"
     shutil.copytree(ROOT / "compass_kernels", src / "compass_kernels",
