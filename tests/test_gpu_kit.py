@@ -216,6 +216,7 @@ def test_fp8_triton_needs_sm89(monkeypatch, cap, expect):
     assert fp8._triton_fp8_device(torch.device("cpu")) is True  # the interpreter
 
 
+@pytest.mark.filterwarnings("ignore:compass.*sm_89:RuntimeWarning")
 def test_fp8_below_sm89_runs_the_torch_reference(monkeypatch):
     """The op layer's choice on an sm_80 device: torch for quantize and the GEMM, never Triton."""
     from compass_kernels import fp8
