@@ -209,7 +209,8 @@ def gemm_section(table: Table, timer: Timer, device: str, scale: int):
                     with ck.use_backend(b):
                         t = timer(ours)
                     row = {**tag, "pass": pname, "impl": b, **t, "tflops": flops / t["ms"] / 1e9,
-                           "pct_dense": 100 * dense / t["ms"], "pct_peak": 100 * flops / t["ms"] / 1e9 / PEAK_BF16_TFLOPS}
+                           "pct_dense": 100 * dense / t["ms"],
+                           "pct_peak": 100 * flops / t["ms"] / 1e9 / PEAK_BF16_TFLOPS}
                     for peer, pt in peers.items():
                         row[f"x_{peer.split()[0]}"] = pt["ms"] / t["ms"]
                     table.emit(row)

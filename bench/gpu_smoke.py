@@ -69,7 +69,7 @@ def equal(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
     got, ref = got.cpu(), ref.cpu()
     if got.shape != ref.shape:
         raise AssertionError(f"{what}: shape {tuple(got.shape)} vs {tuple(ref.shape)}")
-    if not torch.equal(got.view(torch.uint8) if got.dtype.itemsize == 1 else got, 
+    if not torch.equal(got.view(torch.uint8) if got.dtype.itemsize == 1 else got,
                        ref.view(torch.uint8) if ref.dtype.itemsize == 1 else ref):
         bad = (got.float() != ref.float()).nonzero()
         raise AssertionError(f"{what}: {len(bad)} elements differ, first at {bad[0].tolist() if len(bad) else '?'}")

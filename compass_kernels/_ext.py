@@ -76,7 +76,8 @@ def _shadowing(missing: list[str]) -> str | None:
 
     here = os.path.dirname(os.path.realpath(__file__))
     root = os.path.dirname(here)
-    if not missing or not (os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "csrc"))):
+    checkout = os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "csrc"))
+    if not missing or not checkout:
         return None
     for entry in sys.path:
         other = os.path.realpath(os.path.join(entry or os.getcwd(), "compass_kernels"))
