@@ -61,8 +61,10 @@ def optimizer_state(model, opt, ctx) -> dict:
     return out
 
 
-def save_distributed_checkpoint(stage_dir, model, opt, step: int, done: bool, ctx) -> None:
-    """Collective: every rank writes its optimizer shards, rank 0 the dense model, atomically."""
+def save_distributed_checkpoint(stage_dir, model, opt, step: int, done: bool, ctx, keep_last: int = 1,
+                                run: dict | None = None) -> None:
+    """Collective: every rank writes its optimizer shards, rank 0 the dense model, atomically
+    (``keep_last`` and the run fingerprint ``run``: as ``state.save_checkpoint``)."""
     import torch.distributed.checkpoint as dcp
 
     from compass_model.train.parallel import dense_model
@@ -76,8 +78,8 @@ def save_distributed_checkpoint(stage_dir, model, opt, step: int, done: bool, ct
     dcp.save(optimizer_state(model, opt, ctx), checkpoint_id=str(tmp))
     dist.barrier()
     if ctx.is_main:
-        save_checkpoint(stage_dir, dense, None, step, done,
-                        extra={"dp": ctx.dp, "ep": ctx.ep}, extra_files={OPTIMIZER_DIR: tmp})
+        save_checkpoint(stage_dir, dense, None, step, done, extra={"dp": ctx.dp, "ep": ctx.ep},
+                        extra_files={OPTIMIZER_DIR: tmp}, keep_last=keep_last, run=run)
     dist.barrier()
 
 
