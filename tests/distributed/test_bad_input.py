@@ -83,4 +83,4 @@ def test_resume_with_another_preset(tmp_path):
     other["model"]["d_model"] = 32
     r = launch(tmp_path, "run", 0, "--resume", cfg=other, check=False)
     assert r.returncode != 0
-    assert "holds another model (d_model: 64 in the checkpoint, 32 asked" in r.stderr, r.stderr[-2000:]
+    assert "belongs to a run with another model config or seed (d_model 64 -> 32" in r.stderr, r.stderr[-2000:]
