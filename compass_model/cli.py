@@ -238,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--n-tasks", type=int, default=700, help="held-out tasks (700 = 100 per language)")
     q.add_argument("--min-tokens-per-expert", type=int, default=128)
     q.add_argument("--tokenizer", default=None)
+    xp = sub.add_parser("export", help="write a checkpoint another library loads (--format hf: transformers)")
+    xp.add_argument("--checkpoint", required=True)
+    xp.add_argument("--format", required=True, choices=["hf"])
+    xp.add_argument("--out", required=True)
     x = sub.add_parser("experiment", help="run one of the paper's experiments (JSON + PNG)")
     x.add_argument("name", choices=["balance", "experts", "combine", "otpo-vs-dpo", "all"])
     x.add_argument("--out", default="compass-out/experiments")
@@ -257,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.cmd == "quantize":
         return _quantize(args)
+    if args.cmd == "export":
+        from compass_model.export_hf import export_hf
+        print(f"transformers checkpoint (MixtralForCausalLM) written to {export_hf(args.checkpoint, args.out)}")
+        return 0
     if args.cmd == "experiment":
         from compass_kernels.cli import reexec_with_malloc_tunables
         reexec_with_malloc_tunables(argv, "compass_model.cli")   # timings: large buffers stay in the heap
