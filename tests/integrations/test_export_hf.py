@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("transformers", minversion="5")
+
 from compass_model import CompassConfig, CompassForCausalLM
 from compass_model.checkpoint import save_pretrained
 from compass_model.cli import main

@@ -11,6 +11,8 @@ import sys
 import pytest
 import torch
 
+pytest.importorskip("transformers", minversion="5")
+
 import compass_kernels.integrations.transformers as hf
 from integrations.hf_families import experts_classes, hidden_dim, tiny_experts
 

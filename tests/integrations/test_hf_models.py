@@ -7,6 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("transformers", minversion="5")
+
 import compass_kernels.integrations.transformers as hf
 
 NAME = hf.register()
