@@ -24,21 +24,21 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import nvtx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import compass_kernels as ck
 from compass_model.config import CompassConfig
+from compass_model.nvtx_ranges import nvtx
 
 # An expert is "dead" below this fraction of the uniform load 1/E.
 DEAD_EXPERT_FRACTION = 0.1
 
 
 def nvtx_range(name: str):
-    """An NVTX range (a no-op without a GPU profiler). Dynamo cannot trace the nvtx C calls, so
-    compiled graphs get none; profile eager runs."""
+    """An NVTX range (a no-op without a GPU profiler; the nvtx package is optional, see nvtx_ranges).
+    Dynamo cannot trace the nvtx C calls, so compiled graphs get none; profile eager runs."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return nvtx.annotate(name, domain="compass")

@@ -4,7 +4,7 @@
 ``CompassForCausalLM`` by an ``Fp8MoE``: the expert weights become FP8 codes plus fp32 scales and
 the experts run through ``compass_kernels.grouped_gemm_fp8``; router, shared expert, attention,
 embeddings, norms and head stay in the model's precision (bf16/fp32). Definitions:
-../shared/REFERENCE.md (FP8).
+docs/algorithms.md (FP8).
 
 Two methods:
   expert_aware  weights: per expert, per output channel ("row") or 128 x 128 ("block2d") scales;
@@ -584,16 +584,13 @@ def save_quantized(model: CompassForCausalLM, directory) -> None:
 
 def load_quantized(directory, device=None) -> CompassForCausalLM:
     """Rebuild a ``save_quantized`` model exactly (strict state-dict load)."""
-    from safetensors.torch import load_file
-
-    from compass_model.checkpoint import WEIGHTS_NAME, load_config
+    from compass_model.checkpoint import load_config, load_weights
 
     path = Path(directory)
     qconfig = QuantConfig(**json.loads((path / QUANT_CONFIG_NAME).read_text()))
     model = CompassForCausalLM(load_config(path))
     _replace_moes(model, qconfig, lambda new, old, i: None)
-    state = load_file(path / WEIGHTS_NAME)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(load_weights(path), strict=True)      # verified against its digest
     model.quant_config = qconfig
     model.eval()
     return model if device is None else model.to(device)
