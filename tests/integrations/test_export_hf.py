@@ -11,7 +11,7 @@ pytest.importorskip("transformers", minversion="5")
 from compass_model import CompassConfig, CompassForCausalLM
 from compass_model.checkpoint import save_pretrained
 from compass_model.cli import main
-from compass_model.export_hf import mapping_problems
+from compass_model.export_hf import export_hf, mapping_problems
 
 
 def _saved(tmp_path, **kw):
@@ -51,10 +51,12 @@ def test_presets_that_do_not_map(preset, feature):
 @pytest.mark.parametrize("kw,feature", [(dict(shared_expert_dim=32), "shared_expert_dim"),
                                         (dict(n_dense_layers=1), "n_dense_layers"),
                                         (dict(rope_scaling="yarn", rope_factor=2.0), "rope_scaling")])
-def test_export_refuses_what_does_not_map(tmp_path, kw, feature):
+def test_export_refuses_what_does_not_map(tmp_path, capsys, kw, feature):
     _saved(tmp_path, **kw)
     with pytest.raises(ValueError, match=feature):
-        main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")]) == 1
+    assert feature in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 
 
@@ -64,4 +66,4 @@ def test_export_refuses_a_nonzero_router_bias(tmp_path):
         model.layers[0].ffn.router.bias[0] = 0.5
     save_pretrained(model, tmp_path / "ckpt")
     with pytest.raises(ValueError, match="router bias"):
-        main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--format", "hf", "--out", str(tmp_path / "hf")])
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
