@@ -51,6 +51,22 @@ class RoutingPlan:
     topk: int
     num_experts: int
 
+    def __post_init__(self):
+        """Checks a hand-built plan's tensors (the kernels index them as contiguous int64 arrays)
+        and copies any that are not contiguous."""
+        T, k, E = self.num_tokens, self.topk, self.num_experts
+        for name, shape in (("row_id_map", (T, k)), ("tokens_per_expert", (E,)), ("expert_offsets", (E + 1,))):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+                raise TypeError(f"RoutingPlan.{name} must be an int64 tensor, got {getattr(t, 'dtype', type(t))}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"RoutingPlan.{name} must have shape {list(shape)} (num_tokens, topk, num_experts), "
+                                 f"got {list(t.shape)}")
+            if t.device != self.row_id_map.device:
+                raise ValueError(f"RoutingPlan.{name} is on {t.device} but row_id_map is on {self.row_id_map.device}")
+            if not t.is_contiguous():
+                object.__setattr__(self, name, t.contiguous())
+
 
 # ---------------------------------------------------------------------------------------------
 # validation (names the argument and what was expected)
@@ -63,17 +79,14 @@ def _check_topk_ids(topk_ids, num_experts: int) -> None:
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
-    if _ext.tracing() or topk_ids.numel() == 0:
+    if topk_ids.numel() == 0 or not _ext.values_readable(topk_ids):
         return
     if topk_ids.device.type == "cpu" and _backend.resolve("route", topk_ids.device) == "cpu":
         return  # the kernel checks every id in its counting pass, with the same message
-    if topk_ids.device.type == "cpu" or _ext._check_values():
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < -1 or hi >= num_experts:
-            bad = lo if lo < -1 else hi
-            raise ValueError(
-                f"topk_ids must hold values in [-1, num_experts) = [-1, {num_experts}), found {bad}"
-            )
+    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    if lo < -1 or hi >= num_experts:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"topk_ids must hold values in [-1, num_experts) = [-1, {num_experts}), found {bad}")
 
 
 def _check_plan(plan) -> None:
@@ -104,8 +117,11 @@ def _check_rows(name: str, t, rows, device) -> None:
 
 
 def _rowmajor(t: torch.Tensor) -> torch.Tensor:
-    """Kernels take a row stride but need unit stride along the hidden dim."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    """Kernels take a row stride but need unit stride along the hidden dim and rows that do not
+    overlap: anything else (a transposed view, an expanded stride-0 tensor such as the gradient of
+    ``.sum()``) is copied first."""
+    rows_ok = t.shape[0] <= 1 or t.stride(0) >= t.shape[1]
+    return t if rows_ok and (t.stride(-1) == 1 or t.shape[-1] <= 1) else t.contiguous()
 
 
 def _row_stride(t: torch.Tensor) -> int:
