@@ -144,6 +144,21 @@ def eager(*tensors) -> bool:
                for t in tensors)
 
 
+def reject_func_grad(op: str, *tensors) -> None:
+    """torch.library custom ops differentiate under torch.autograd only: under torch.func.grad (vjp,
+    jacrev) their autograd fails with an error about autograd.Function.setup_context. Name the op
+    and the alternative instead. (vmap and jvp work; under torch.compile nothing is raised here.)"""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return
+    grad = torch._C._functorch.TransformType.Grad
+    if any(i.key() == grad for i in torch._C._functorch.get_interpreter_stack() or ()) and any(
+            t is not None and t.requires_grad for t in tensors):
+        raise NotImplementedError(
+            f"compass_kernels.{op} cannot be differentiated by torch.func.grad / vjp / jacrev (its gradient is "
+            f"registered for torch.autograd only); use torch.autograd.grad, with create_graph=True for "
+            f"higher-order gradients")
+
+
 def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:
     """``torch.empty`` for kernel outputs. With ``COMPASS_POISON=1`` (tests) the buffer is filled
     with NaN (floats) or all-ones bits (integers) first, so rows a kernel forgot to write show."""

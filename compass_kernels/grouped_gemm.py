@@ -314,6 +314,27 @@ def _backward(ctx, dy):
 _gemm_op.register_autograd(_backward, setup_context=_setup)
 
 
+def _wgrad_setup(ctx, inputs, output):
+    x, dy, offsets, num_groups, trans_b = inputs
+    ctx.trans_b = trans_b
+    ctx.save_for_backward(x, dy, offsets)
+
+
+def _wgrad_backward(ctx, g):
+    """Double backward: dw[e] = x_e^T dy_e gives d x_e = dy_e g_e^T and d dy_e = x_e g_e (with trans_b,
+    dw[e] = dy_e^T x_e: d x_e = dy_e g_e and d dy_e = x_e g_e^T); both are grouped GEMMs."""
+    x, dy, offsets = ctx.saved_tensors
+    dx = ddy = None
+    if ctx.needs_input_grad[0]:
+        dx = _gemm_op(dy, g, offsets, not ctx.trans_b)
+    if ctx.needs_input_grad[1]:
+        ddy = _gemm_op(x, g, offsets, ctx.trans_b)
+    return dx, ddy, None, None, None
+
+
+_wgrad_op.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
+
+
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, trans_b: bool = False) -> torch.Tensor:
     """``x [M, K]``, ``w [E, K, N]`` (``[E, N, K]`` with ``trans_b=True``, the nn.Linear layout),
     ``offsets [E + 1]`` int64 -> ``y [M, N]`` with ``y[offsets[e]:offsets[e+1]] = x[...] @ w[e]``.
@@ -321,4 +342,5 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, tra
     fp32 accumulation for fp32/bf16/fp16 (fp64 for fp64); rows outside the groups are zero.
     """
     _check(x, w, offsets, trans_b)
+    _ext.reject_func_grad("grouped_gemm", x, w)
     return (_gemm_impl if _ext.eager(x, w, offsets) else _gemm_op)(x, w, offsets, trans_b)

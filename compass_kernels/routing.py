@@ -298,6 +298,31 @@ def _(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs):
     return y.new_empty(y.shape), probs.new_empty(probs.shape)
 
 
+def _unpermute_bwd_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _unpermute_bwd_backward(ctx, g_grad_y, g_grad_probs):
+    """Double backward of unpermute with probs. With grad_y = scatter(probs * grad_out) and
+    grad_probs = <grad_out, y[row]>: d grad_out = unpermute(g_grad_y, probs) + unpermute(y, g_grad_probs),
+    and one unpermute_bwd(grad_out, g_grad_y, ..., g_grad_probs) gives d y = scatter(g_grad_probs *
+    grad_out) and d probs = <grad_out, g_grad_y[row]>."""
+    grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs = ctx.saved_tensors
+    g_grad_y = torch.zeros_like(y) if g_grad_y is None else g_grad_y
+    g_grad_probs = torch.zeros_like(probs) if g_grad_probs is None else g_grad_probs
+    d_out = d_y = d_probs = None
+    if ctx.needs_input_grad[0]:
+        d_out = (_unpermute_op(g_grad_y, row_id_map, expert_offsets, tokens_per_expert, probs)
+                 + _unpermute_op(y, row_id_map, expert_offsets, tokens_per_expert, g_grad_probs))
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[5]:
+        d_y, d_probs = _unpermute_bwd_op(grad_out, g_grad_y, row_id_map, expert_offsets, tokens_per_expert,
+                                         g_grad_probs)
+    return d_out, d_y, None, None, None, d_probs
+
+
+_unpermute_bwd_op.register_autograd(_unpermute_bwd_backward, setup_context=_unpermute_bwd_setup)
+
+
 def _unpermute_setup(ctx, inputs, output):
     y, row_id_map, expert_offsets, tokens_per_expert, probs = inputs
     ctx.has_probs = probs is not None
@@ -364,6 +389,7 @@ def permute(x: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = Non
     _check_plan(plan)
     _check_rows("x", x, plan.num_tokens, plan.row_id_map.device)
     _check_probs(probs, plan, x.device)
+    _ext.reject_func_grad("permute", x, probs)
     permute_fn = _permute_impl if _ext.eager(x, probs) else _permute_op
     xp = permute_fn(x, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, plan.num_rows)
     if probs is None:
@@ -387,6 +413,7 @@ def unpermute(y: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = N
     if not y.dtype.is_floating_point or y.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError(f"y must be float32, float64, float16 or bfloat16, got {y.dtype}")
     _check_probs(probs, plan, y.device)
+    _ext.reject_func_grad("unpermute", y, probs)
     if _ext.eager(y, probs):
         return _unpermute_impl(y, plan.row_id_map, probs)
     return _unpermute_op(y, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, probs)
