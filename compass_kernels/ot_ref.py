@@ -112,7 +112,8 @@ def sinkhorn_ref(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: floa
     iters = torch.zeros(B, dtype=torch.int32, device=cost.device)
     if B == 0 or n == 0 or m == 0:
         return cost.new_zeros(B, n, m), iters
-    C = cost.to(torch.float64)
+    live = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+    C = torch.where(live, cost.to(torch.float64), 0.0)                # costs of zero-mass entries: never read
     log_a = a.to(torch.float64).log()                                 # [B, n], -inf on zero mass
     log_b = b.to(torch.float64).log()                                 # [B, m]
     fi = _fi(eps, tau)
@@ -175,9 +176,10 @@ def otpo_nonfinite_pairs(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_
 
 def otpo_mark_nonfinite(w_c: torch.Tensor, w_r: torch.Tensor, bad: torch.Tensor, mask_chosen: torch.Tensor,
                         mask_rejected: torch.Tensor):
-    """NaN weights on the valid tokens of the ``bad`` pairs ([B] bool), the rest unchanged."""
-    nan = float("nan")
-    return (torch.where(bad[:, None] & mask_chosen, nan, w_c), torch.where(bad[:, None] & mask_rejected, nan, w_r))
+    """The ``bad`` pairs' ([B] bool) weights: NaN on valid tokens, 0 on masked ones; the rest unchanged."""
+    nan, bad = float("nan"), bad[:, None]
+    return (torch.where(bad, torch.where(mask_chosen, nan, 0.0), w_c),
+            torch.where(bad, torch.where(mask_rejected, nan, 0.0), w_r))
 
 
 def otpo_weights_from_plan(plan: torch.Tensor, mask_chosen: torch.Tensor, mask_rejected: torch.Tensor):
