@@ -186,8 +186,10 @@ def _sinkhorn_impl(cost, a, b, eps, tau, max_iter, tol, check_every):
     if backend == "torch" or cost.numel() == 0:
         return sinkhorn_ref(cost, a, b, eps, tau, max_iter, tol, check_every)
     plan, iters = _sinkhorn_kernel(backend, cost, a, b, eps, tau, max_iter, tol, check_every)
-    bad = nonfinite_pairs(cost, a, b)  # NaN in, NaN out, as in the reference (the kernels skip such entries)
-    return torch.where(bad[:, None, None], float("nan"), plan).to(cost.dtype), torch.where(bad, 0, iters)
+    if backend == "triton":  # NaN in, NaN out as in the reference (the cpu kernel does it in its setup pass)
+        bad = nonfinite_pairs(cost, a, b)
+        plan, iters = torch.where(bad[:, None, None], float("nan"), plan), torch.where(bad, 0, iters)
+    return plan.to(cost.dtype), iters
 
 
 def _otpo_sq_dist(h_chosen, h_rejected, mask_chosen, mask_rejected):
@@ -268,6 +270,8 @@ def _otpo_op(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torc
              mask_rejected: torch.Tensor, eps: float, tau: float, max_iter: int, tol: float,
              check_every: int) -> tuple[torch.Tensor, torch.Tensor]:
     w_c, w_r = _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every)
+    if _backend.resolve("otpo_weights", h_chosen.device) != "triton":  # torch and cpu do it themselves
+        return w_c, w_r
     bad = otpo_nonfinite_pairs(h_chosen, h_rejected, mask_chosen, mask_rejected)  # NaN in, NaN out
     return otpo_mark_nonfinite(w_c, w_r, bad, mask_chosen, mask_rejected)
 
