@@ -356,16 +356,22 @@ struct Pair {
   }
 
   // NaN in, NaN out (ot_ref.nonfinite_pairs): a NaN, infinite or negative mass, or a NaN or -inf cost
-  // between a live row and a live column. Read once, before the solve.
-  bool invalid_input(const T* a, const T* b) const {
+  // between a live row and a live column (after init(), which zeroes pen on live columns).
+  bool invalid_mass(const T* a, const T* b) const {
     for (int64_t i = 0; i < n; ++i)
       if (!(std::isfinite(static_cast<double>(a[i])) && a[i] >= 0)) return true;
     for (int64_t j = 0; j < m; ++j)
       if (!(std::isfinite(static_cast<double>(b[j])) && b[j] >= 0)) return true;
-    for (int64_t i : w.rows)
-      for (int64_t j : w.cols)
-        if (std::isnan(c(i, j)) || c(i, j) == -kInf) return true;
     return false;
+  }
+
+  bool invalid_cost() const {
+    int bad = 0;  // !(x > -inf): NaN or -inf; pen is 0 on live columns (vectorisable, no early exit)
+    for (int64_t i : w.rows) {
+      const T* r = C + i * m;
+      for (int64_t j = 0; j < m; ++j) bad |= (w.pen[j] == 0) & !(static_cast<double>(r[j]) > -kInf);
+    }
+    return bad != 0;
   }
 
   // Iterates to convergence (or max_iter); false (and no iteration) when a side has no mass. Sets
@@ -375,9 +381,11 @@ struct Pair {
     auto& W = w;
     *iters = 0;
     const bool live = setup(a, b);
-    nan_input = invalid_input(a, b);
+    nan_input = invalid_mass(a, b);
     if (!live || nan_input) return false;
     init();
+    nan_input = invalid_cost();
+    if (nan_input) return false;
     int64_t it = 1;
     for (; it <= p.max_iter; ++it) {
       const bool check = it % p.check_every == 0;
