@@ -5,7 +5,7 @@ states; eps 1 (OTPO's 8B setting) and 0.1 (3B), tau = 0.2. Peers, in the same ru
 
 * pot_official: OTPO's ``get_ot_weight`` loop (Mimasss2/OTPO): per pair ``torch.cdist`` on the
   (mask-zeroed) padded hidden states, then ``ot.unbalanced.sinkhorn_unbalanced(..., method=
-  "sinkhorn_stabilized")`` on torch tensors, with ``reg_type="entropy"`` (REFERENCE.md);
+  "sinkhorn_stabilized")`` on torch tensors, with ``reg_type="entropy"`` (docs/algorithms.md);
 * pot_numpy: the same loop on float64 numpy arrays of the valid tokens with POT's plain
   ``sinkhorn`` method, the fastest way to call POT per pair;
 * pot_batch: POT's batched solver ``ot.batch.solve_batch`` (log-domain Sinkhorn over [B, n, m]).

@@ -1,6 +1,6 @@
 """Backend selection: one resolution per (op, device type), an override for tests and users.
 
-Order (DESIGN.md): a CUDA tensor goes to ``cuda`` if built, else ``triton``, else ``torch``; a CPU
+Order (docs/design.md): a CUDA tensor goes to ``cuda`` if built, else ``triton``, else ``torch``; a CPU
 tensor goes to ``cpu`` if built, else ``torch``. ``COMPASS_BACKEND=<name>`` or
 ``use_backend(name)`` override. An explicitly requested backend that cannot serve raises; an
 automatic fallback to a slower backend warns once (a silent slow path is a bug in a kernel library).
@@ -106,6 +106,8 @@ def resolve(op: str, device: torch.device) -> str:
         if want not in implemented:
             ok, why = False, f"{op} has no {want} implementation (has: {sorted(implemented)})"
         if not ok:
+            if _ext.shadow_note and _ext.shadow_note not in why:
+                why = f"{why}; {_ext.shadow_note}"
             raise RuntimeError(f"compass backend {want!r} was requested for {op} on {dev} but cannot serve: {why}")
         choice = want
     else:

@@ -1,6 +1,6 @@
 """Readable references for FP8: quantize, dequantize, the FP8 grouped GEMM and SmoothQuant scales.
 
-Definitions (../shared/REFERENCE.md, FP8). For x ``[..., M, K]`` and a granularity:
+Definitions (docs/algorithms.md, FP8). For x ``[..., M, K]`` and a granularity:
 
     amax  = max |x| over each group ("tensor": the matrix, "row": a row, "block": 1 x bs columns of
             a row, "block2d": a bs x bs tile; the last block or tile of a dim may be partial)

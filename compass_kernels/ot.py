@@ -5,7 +5,7 @@ optimal-transport plan between the chosen and the rejected response's hidden sta
 code loops over the pairs in Python and calls POT once per pair; here one call solves the whole
 batch (OpenMP over pairs on CPU, one Triton program per pair on GPU), with no host sync on GPU.
 
-Stack (STYLE.md): references in ``ot_ref`` -> backend launchers here -> ``torch.library`` custom
+Stack (docs/design.md, op anatomy): references in ``ot_ref`` -> backend launchers here -> ``torch.library`` custom
 ops with fake tensors (no autograd: the weights carry no gradient) -> the public ``sinkhorn`` and
 ``otpo_weights``. Exact semantics, convergence criterion included: the ``ot_ref`` docstring.
 

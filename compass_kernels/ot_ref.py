@@ -145,7 +145,7 @@ def sinkhorn_ref(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: floa
 
 
 # ---------------------------------------------------------------------------------------------
-# OTPO token weights (arXiv 2505.18720; REFERENCE.md "OTPO")
+# OTPO token weights (arXiv 2505.18720; docs/algorithms.md, "OTPO")
 
 
 def otpo_cost_ref(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,

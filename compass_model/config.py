@@ -43,7 +43,7 @@ class CompassConfig:
     dense_ffn_dim: int | None = None     # None -> top_k * expert_ffn_dim (same active width)
     shared_expert_dim: int = 0           # 0 -> no shared expert
     capacity_factor: float | None = None  # None -> no token dropping; applies in training only
-    # router losses (REFERENCE.md "Router")
+    # router losses (docs/algorithms.md, "Router")
     aux_loss_coef: float = 1e-2
     aux_loss_decay: str = "none"         # none | linear | cosine | exp (half-life decay_steps)
     aux_loss_decay_steps: int = 0

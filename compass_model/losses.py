@@ -1,4 +1,4 @@
-"""Training losses: SFT mixed loss, DPO, OTPO (formulas: REFERENCE.md).
+"""Training losses: SFT mixed loss, DPO, OTPO (formulas: docs/algorithms.md).
 
 Per-token tensors are indexed by *prediction position*: entry i belongs to the token that position
 i predicts (``labels[:, i]``), so log-probs, masks, OTPO weights and the hidden states that give

@@ -152,7 +152,7 @@ def test_opcheck_and_compile():
 def test_grouped_gemm_backends(kernel_backend, M, K, N, sizes, start, dtype, trans_b):
     """Forward, dgrad and wgrad of each compiled backend against the references."""
     if kernel_backend == "triton" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly (DESIGN.md); bf16 runs on GPU")
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly (docs/design.md); bf16 runs on GPU")
     x, w, offsets = _inputs(M, K, N, sizes, start, dtype, trans_b)
     _within_2x_of_torch(ck.grouped_gemm(x, w, offsets, trans_b=trans_b), x, w, offsets, trans_b)
     dy = torch.randn(M, N).to(dtype)

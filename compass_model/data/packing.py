@@ -133,7 +133,7 @@ def pack_sft(samples: list, seq_len: int, pad_id: int, bos_id: int | None, eos_i
 
 
 def prompt_weight_for(domain: str) -> float:
-    """REFERENCE.md "SFT: unified mixed loss": full-sequence loss on e-commerce, answer-only on general."""
+    """The unified SFT mixed loss (docs/algorithms.md): full-sequence loss on e-commerce, answer-only on general."""
     if domain == "ecommerce":
         return 1.0
     if domain == "general":

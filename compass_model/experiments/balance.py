@@ -1,4 +1,4 @@
-"""Experiment ``balance``: router load balancing on the tiny proxy (issue #9, experiment 1).
+"""Experiment ``balance``: router load balancing on the tiny proxy (experiment 1).
 
 Variants (same data, seed and schedule; only the router-loss settings differ):
   no-aux        aux 0, z 0                          (the collapse control)

@@ -1,4 +1,4 @@
-"""Experiment ``combine``: the MoE "memcpy" microbenchmark (issue #9, experiment 3).
+"""Experiment ``combine``: the MoE "memcpy" microbenchmark (experiment 3).
 
 At identical shapes (T tokens, hidden H, E experts, top-k, fp32, random top-k routing):
   dispatch  fused ``ck.route`` + ``ck.permute``  vs  Megatron-style stable argsort + ``index_select``

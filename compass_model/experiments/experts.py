@@ -1,4 +1,4 @@
-"""Experiment ``experts``: expert count and top-k at fixed active parameters (issue #9, experiment 2).
+"""Experiment ``experts``: expert count and top-k at fixed active parameters (experiment 2).
 
 Grid: E in {4, 8, 16, 32} x top-k in {1, 2, 4} (E >= k) with ``expert_ffn_dim = F0 * 2 / k``, so the
 active FFN width ``k F`` is ``2 F0`` everywhere (the tiny preset's top-2 x F0 = 64 at the LM scale).

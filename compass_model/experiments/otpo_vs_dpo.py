@@ -1,4 +1,4 @@
-"""Experiment ``otpo-vs-dpo``: token weighting on pairs that differ in one token (issue #9, experiment 4).
+"""Experiment ``otpo-vs-dpo``: token weighting on pairs that differ in one token (experiment 4).
 
 Pairs: generated ``extract`` and ``price`` tasks; chosen = the reference answer, rejected = the same
 answer with ONE digit of its final number changed (the size in the JSON, the final price), so with

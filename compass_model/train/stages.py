@@ -1,4 +1,4 @@
-"""The seven stages of the Compass-v3 recipe, one ``StageConfig`` each (REFERENCE.md, issue #7).
+"""The seven stages of the Compass-v3 recipe, one ``StageConfig`` each (docs/algorithms.md).
 
   1 general       general + some commerce text, base context
   2 ecommerce     SEA e-commerce enhancement: commerce corpus + task texts

@@ -1,4 +1,4 @@
-"""SFT mixed loss, DPO and OTPO against their formulas (REFERENCE.md)."""
+"""SFT mixed loss, DPO and OTPO against their formulas (docs/algorithms.md)."""
 
 from __future__ import annotations
 
