@@ -80,7 +80,8 @@ def sinkhorn_residual(plan: torch.Tensor, cost: torch.Tensor, a: torch.Tensor, b
     when unbalanced, g / eps = fi / (1 - fi) * log(b / P^T 1). The next f / eps is fi * (log a - L)
     with L = LSE_j((g_j - C_ij) / eps), so the change is |fi log a + (1 - fi) L - log P 1|; balanced
     (fi = 1) that is |log(a / P 1)|, the relative violation of the row marginals. Rows with mass but
-    no finite cost to a column with mass are exactly zero at the fixed point and are skipped.
+    no finite cost to a column with mass are exactly zero at the fixed point and are skipped; a row or
+    column whose plan entries all underflowed to zero gives an infinite residual.
     """
     fi = _fi(eps, tau)
     P, C = plan.to(torch.float64), cost.to(torch.float64)
@@ -94,7 +95,7 @@ def sinkhorn_residual(plan: torch.Tensor, cost: torch.Tensor, a: torch.Tensor, b
         d = fi * a.log() + (1 - fi) * lse - rows.log()
     else:
         d = a.log() - rows.log()
-    d = torch.where(reach, d.abs().nan_to_num(nan=float("inf")), 0.0)
+    d = torch.where(reach, d.abs().nan_to_num(nan=float("inf"), posinf=float("inf")), 0.0)
     return d.amax(-1) if d.shape[-1] else d.new_zeros(d.shape[0])
 
 
