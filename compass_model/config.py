@@ -246,6 +246,12 @@ class CompassConfig:
 # Active / total = 0.29 while top-2 of 16 routes 0.125 of the expert weights, so about 46B must be
 # non-expert: attention and embeddings give 9B, hence the large always-on shared expert (an
 # Arctic-style dense residual FFN; "fewer but larger experts" keeps the routed ones at 283M each).
+# No source mentions that 37.4B shared expert (44 x 849.3M); one secondary reading of the paper has
+# 4 of 16 experts active instead. "compass-v3-top4" is that reading: no shared expert, the same
+# trunk, and the expert width solved from the 245B total:
+#   44 * (151.0M + 0.13M + 16 * 3*8192*f) + 2.15B = 245.0B  ->  f = 13652 (335.5M per expert)
+#   active: 2.15B + 44 * (151.1M + 4 * 335.5M)          = 67.8B (the paper's 71B within 5%).
+# docs/algorithms.md has both derivations.
 PRESETS: dict[str, dict] = {
     # Trains on a 2-core CPU in seconds (~40 ms a step at 8 x 64 tokens, one thread): 0.45M parameters
     # (0.67M with MTP), bytes as tokens (ByteTokenizer: 259 ids, padded to 264). max_seq_len 256 is
@@ -270,3 +276,4 @@ PRESETS: dict[str, dict] = {
                        max_seq_len=131072, rope_base=1e6, rope_scaling="yarn", rope_factor=4.0,
                        rope_original_max_len=32768, dtype="bfloat16"),
 }
+PRESETS["compass-v3-top4"] = {**PRESETS["compass-v3"], "top_k": 4, "expert_ffn_dim": 13652, "shared_expert_dim": 0}
