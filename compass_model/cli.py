@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGE_LIST = "general,ecommerce,reasoning,long_context,mtp,sft,align"
+STAGE_LIST = "general,ecommerce,reasoning,long_context_2x,long_context_4x,sft,align"
 
 
 def _config(args):

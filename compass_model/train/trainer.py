@@ -56,7 +56,7 @@ def accumulate_gradients(model, micro: list, stage, step: int, ctx=None):
     device = next(model.parameters()).device
     c = model.config
     n_tokens = sum(float(b.loss_mask()[b.labels != -100].sum()) for b in micro)
-    w_mtp = stage.mtp_loss_weight if step % stage.mtp_every == 0 else 0.0
+    w_mtp = stage.mtp_weight(c) if step % stage.mtp_every == 0 else 0.0
     alpha = float(aux_loss_coefficient(c, model.step))
     M = len(micro) * (1 if ctx is None else ctx.world)      # per-forward means: averaged over all forwards
     micro = [parallel.rank_rows(b, ctx) for b in micro]
