@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import re
 
-from .corpus import LANGS, format_amount, format_size, make_product
+from .corpus import LANGS, make_product
 from .tasks import Task
 
 NEEDLE = "Voucher code: "
@@ -28,8 +28,9 @@ _HEAD = "Catalogue:\n"
 
 
 def _line(rng: random.Random, lang: str, i: int) -> str:
+    """A catalogue line without digits (brand, product, colour), so the code is the context's only number."""
     p = make_product(rng, lang, i)
-    return f"{p.brand} {p.noun} {format_size(rng, p.size, p.unit)} | {format_amount(p.price, p.currency)}"
+    return f"{p.brand} {p.noun} {p.color}"
 
 
 def passkey_task(rng: random.Random, lang: str, context: int) -> Task:
