@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# CI compile check for compass_kernels._cuda. Needs nvcc (CUDA 13) and the Python env with
-# pybind11, triton and nvidia-cutlass; needs no GPU. It
-#   1. configures and builds only the _cuda target (clean first, so ptxas reports every kernel),
+# CI compile check for compass_kernels._cuda, built the way users build it. Needs nvcc (CUDA 13)
+# and the Python env with scikit-build-core, pybind11, cmake, ninja, triton and nvidia-cutlass
+# (the `cuda-build` extra); needs no GPU. It
+#   1. builds the wheel through pip (COMPASS_CUDA=1 pip wheel --no-build-isolation) into a fresh
+#      scikit-build build directory, whose log holds every ptxas report, installs the wheel into
+#      a folder and imports compass_kernels._cuda from it (outside the source tree),
 #   2. dumps the SASS with the cuobjdump shipped in triton's wheel and fails unless sm_90a code
 #      is present; prints the number of SASS functions per architecture,
 #   3. prints registers / spills / shared memory / HGMMA and QGMMA counts per kernel,
@@ -12,6 +15,7 @@
 #          i.e. fell back to a non-tensor-core or stub path,
 #        - the build configured sm_90a grouped GEMM instances (csrc/cuda/sm90/*.cu) but the .so
 #          does not hold one GemmUniversal kernel per instance file.
+# The SASS and ptxas checks below read the artefacts of that pip build (no second CUDA build).
 # Usage: .ci/cuda_check.sh [build-dir]   (default build/cuda-check)
 # Time: ~8 CPU-minutes in all (12 CUTLASS instances: 10 bf16/fp16 at ~26 s of nvcc CPU each, 2 FP8
 # at ~35 s, plus the rest), i.e. ~4 min of wall time on 2 idle cores (239 s measured); 14 min was
@@ -23,31 +27,45 @@ BUILD_DIR="${1:-build/cuda-check}"
 PYTHON="${PYTHON:-python}"
 start=$(date +%s)
 
+# A fresh build directory: an up-to-date object would print no ptxas lines and the check would see nothing.
+rm -rf "$BUILD_DIR"
 mkdir -p "$BUILD_DIR"
 PTXAS_LOG="$BUILD_DIR/ptxas.log"
 SASS_LOG="$BUILD_DIR/sass.txt"
+SKBUILD_DIR="$BUILD_DIR/skbuild"
 
-echo "== configure ($BUILD_DIR)"
-cmake -S . -B "$BUILD_DIR" -G Ninja -DCOMPASS_CUDA=1 -DCMAKE_BUILD_TYPE=Release \
-  -Dpybind11_DIR="$("$PYTHON" -m pybind11 --cmakedir)" >"$BUILD_DIR/configure.log" 2>&1 ||
-  { cat "$BUILD_DIR/configure.log"; exit 1; }
-# Number of sm_90a grouped GEMM instance files the configure step took (0 without CUTLASS/90a).
-SM90_INSTANCES="$(sed -n 's/.*compass: \([0-9]*\) sm_90a CUTLASS grouped GEMM instances.*/\1/p' "$BUILD_DIR/configure.log")"
-SM90_INSTANCES="${SM90_INSTANCES:-0}"
-echo "   sm_90a CUTLASS grouped GEMM instances: $SM90_INSTANCES"
-
-echo "== build _cuda"
-# --clean-first: an up-to-date object would print no ptxas lines and the check would see nothing.
-if ! cmake --build "$BUILD_DIR" --target _cuda --clean-first >"$PTXAS_LOG" 2>&1; then
-  cat "$PTXAS_LOG"
-  echo "FAIL: build of _cuda failed" >&2
+echo "== pip wheel with COMPASS_CUDA=1 (build dir $SKBUILD_DIR)"
+# -v: pip shows the backend's output (configure messages, ninja's lines and each ptxas -v report).
+if ! COMPASS_CUDA=1 "$PYTHON" -m pip wheel . -v --no-build-isolation --no-deps -w "$BUILD_DIR/wheel" \
+    -C build-dir="$SKBUILD_DIR" -C cmake.define.COMPASS_CUDA=1 >"$PTXAS_LOG" 2>&1; then
+  tail -n 60 "$PTXAS_LOG"
+  echo "FAIL: COMPASS_CUDA=1 pip wheel failed (log: $PTXAS_LOG)" >&2
   exit 1
 fi
 build_end=$(date +%s)
+# Number of sm_90a grouped GEMM instance files the configure step took.
+SM90_INSTANCES="$(sed -n 's/.*compass: \([0-9]*\) sm_90a CUTLASS grouped GEMM instances.*/\1/p' "$PTXAS_LOG" | head -n 1)"
+SM90_INSTANCES="${SM90_INSTANCES:-0}"
+echo "   sm_90a CUTLASS grouped GEMM instances: $SM90_INSTANCES; build $((build_end - start)) s"
+if [ "$SM90_INSTANCES" = 0 ]; then
+  echo "FAIL: the pip CUDA build configured no sm_90a CUTLASS grouped GEMM instance" >&2
+  exit 1
+fi
+
+echo "== import compass_kernels._cuda from the installed wheel"
+"$PYTHON" -m pip install -q --no-deps --no-index --target "$BUILD_DIR/site" "$BUILD_DIR"/wheel/*.whl
+# -P and another working directory: the source tree's compass_kernels must not shadow the wheel.
+(cd "$BUILD_DIR" && PYTHONPATH="$PWD/site" "$PYTHON" -P -c '
+import os, sys
+import compass_kernels, compass_kernels._cuda as m
+site = os.path.realpath("site")
+assert os.path.realpath(compass_kernels.__file__).startswith(site), compass_kernels.__file__
+print("   imported", m.__file__, "archs", getattr(m, "archs", "?"))
+')
 
 echo "== SASS (cuobjdump from triton's wheel)"
 CUOBJDUMP="$("$PYTHON" -c 'import triton,os;print(os.path.join(os.path.dirname(triton.__file__),"backends/nvidia/bin/cuobjdump"))')"
-SO="$(ls "$BUILD_DIR"/_cuda*.so | head -n 1)"
+SO="$(ls "$SKBUILD_DIR"/_cuda*.so | head -n 1)"
 "$CUOBJDUMP" --dump-sass "$SO" >"$SASS_LOG"
 # SASS functions per architecture: count "Function :" lines inside each "Fatbin elf code" section.
 awk '
@@ -74,7 +92,7 @@ sm90_instances = int(sys.argv[3])
 # ---- ptxas -v: one row per (entry function, arch), tagged with the source file being built.
 # Ninja prints "[i/n] Building CUDA object .../<file>.cu.o" when a command finishes, followed
 # by that command's (buffered) output, so the last such line names the source of what follows.
-src_re = re.compile(r"^\[\d+/\d+\] Building \w+ object \S*?([\w.]+)\.o$")
+src_re = re.compile(r"^\s*\[\d+/\d+\] Building \w+ object \S*?([\w.]+)\.o$")  # pip -v indents
 entry_re = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 func_re = re.compile(r"Function properties for (\S+)")
 spill_re = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")

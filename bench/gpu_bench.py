@@ -1,13 +1,27 @@
-"""GPU timings in one table: routing, grouped GEMM and FP8, every GPU backend against the peers.
+"""GPU timings, one row per line as each is measured: grouped GEMM, FP8, routing, against peers.
 
-    python bench/gpu_bench.py [--json out.json]
+    python bench/gpu_bench.py [--json rows.jsonl] [--only gemm,fp8,routing,moe] [--dry-run]
 
-Routing: route + permute + unpermute (bf16, T=16384, H=4096) vs the Megatron-style path, with the
-device-to-device copy of the same bytes as the ceiling. Grouped GEMM (bf16): ours vs
-torch._grouped_mm, a loop of torch.mm, and one dense GEMM with the same FLOPs (efficiency).
-The cuda backend's two forward tiles are also timed one by one (COMPASS_GEMM_TILE), with the one
-the wave model picks marked. FP8: grouped_gemm_fp8 (row scales) vs the bf16 grouped GEMM on the Compass up-projection shape, and
-the expert-aware FP8 MoE layer vs the bf16 one (``quant_metrics.time_moe_layers``: the paper's ~2x).
+Timing: ``ms`` is device time without host overhead: ``--calls`` back-to-back calls captured in
+one CUDA graph and replayed between an event pair (back-to-back eager calls between an event pair
+when capture fails; ``how`` says which), the median of ``--reps`` replays divided by the calls.
+``eager_ms`` beside it is the wall time per eager call (host overhead included). Kernel outputs are
+not poisoned here (COMPASS_POISON=0). Clocks, power and temperature are printed at start and end.
+
+Rows (H200 targets, measured only there: bf16 >= 700 TFLOP/s at the Compass shape and >= 1.0x
+torch._grouped_mm everywhere; FP8 >= 1.6x bf16; permute / unpermute >= 0.8 of the measured copy):
+  gemm     bf16 grouped GEMM forward, dgrad and wgrad at Compass (E=16, 16384 x 2048 x 1408), its
+           transpose (16384 x 1408 x 2048) and fine-grained (E=128, 16384 x 1024 x 256), uniform and
+           skewed groups; every GPU backend (and each forced CUTLASS tile) against a loop of torch.mm,
+           torch._grouped_mm and one dense GEMM of the same FLOPs: % of dense, % of 989 TFLOP/s
+  fp8      grouped_gemm_fp8 with row and with block (1x128 / 128x128) scales against
+           torch._scaled_grouped_mm (row scales) and the bf16 grouped GEMM
+  routing  permute and unpermute alone in GB/s against a measured copy_ of the same bytes and the
+           4.8 TB/s peak, the eager torch path as peer; route + permute + unpermute against the
+           Megatron-style path
+  moe      the expert-aware FP8 MoE layer against the bf16 one
+``--dry-run`` runs every row on CPU at tiny shapes (the kit's dry run): the numbers mean nothing.
+A row that fails prints ``FAIL`` with the reason and the run goes on.
 """
 
 from __future__ import annotations
@@ -15,162 +29,324 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import time
 
-import torch
+os.environ["COMPASS_POISON"] = "0"  # timing, not testing: no NaN fill of every output
 
-sys.path.insert(0, os.path.dirname(__file__))
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peers import megatron_moe_routing  # noqa: E402
 
 import compass_kernels as ck  # noqa: E402
 from compass_kernels import _backend  # noqa: E402
 
+PEAK_BF16_TFLOPS = 989.0   # H200 / H100 SXM dense bf16
+PEAK_HBM_TBPS = 4.8        # H200 HBM3e
 
-def bench_ms(fn, reps: int = 20) -> float:
-    """Median of CUDA-event timings after warm-up (L2 not flushed: these ops stream > L2 anyway)."""
-    for _ in range(3):
+
+class Table:
+    """Prints each row as one flushed line when it is produced (and appends it to a JSON-lines
+    file), so a run cut short keeps every row measured before."""
+
+    def __init__(self, out=None, jsonl: str | None = None):
+        self.out, self.jsonl, self.rows = out or sys.stdout, jsonl, []
+
+    def emit(self, row: dict) -> None:
+        self.rows.append(row)
+        text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        self.out.write(text + "\n")
+        self.out.flush()
+        if self.jsonl:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def section(self, name: str, fn, *args) -> None:
+        try:
+            fn(self, *args)
+        except Exception as e:  # one broken section must not cost the others
+            self.emit({"section": name, "name": "FAIL", "why": f"{type(e).__name__}: {str(e)[:300]}"})
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+class Timer:
+    def __init__(self, device: str, calls: int, reps: int):
+        self.device, self.calls, self.reps = device, calls, reps
+
+    def _sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def eager_ms(self, fn) -> float:
         fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+        self._sync()
+        t0 = time.perf_counter()
+        for _ in range(self.calls):
+            fn()
+        self._sync()
+        return (time.perf_counter() - t0) * 1e3 / self.calls
+
+    def __call__(self, fn) -> dict:
+        """{"ms": device ms per call, "eager_ms": wall ms per eager call, "how": graph / events / wall}."""
+        eager = self.eager_ms(fn)
+        if self.device != "cuda":
+            return {"ms": eager, "eager_ms": eager, "how": "wall"}
+        how, run = "events", lambda: [fn() for _ in range(self.calls)]
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(self.calls):
+                    fn()
+            graph.replay()
+            how, run = "graph", graph.replay
+        except Exception:  # not capturable (a host sync, an allocation the pool refuses): events
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(self.reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / self.calls)
+        return {"ms": sorted(times)[len(times) // 2], "eager_ms": eager, "how": how}
 
 
-def _ids(T, E, k, kind):
+def gpu_state() -> dict:
+    """SM / memory clocks, power and temperature from nvidia-smi (empty if it is missing)."""
+    q = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    return dict(zip(q.split(","), out[0].split(", "))) if out else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def group_sizes(M: int, E: int, kind: str) -> torch.Tensor:
     if kind == "uniform":
-        return torch.rand(T, E, device="cuda").argsort(1)[:, :k].contiguous()
-    w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64, device="cuda") ** 1.5
+        sizes = torch.full((E,), M // E, dtype=torch.int64)
+    else:  # Zipf-like: a few hot experts
+        w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
+        sizes = (w / w.sum() * M).floor().long()
+    sizes[0] += M - sizes.sum()
+    return sizes
+
+
+def offsets_of(sizes: torch.Tensor, device) -> torch.Tensor:
+    return torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(device)
+
+
+def topk_ids(T, E, k, kind, device):
+    if kind == "uniform":
+        return torch.rand(T, E, device=device).argsort(1)[:, :k].contiguous()
+    w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64, device=device) ** 1.5
     return torch.multinomial(w.expand(T, E), k)
 
 
-def routing_rows(backends):
-    rows, T, H = [], 16384, 4096
-    for E, k in ((16, 2), (128, 8)):
-        for kind in ("uniform", "skewed"):
-            x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-            ids, probs = _ids(T, E, k, kind), torch.softmax(torch.randn(T, k, device="cuda"), -1)
-            nbytes = 2 * (T + T * k) * H * 2
-            src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")  # a copy reads and writes
-            dst = torch.empty_like(src)
-            ceil_ms = bench_ms(lambda: dst.copy_(src))
-            meg = bench_ms(lambda: megatron_moe_routing(x, ids, probs, E))
-            for b in backends:
-                def ours():
-                    plan = ck.route(ids, E)
-                    return ck.unpermute(ck.permute(x, plan), plan, probs)
-                with ck.use_backend(b):
-                    ms = bench_ms(ours)
-                rows.append(dict(op="routing", shape=f"E{E}k{k}", kind=kind, backend=b, ms=ms,
-                                 tbps=nbytes / ms / 1e9, vs_megatron=meg / ms, of_copy=ceil_ms / ms))
-    return rows
+def kinds(scale: int) -> tuple[str, ...]:
+    """Group-size patterns: both on a GPU; the dry run (interpreter, scale > 1) exercises one."""
+    return ("uniform", "skewed") if scale == 1 else ("skewed",)
 
 
-def gemm_rows(backends):
-    rows = []
-    shapes = {"compass_up": (16, 16384, 2048, 1408), "compass_down": (16, 16384, 1408, 2048),
-              "fine": (128, 16384, 1024, 256), "te_8x4096": (8, 32768, 2048, 768)}
+def gpu_backends(op: str, device: str) -> list[str]:
+    return [b for b in ("cuda", "triton") if _backend.backend_status(b, device)[0]
+            and b in _backend._registry.impls.get(op, ())] or ["torch"]
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+def gemm_section(table: Table, timer: Timer, device: str, scale: int):
+    shapes = {"compass": (16, 16384, 2048, 1408), "compass_T": (16, 16384, 1408, 2048),
+              "fine": (128, 16384, 1024, 256)}
     for name, (E, M, K, N) in shapes.items():
-        for kind in ("uniform", "skewed"):
-            if kind == "uniform":
-                sizes = torch.full((E,), M // E)
-            else:
-                w_ = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
-                sizes = (w_ / w_.sum() * M).floor().long()
-            sizes[0] += M - sizes.sum()
-            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).cuda()
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            w = torch.randn(E, K, N, device="cuda", dtype=torch.bfloat16) / K**0.5
+        M, K, N = M // scale, K // scale, N // scale
+        for kind in kinds(scale):
+            sizes = group_sizes(M, E, kind)
+            off = offsets_of(sizes, device)
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            w = torch.randn(E, K, N, device=device, dtype=torch.bfloat16) / K**0.5
+            dy = torch.randn(M, N, device=device, dtype=torch.bfloat16)
             flops = 2 * M * K * N
-            dense = bench_ms(lambda: x @ w[0])
-            peer = bench_ms(lambda: torch._grouped_mm(x, w, offs=offsets[1:].int()))
-            for b in backends:
-                with ck.use_backend(b):
-                    ms = bench_ms(lambda: ck.grouped_gemm(x, w, offsets))
-                rows.append(dict(op="grouped_gemm", shape=name, kind=kind, backend=b, ms=ms,
-                                 tflops=flops / ms / 1e9, efficiency=dense / ms, vs_grouped_mm=peer / ms))
-            if "cuda" in backends:
-                rows += tile_rows(name, kind, x, w, offsets, flops)
-            rows.append(dict(op="grouped_gemm", shape=name, kind=kind, backend="torch._grouped_mm", ms=peer,
-                             tflops=flops / peer / 1e9, efficiency=dense / peer))
-    return rows
+            dense = timer(lambda: x @ w[0])["ms"]
+            bounds = [int(b) for b in off.tolist()]  # host copy for the loop peer, outside timing
+            tag = dict(section="gemm", shape=f"{name} E{E} {M}x{K}x{N}", groups=kind)
+            passes = {
+                "fwd": (lambda: ck.grouped_gemm(x, w, off),
+                        lambda: torch._grouped_mm(x, w, offs=off[1:].int()),
+                        lambda: [x[bounds[e]:bounds[e + 1]] @ w[e] for e in range(E)]),
+                "dgrad": (lambda: ck.grouped_gemm(dy, w, off, trans_b=True),
+                          lambda: torch._grouped_mm(dy, w.transpose(1, 2), offs=off[1:].int()),
+                          lambda: [dy[bounds[e]:bounds[e + 1]] @ w[e].t() for e in range(E)]),
+                "wgrad": (lambda: torch.ops.compass.grouped_gemm_wgrad(x, dy, off, E, False),
+                          lambda: torch._grouped_mm(x.t(), dy, offs=off[1:].int()),
+                          lambda: [x[bounds[e]:bounds[e + 1]].t() @ dy[bounds[e]:bounds[e + 1]] for e in range(E)]),
+            }
+            for pname, (ours, grouped_mm, loop) in passes.items():
+                peers = {}
+                for peer, fn in (("torch._grouped_mm", grouped_mm), ("torch.mm loop", loop)):
+                    try:
+                        peers[peer] = timer(fn)
+                    except Exception as e:
+                        table.emit({**tag, "pass": pname, "impl": peer, "FAIL": f"{type(e).__name__}: {str(e)[:160]}"})
+                for b in gpu_backends("grouped_gemm", device):
+                    with ck.use_backend(b):
+                        t = timer(ours)
+                    row = {**tag, "pass": pname, "impl": b, **t, "tflops": flops / t["ms"] / 1e9,
+                           "pct_dense": 100 * dense / t["ms"],
+                           "pct_peak": 100 * flops / t["ms"] / 1e9 / PEAK_BF16_TFLOPS}
+                    for peer, pt in peers.items():
+                        row[f"x_{peer.split()[0]}"] = pt["ms"] / t["ms"]
+                    table.emit(row)
+                for peer, pt in peers.items():
+                    table.emit({**tag, "pass": pname, "impl": peer, **pt, "tflops": flops / pt["ms"] / 1e9,
+                                "pct_dense": 100 * dense / pt["ms"]})
+            table.emit({**tag, "pass": "dense", "impl": f"x @ w[0] ({M}x{K}x{N})", "ms": dense,
+                        "tflops": flops / dense / 1e9})
+            if device == "cuda" and "cuda" in gpu_backends("grouped_gemm", device):
+                tile_rows(table, timer, tag, x, w, off, flops)
 
 
-def tile_rows(name, kind, x, w, offsets, flops):
-    """Each compiled forward tile of the cuda backend, forced with COMPASS_GEMM_TILE, next to the
-    one the wave model (csrc/common/gemm_tiles.h) picks: the data to check or retune the model."""
+def tile_rows(table, timer, tag, x, w, off, flops):
+    """Each compiled CUTLASS forward tile (COMPASS_GEMM_TILE) beside the wave model's choice."""
     from compass_kernels import _ext
 
     M, N, E = x.shape[0], w.shape[2], w.shape[0]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    os.environ.pop("COMPASS_GEMM_TILE", None)
     chosen = _ext.cpu_module.gemm_forward_tile(M, N, E, sms) if _ext.cpu_module is not None else "?"
-    rows = []
     with ck.use_backend("cuda"):
         for tile in ("128x128", "128x256"):
             os.environ["COMPASS_GEMM_TILE"] = tile
             try:
-                ms = bench_ms(lambda: ck.grouped_gemm(x, w, offsets))
+                t = timer(lambda: ck.grouped_gemm(x, w, off))
             finally:
                 os.environ.pop("COMPASS_GEMM_TILE", None)
-            rows.append(dict(op="grouped_gemm_tile", shape=name, kind=kind, tile=tile, chosen=tile == chosen, ms=ms,
-                             tflops=flops / ms / 1e9))
-    return rows
+            table.emit({**tag, "pass": "fwd", "impl": f"cuda tile {tile}", "chosen": tile == chosen, **t,
+                        "tflops": flops / t["ms"] / 1e9})
 
 
-def fp8_rows(device: str = "cuda", scale: int = 1):
-    """``scale`` > 1 shrinks the shapes (a CPU smoke run of this function)."""
+def fp8_section(table: Table, timer: Timer, device: str, scale: int):
+    E, M, K, N = 16, 16384 // scale, 2048 // scale, 1408 // scale
+    bs = 128 // scale
+    for kind in kinds(scale):
+        off = offsets_of(group_sizes(M, E, kind), device)
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+        w = torch.randn(E, N, K, device=device, dtype=torch.bfloat16) / K**0.5
+        flops = 2 * M * K * N
+        bf16 = timer(lambda: ck.grouped_gemm(x, w, off, trans_b=True))["ms"]
+        tag = dict(section="fp8", shape=f"compass E{E} {M}x{K}x{N}", groups=kind)
+        table.emit({**tag, "impl": "bf16 grouped_gemm", "ms": bf16, "tflops": flops / bf16 / 1e9})
+        for xg, wg in (("row", "row"), ("block", "block2d")):
+            qx = ck.quantize_fp8(x, granularity=xg, block_size=bs)
+            qw = ck.quantize_fp8(w, granularity=wg, block_size=bs)
+            t = timer(lambda: ck.grouped_gemm_fp8(qx, qw, off))
+            quant = timer(lambda: ck.quantize_fp8(x, granularity=xg, block_size=bs))["ms"]
+            table.emit({**tag, "impl": f"grouped_gemm_fp8 {xg}/{wg}", **t, "tflops": flops / t["ms"] / 1e9,
+                        "x_bf16": bf16 / t["ms"], "x_bf16_with_act_quant": bf16 / (t["ms"] + quant)})
+        try:  # torch's peer: row-wise scales, w column-major [E, K, N]
+            qx, qw = ck.quantize_fp8(x, granularity="row"), ck.quantize_fp8(w, granularity="row")
+            wt = qw.data.transpose(1, 2)
+            t = timer(lambda: torch._scaled_grouped_mm(qx.data, wt, qx.scale, qw.scale, offs=off[1:].int(),
+                                                       out_dtype=torch.bfloat16))
+            table.emit({**tag, "impl": "torch._scaled_grouped_mm row/row", **t, "tflops": flops / t["ms"] / 1e9,
+                        "x_bf16": bf16 / t["ms"]})
+        except Exception as e:
+            table.emit({**tag, "impl": "torch._scaled_grouped_mm", "FAIL": f"{type(e).__name__}: {str(e)[:160]}"})
+
+
+def routing_section(table: Table, timer: Timer, device: str, scale: int):
+    T, H = 16384 // scale, 4096 // scale
+    for E, k in ((16, 2), (128, 8)):
+        for kind in kinds(scale):
+            x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
+            ids = topk_ids(T, E, k, kind, device)
+            probs = torch.softmax(torch.randn(T, k, device=device), -1)
+            plan = ck.route(ids, E)
+            xp = ck.permute(x, plan)
+            moved = 2 * (T + T * k) * H  # read T rows, write T*k rows (or the reverse), bf16
+            src = torch.empty(moved // 2, dtype=torch.uint8, device=device)  # a copy reads and writes
+            dst = torch.empty_like(src)
+            copy = timer(lambda: dst.copy_(src))["ms"]
+            tag = dict(section="routing", shape=f"T{T} H{H} E{E} k{k}", groups=kind)
+            table.emit({**tag, "impl": "copy_ (same bytes)", "ms": copy, "GBps": moved / copy / 1e6,
+                        "pct_peak": 100 * moved / copy / 1e9 / PEAK_HBM_TBPS})
+            ops = {"permute": lambda: ck.permute(x, plan), "unpermute": lambda: ck.unpermute(xp, plan, probs)}
+            for op, fn in ops.items():
+                for b in gpu_backends(op, device) + ["torch"]:
+                    with ck.use_backend(b):
+                        t = timer(fn)
+                    table.emit({**tag, "op": op, "impl": b, **t, "GBps": moved / t["ms"] / 1e6,
+                                "of_copy": copy / t["ms"], "pct_peak": 100 * moved / t["ms"] / 1e9 / PEAK_HBM_TBPS})
+            meg = timer(lambda: megatron_moe_routing(x, ids, probs, E))
+            table.emit({**tag, "op": "route+permute+unpermute", "impl": "megatron-style", **meg})
+
+            def full():
+                p = ck.route(ids, E)
+                return ck.unpermute(ck.permute(x, p), p, probs)
+            for b in gpu_backends("route", device):
+                with ck.use_backend(b):
+                    t = timer(full)
+                table.emit({**tag, "op": "route+permute+unpermute", "impl": b, **t,
+                            "x_megatron": meg["ms"] / t["ms"]})
+
+
+def moe_section(table: Table, timer: Timer, device: str, scale: int):
     import copy
 
     from compass_model import CompassConfig, CompassForCausalLM
     from compass_model.quant import quantize_model
     from compass_model.quant_metrics import time_moe_layers
 
-    rows = []
     E, M, K, N = 16, 16384 // scale, 2048 // scale, 1408 // scale
-    sizes = torch.full((E,), M // E)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(device)
-    x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
-    w = torch.randn(E, N, K, device=device, dtype=torch.bfloat16) / K**0.5
-    qx, qw = ck.quantize_fp8(x, granularity="row"), ck.quantize_fp8(w, granularity="row")
-    bf16 = bench_ms(lambda: ck.grouped_gemm(x, w, offsets, trans_b=True))
-    fp8 = bench_ms(lambda: ck.grouped_gemm_fp8(qx, qw, offsets))
-    quant = bench_ms(lambda: ck.quantize_fp8(x, granularity="row"))
-    flops = 2 * M * K * N
-    rows.append(dict(op="grouped_gemm_fp8", shape="compass_up", ms=fp8, tflops=flops / fp8 / 1e9,
-                     vs_bf16=bf16 / fp8, with_act_quant_vs_bf16=bf16 / (fp8 + quant)))
     cfg = CompassConfig(vocab_size=256, d_model=K, n_layers=1, n_heads=16, n_kv_heads=4, num_experts=E, top_k=2,
                         expert_ffn_dim=N, max_seq_len=64, dtype="bfloat16")
     model = CompassForCausalLM(cfg).to(device).eval()
     q = quantize_model(copy.deepcopy(model), None, method="expert_aware", smooth_alpha=None)
-    t = time_moe_layers(model.moe_layers()[0], q.moe_layers()[0], num_tokens=M, iters=10)
-    rows.append(dict(op="moe_layer_fp8", shape=f"T={M} d={K} f={N} E={E} k=2", fp_ms=t["fp_ms"],
-                     fp8_ms=t["fp8_ms"], speedup=t["speedup"]))
-    return rows
+    t = time_moe_layers(model.moe_layers()[0], q.moe_layers()[0], num_tokens=M, iters=3 if scale > 1 else 10)
+    table.emit({"section": "moe", "shape": f"T={M} d={K} f={N} E={E} k=2", "impl": "fp8 expert-aware layer",
+                "bf16_ms": t["fp_ms"], "fp8_ms": t["fp8_ms"], "x_bf16": t["speedup"]})
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device")
+SECTIONS = {"gemm": gemm_section, "fp8": fp8_section, "routing": routing_section, "moe": moe_section}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="append every row to this JSON-lines file as it is measured")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: exercises every row")
+    ap.add_argument("--calls", type=int, default=10, help="calls per timed graph / event pair")
+    ap.add_argument("--reps", type=int, default=10)
+    args = ap.parse_args(argv)
+    if args.dry_run:
+        device, scale, timer = "cpu", 64, Timer("cpu", calls=1, reps=1)
+    elif not torch.cuda.is_available():
+        print("FAIL gpu_bench: no CUDA device (use --dry-run on CPU)", flush=True)
         return 1
-    print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    print(json.dumps(ck.backend_info()["built"], indent=None))
-    gpu = [b for b in ("cuda", "triton") if _backend.backend_status(b, "cuda")[0]]
-    rows = routing_rows(gpu) + gemm_rows([b for b in gpu if b in _backend._registry.impls["grouped_gemm"]])
-    rows += fp8_rows()
-    for r in rows:
-        extra = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items())
-        print(extra)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    else:
+        device, scale, timer = "cuda", 1, Timer("cuda", args.calls, args.reps)
+    table = Table(jsonl=args.json)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
+    table.emit({"section": "start", "device": name, "torch": torch.__version__, **gpu_state()})
+    for sec in args.only.split(","):
+        table.section(sec, SECTIONS[sec], timer, device, scale)
+    table.emit({"section": "end", **gpu_state()})
     return 0
 
 

@@ -106,6 +106,8 @@ def resolve(op: str, device: torch.device) -> str:
         if want not in implemented:
             ok, why = False, f"{op} has no {want} implementation (has: {sorted(implemented)})"
         if not ok:
+            if _ext.shadow_note and _ext.shadow_note not in why:
+                why = f"{why}; {_ext.shadow_note}"
             raise RuntimeError(f"compass backend {want!r} was requested for {op} on {dev} but cannot serve: {why}")
         choice = want
     else:

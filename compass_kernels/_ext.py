@@ -65,6 +65,35 @@ def _load(name: str):
 cpu_module, cpu_missing = _load("_cpu")
 cuda_module, cuda_missing = _load("_cuda")
 
+
+def _shadowing(missing: list[str]) -> str | None:
+    """Why the compiled modules in ``missing`` are absent when this ``compass_kernels`` is a source
+    checkout (``python -m pytest`` from the repository root puts it first on ``sys.path``) while
+    another copy on ``sys.path``, the installed package, has them; None otherwise."""
+    import glob
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.realpath(__file__))
+    root = os.path.dirname(here)
+    checkout = os.path.isfile(os.path.join(root, "pyproject.toml")) and os.path.isdir(os.path.join(root, "csrc"))
+    if not missing or not checkout:
+        return None
+    for entry in sys.path:
+        other = os.path.realpath(os.path.join(entry or os.getcwd(), "compass_kernels"))
+        if other != here and any(glob.glob(os.path.join(other, f"{name}.*so")) for name in missing):
+            return (f"compass_kernels was imported from the source tree {here}, which has no compiled "
+                    f"{'/'.join(missing)} and shadows the installed package at {other}: run from another "
+                    "directory or with `python -P` (keeps the working directory off sys.path), or build "
+                    "the modules into the source tree")
+    return None
+
+
+shadow_note = _shadowing([n for n, m in (("_cpu", cpu_module), ("_cuda", cuda_module)) if m is None])
+if shadow_note:
+    cpu_missing = cpu_missing and f"{cpu_missing} ({shadow_note})"
+    cuda_missing = cuda_missing and f"{cuda_missing} ({shadow_note})"
+
 try:
     build_info = importlib.import_module("compass_kernels._build_info")
 except ImportError:

@@ -209,8 +209,22 @@ def _as3d(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x3, B, M, K
 
 
+@functools.cache
+def _triton_fp8_device(device: torch.device) -> bool:
+    """Whether Triton can compile fp8e4nv for ``device``: sm_89 and newer (CPU: the interpreter)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device.index or 0) >= (8, 9)
+
+
+def _fp8_backend(op: str, backend: str, device: torch.device) -> str:
+    """``backend``, except Triton on a GPU older than sm_89, which runs the torch reference."""
+    if backend == "triton" and not _triton_fp8_device(device):
+        _warn_once(f"{op} on {device}: Triton's FP8 kernels need sm_89 or newer; running the torch reference")
+        return "torch"
+    return backend
+
+
 def _quantize_impl(x, granularity: str, block_size: int, dtype):
-    backend = _backend.resolve("quantize_fp8", x.device)
+    backend = _fp8_backend("quantize_fp8", _backend.resolve("quantize_fp8", x.device), x.device)
     if backend == "torch" or (backend == "triton" and x.numel() == 0):
         # An empty x needs no kernel launch: its scales are the floor (the amax of nothing is 0).
         return quantize_fp8_ref(x, granularity, block_size, dtype)
@@ -296,14 +310,15 @@ def _gemm_cuda(x_data, x_scale, x_gran, w_data, w_scale, w_gran, offsets, block_
 
 def _gemm_impl(x_data, x_scale, x_gran, w_data, w_scale, w_gran, offsets, block_size, out_dtype):
     args = (x_data, x_scale, x_gran, w_data, w_scale, w_gran, offsets, block_size, out_dtype)
-    backend = _backend.resolve("grouped_gemm_fp8", x_data.device)
+    backend = _fp8_backend("grouped_gemm_fp8", _backend.resolve("grouped_gemm_fp8", x_data.device),
+                           x_data.device)
     if backend == "cpu":
         return _gemm_cpu(*args)
     if backend == "cuda":
         y = _gemm_cuda(*args)
         if y is not None:
             return y
-        backend = "triton" if _TRITON else "torch"
+        backend = _fp8_backend("grouped_gemm_fp8", "triton" if _TRITON else "torch", x_data.device)
         if not _TRITON:
             _warn_once("grouped_gemm_fp8 on cuda: the CUTLASS kernel does not serve these operands and "
                        "compass_kernels.triton.fp8 is missing; running the torch reference")

@@ -144,8 +144,9 @@ def _route_impl(topk_ids, num_experts: int, capacity: int, align: int):
     else:
         m = _ext.cuda_module
         ws = _ext.empty(m.route_workspace_numel(T, k, num_experts), dtype=torch.int64, device=ids.device)
-        m.route(ids.data_ptr(), is64, T, k, num_experts, capacity, align, row.data_ptr(), tpe.data_ptr(),
-                off.data_ptr(), ws.data_ptr(), _ext.stream_of(ids))
+        with torch.cuda.device(ids.device):  # the kernels launch on the current device
+            m.route(ids.data_ptr(), is64, T, k, num_experts, capacity, align, row.data_ptr(), tpe.data_ptr(),
+                    off.data_ptr(), ws.data_ptr(), _ext.stream_of(ids))
     return row, tpe, off
 
 
@@ -166,7 +167,8 @@ def _permute_impl(x, row_id_map, expert_offsets, tokens_per_expert, num_rows: in
     if backend == "cpu":
         _ext.cpu_module.permute(*args)
     else:
-        _ext.cuda_module.permute(*args, _ext.stream_of(x))
+        with torch.cuda.device(x.device):
+            _ext.cuda_module.permute(*args, _ext.stream_of(x))
     return out
 
 
@@ -188,7 +190,8 @@ def _unpermute_impl(y, row_id_map, probs):
     if backend == "cpu":
         _ext.cpu_module.unpermute(*args)
     else:
-        _ext.cuda_module.unpermute(*args, _ext.stream_of(y))
+        with torch.cuda.device(y.device):
+            _ext.cuda_module.unpermute(*args, _ext.stream_of(y))
     return out
 
 
@@ -212,7 +215,8 @@ def _unpermute_bwd_impl(grad_out, y, row_id_map, expert_offsets, tokens_per_expe
     if backend == "cpu":
         _ext.cpu_module.unpermute_bwd(*args)
     else:
-        _ext.cuda_module.unpermute_bwd(*args, _ext.stream_of(y))
+        with torch.cuda.device(y.device):
+            _ext.cuda_module.unpermute_bwd(*args, _ext.stream_of(y))
     return grad_y, grad_probs
 
 

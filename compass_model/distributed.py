@@ -41,9 +41,9 @@ from torch import nn
 import compass_kernels as ck
 from compass_model.config import CompassConfig
 from compass_model.moe import (
+    Dispatched,
     MoE,
-    Router,
-    SwiGLU,
+    TokenDispatcher,
     nvtx_range,
 )
 
@@ -86,12 +86,14 @@ def all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int
     return _AllToAll.apply(x, output_splits, input_splits, group)
 
 
-class EPDispatcher:
-    """The token dispatcher of one EP group: ``dispatch`` sends permuted rows to the ranks that own
-    their experts and returns them expert-contiguous; ``combine`` is its exact reverse.
+class EPDispatcher(TokenDispatcher):
+    """The token dispatcher of one EP group: ``dispatch`` permutes the local tokens (as the local
+    ``TokenDispatcher`` does), sends the rows to the ranks that own their experts and returns them
+    expert-contiguous over this rank's experts; ``combine`` is its exact reverse, then unpermutes.
 
-    ``dispatch(xp [N, D], tokens_per_expert [E])`` expects rows grouped by global expert (the
-    output of ``ck.permute`` without align), rows past sum(tokens_per_expert) are ignored.
+    ``exchange(xp [N, D], tokens_per_expert [E])`` is the all-to-all half alone: it expects rows
+    grouped by global expert (the output of ``ck.permute`` without align), rows past
+    sum(tokens_per_expert) are ignored; ``exchange_back`` reverses it.
     """
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup | None = None):
@@ -100,6 +102,7 @@ class EPDispatcher:
         self.rank = dist.get_rank(group)
         self.num_experts = num_experts
         self.num_local = check_ep_size(num_experts, self.ep)
+        self.expert_start = self.rank * self.num_local
 
     def _split_sizes(self, tokens_per_expert: torch.Tensor):
         """Exchange per-expert counts (one all-to-all), then read the split sizes on the host.
@@ -116,7 +119,7 @@ class EPDispatcher:
         sizes = torch.cat([send, recv]).tolist()
         return recv_counts, sizes[:ep], sizes[ep:]
 
-    def dispatch(self, xp_ND: torch.Tensor, tokens_per_expert: torch.Tensor):
+    def exchange(self, xp_ND: torch.Tensor, tokens_per_expert: torch.Tensor):
         """-> (rows [M, D] expert-contiguous over my L experts, local offsets [L + 1], state)."""
         ep, L = self.ep, self.num_local
         recv_counts, send_splits, recv_splits = self._split_sizes(tokens_per_expert)
@@ -131,8 +134,8 @@ class EPDispatcher:
         state = (recv_counts, send_splits, recv_splits, xp_ND.shape[0])
         return x_sorted, offsets, state
 
-    def combine(self, y_MD: torch.Tensor, state) -> torch.Tensor:
-        """Expert outputs [M, D] (dispatch's order) -> [N, D] in the sender's permuted order."""
+    def exchange_back(self, y_MD: torch.Tensor, state) -> torch.Tensor:
+        """Expert outputs [M, D] (exchange's order) -> [N, D] in the sender's permuted order."""
         recv_counts, send_splits, recv_splits, num_rows = state
         ep, L = self.ep, self.num_local
         dev = recv_counts.device
@@ -145,9 +148,21 @@ class EPDispatcher:
             y_back = torch.cat([y_back, y_back.new_zeros(num_rows - n_send, y_back.shape[1])])
         return y_back
 
+    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, capacity: int | None = None) -> Dispatched:
+        plan, xp_ND = self.permute(x_TD, ids_TK, capacity)
+        with nvtx_range("dispatch"):
+            rows, offsets, state = self.exchange(xp_ND, plan.tokens_per_expert)
+        return Dispatched(rows, offsets, plan, state)
+
+    def combine(self, y_MD: torch.Tensor, d: Dispatched, probs_TK: torch.Tensor | None) -> torch.Tensor:
+        with nvtx_range("combine"):
+            y_ND = self.exchange_back(y_MD, d.state)
+        return self.unpermute(y_ND, d.plan, probs_TK)
+
 
 class EPMoE(MoE):
-    """``MoE`` with its routed experts sharded over an EP group (same forward contract).
+    """``MoE`` with its routed experts sharded over an EP group (same forward contract): the same
+    composed layer with an ``EPDispatcher`` as its token dispatcher.
 
     Holds the replicated router (and shared expert) and this rank's L = E / ep experts:
     ``w13_EDF [L, D, 2F]``, ``w2_EFD [L, F, D]``. ``from_dense`` copies a single-process ``MoE``;
@@ -165,16 +180,11 @@ class EPMoE(MoE):
     """
 
     def __init__(self, config: CompassConfig, group: dist.ProcessGroup | None = None):
-        nn.Module.__init__(self)  # not MoE.__init__: that would allocate all E experts on every rank
-        E, D, Fd = config.num_experts, config.d_model, config.expert_ffn_dim
-        self.dispatcher = EPDispatcher(E, group)
-        L = self.dispatcher.num_local
-        self.num_experts, self.top_k, self.capacity_factor = E, config.top_k, config.capacity_factor
-        self.expert_start = self.dispatcher.rank * L
-        self.router = Router(config)
-        self.w13_EDF = nn.Parameter(torch.randn(L, D, 2 * Fd) * config.init_std)
-        self.w2_EFD = nn.Parameter(torch.randn(L, Fd, D) * config.init_std)
-        self.shared = SwiGLU(D, config.shared_expert_dim) if config.shared_expert_dim else None
+        super().__init__(config, EPDispatcher(config.num_experts, group))
+
+    @property
+    def expert_start(self) -> int:
+        return self.dispatcher.expert_start
 
     @classmethod
     def from_dense(cls, moe: MoE, config: CompassConfig, group: dist.ProcessGroup | None = None) -> EPMoE:
@@ -188,14 +198,6 @@ class EPMoE(MoE):
             if moe.shared is not None:
                 ep_moe.shared.load_state_dict(moe.shared.state_dict())
         return ep_moe
-
-    def _dispatch(self, xp_ND: torch.Tensor, plan):
-        with nvtx_range("dispatch"):
-            return self.dispatcher.dispatch(xp_ND, plan.tokens_per_expert)
-
-    def _combine(self, y_MD: torch.Tensor, state) -> torch.Tensor:
-        with nvtx_range("combine"):
-            return self.dispatcher.combine(y_MD, state)
 
 
 def shard_moe_layers(model: nn.Module, config: CompassConfig, group: dist.ProcessGroup | None = None) -> nn.Module:

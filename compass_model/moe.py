@@ -1,12 +1,19 @@
-"""The MoE feed-forward: fp32 top-k router, router losses and stats, experts on compass_kernels.
+"""The MoE feed-forward, composed of three parts: a router, a token dispatcher and grouped experts.
 
 Data path (one NVTX range per stage, for nsys):
-  router      logits = x W_r^T in fp32, softmax, top-k (optionally biased), gates renormalised over k
-  permute     ck.route + ck.permute: tokens to expert-contiguous rows
-  expert_fc1  ck.grouped_gemm with the fused gate|up weights [E, D, 2F]
+  router      ``Router``: logits = x W_r^T in fp32, softmax, top-k (optionally biased), gates
+              renormalised over k
+  permute     ``TokenDispatcher.dispatch``: ck.route + ck.permute, tokens to expert-contiguous rows
+              (``compass_model.distributed.EPDispatcher`` adds the all-to-all to the experts' ranks)
+  expert_fc1  ``grouped_mlp``: ck.grouped_gemm with the fused gate|up weights [E, D, 2F]
   activation  SwiGLU: silu(gate) * up
   expert_fc2  ck.grouped_gemm with the down weights [E, F, D]
-  unpermute   ck.unpermute(probs): gather + gate-weighted combine in one pass
+  unpermute   ``TokenDispatcher.combine``: ck.unpermute(probs), gather + gate-weighted combine in one pass
+``MoE`` composes them; the FP8 layer (``compass_model.quant.Fp8MoE``) swaps the experts part, expert
+parallelism (``compass_model.distributed.EPMoE``) the dispatcher, and the transformers adapter
+(``compass_kernels.integrations.transformers``) runs the dispatcher and ``grouped_mlp`` on a Hugging
+Face experts module's weights. The router's balancing statistics (aux / z losses, bias load, collapse
+diagnostics) are computed in one place, ``Router.balance``, from per-expert counts and score sums.
 Nothing here reads a tensor on the host, so a block compiles with torch.compile(fullgraph=True).
 """
 
@@ -14,22 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-import nvtx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import compass_kernels as ck
 from compass_model.config import CompassConfig
+from compass_model.nvtx_ranges import nvtx
 
 # An expert is "dead" below this fraction of the uniform load 1/E.
 DEAD_EXPERT_FRACTION = 0.1
 
 
 def nvtx_range(name: str):
-    """An NVTX range (a no-op without a GPU profiler). Dynamo cannot trace the nvtx C calls, so
-    compiled graphs get none; profile eager runs."""
+    """An NVTX range (a no-op without a GPU profiler; the nvtx package is optional, see nvtx_ranges).
+    Dynamo cannot trace the nvtx C calls, so compiled graphs get none; profile eager runs."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return nvtx.annotate(name, domain="compass")
@@ -68,19 +77,30 @@ def aux_loss_coefficient(config: CompassConfig, step) -> torch.Tensor:
     return lo + (hi - lo) * frac
 
 
+def _per_token(total: torch.Tensor, num_tokens) -> torch.Tensor:
+    """``total / max(num_tokens, 1)``; num_tokens an int or (all-reduced) tensor."""
+    if isinstance(num_tokens, torch.Tensor):
+        return total / num_tokens.clamp(min=1)
+    return total / max(num_tokens, 1)
+
+
+def balancing_loss_from_sums(counts_E: torch.Tensor, score_sum_E: torch.Tensor, num_tokens) -> torch.Tensor:
+    """``E * sum_i f_i P_i`` from assignment counts [E] (no gradient) and router score sums over the
+    tokens [E]: f_i = counts_i / sum(counts), P_i = score_sum_i / num_tokens."""
+    E = counts_E.shape[0]
+    f_E = counts_E.detach().float() / counts_E.sum().clamp(min=1)
+    return E * (f_E * _per_token(score_sum_E.float(), num_tokens)).sum()
+
+
 def load_balancing_loss(scores_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Switch / Mixtral top-k form ``E * sum_i f_i P_i``: f_i the fraction of (token, slot)
     assignments to expert i (no gradient), P_i the mean router probability of expert i. 1 when uniform."""
-    T, E = scores_TE.shape
-    f_E = counts_E.detach().float() / counts_E.sum().clamp(min=1)
-    P_E = scores_TE.float().sum(0) / max(T, 1)
-    return E * (f_E * P_E).sum()
+    return balancing_loss_from_sums(counts_E, scores_TE.float().sum(0), scores_TE.shape[0])
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE z-loss ``mean_t logsumexp(logits_t)^2`` (0 for T = 0), fp32."""
-    T = logits_TE.shape[0]
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / max(T, 1)
+    return _per_token(torch.logsumexp(logits_TE.float(), dim=-1).square().sum(), logits_TE.shape[0])
 
 
 def router_stats(counts_E: torch.Tensor, kept_E: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -104,6 +124,17 @@ def router_stats(counts_E: torch.Tensor, kept_E: torch.Tensor) -> dict[str, torc
     }
 
 
+def assignment_counts(ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(token, slot) assignments per expert ``[E]`` fp32 (slots with id -1 are not counted)."""
+    ids = ids_TK.reshape(-1)
+    valid = ids >= 0
+    return torch.zeros(num_experts, device=ids.device).scatter_add_(0, ids.clamp(min=0), valid.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# part 1: the router
+
+
 class Router(nn.Module):
     """Top-k softmax gating in fp32: ``weight [E, D]`` stays fp32 whatever the model dtype, because
     bf16 logits tie and flip top-k choices. An optional per-expert ``bias`` (aux-loss-free
@@ -111,6 +142,7 @@ class Router(nn.Module):
 
     def __init__(self, config: CompassConfig):
         super().__init__()
+        self.num_experts = config.num_experts
         self.top_k = config.top_k
         self.bias_rate = config.router_bias_rate
         self.weight = nn.Parameter(torch.randn(config.num_experts, config.d_model) * config.init_std)
@@ -128,12 +160,123 @@ class Router(nn.Module):
         gates_TK = scores_TE.gather(-1, ids_TK)
         return logits_TE, scores_TE, ids_TK, gates_TK / gates_TK.sum(dim=-1, keepdim=True)
 
+    def statistics(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, counts_E: torch.Tensor,
+                   kept_E: torch.Tensor) -> dict:
+        """This batch's sufficient statistics (counts, score sums, token count, z-loss sum), then
+        ``balance``."""
+        z_sum = torch.logsumexp(logits_TE.float(), dim=-1).square().sum()
+        return self.balance(counts_E, scores_TE.float().sum(0), scores_TE.shape[0], z_sum, kept_E)
+
+    def balance(self, counts_E: torch.Tensor, score_sum_E: torch.Tensor, num_tokens, z_sum: torch.Tensor,
+                kept_E: torch.Tensor) -> dict:
+        """The router's statistics in one place: from assignment counts ``[E]``, router score sums
+        ``[E]`` (differentiable), the token count (int or tensor) and the sum of squared logsumexps
+        -> ``{"aux": load-balancing loss, "z": z-loss, "stats": router_stats}`` (fp32, unweighted),
+        and the aux-loss-free bias load (``load``, training only). Global-batch balancing reduces
+        counts, score sums, token count and z sum over the data-parallel ranks before this."""
+        if self.training and self.bias_rate > 0:
+            self.load += counts_E
+        return {
+            "aux": balancing_loss_from_sums(counts_E, score_sum_E, num_tokens),
+            "z": _per_token(z_sum, num_tokens),
+            "stats": router_stats(counts_E, kept_E),
+        }
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """``b_i += gamma * sign(mean_load - load_i)`` from the load seen since the last call."""
         if self.bias_rate > 0:
             self.bias += self.bias_rate * torch.sign(self.load.mean() - self.load)
         self.load.zero_()
+
+
+# ---------------------------------------------------------------------------------------------
+# part 2: the token dispatcher
+
+
+class Dispatched(NamedTuple):
+    """What the experts get from a dispatcher: ``rows [M, D]`` expert-contiguous over the local
+    experts, ``offsets [L + 1]`` int64, and what ``combine`` needs to bring the outputs back."""
+    rows: torch.Tensor
+    offsets: torch.Tensor
+    plan: ck.RoutingPlan
+    state: Any = None
+
+
+class TokenDispatcher:
+    """Local token dispatch: every expert on this process. ``dispatch`` routes ``ids [T, k]``
+    (entries in [-1, E), -1 = no expert) and permutes ``x [T, D]`` to expert-contiguous rows;
+    ``combine`` gathers the expert outputs back and sums them weighted by ``probs [T, k]``.
+    Stateless (one per layer or shared), nothing read on the host."""
+
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+        self.num_local = num_experts
+        self.expert_start = 0
+
+    def permute(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, capacity: int | None = None):
+        """-> (plan, permuted rows [plan.num_rows, D]), inside the "permute" range."""
+        with nvtx_range("permute"):
+            plan = ck.route(ids_TK, self.num_experts, capacity=capacity)
+            return plan, ck.permute(x_TD, plan)
+
+    def unpermute(self, y_RD: torch.Tensor, plan: ck.RoutingPlan, probs_TK: torch.Tensor | None) -> torch.Tensor:
+        with nvtx_range("unpermute"):
+            return ck.unpermute(y_RD, plan, probs=probs_TK)
+
+    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, capacity: int | None = None) -> Dispatched:
+        plan, xp_RD = self.permute(x_TD, ids_TK, capacity)
+        return Dispatched(xp_RD, plan.expert_offsets, plan)
+
+    def combine(self, y_MD: torch.Tensor, d: Dispatched, probs_TK: torch.Tensor | None) -> torch.Tensor:
+        return self.unpermute(y_MD, d.plan, probs_TK)
+
+
+# ---------------------------------------------------------------------------------------------
+# part 3: grouped experts
+
+
+def row_experts(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The expert of each of ``num_rows`` expert-contiguous rows (rows past offsets[-1] get the last)."""
+    E = offsets.numel() - 1
+    rows = torch.arange(num_rows, device=offsets.device)
+    return torch.searchsorted(offsets[1:], rows, right=True).clamp(max=E - 1)
+
+
+def swiglu(h_MF2: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of the fused ``[gate | up]`` rows."""
+    gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
+    return F.silu(gate_MF) * up_MF
+
+
+def grouped_mlp(x_MD: torch.Tensor, offsets: torch.Tensor, w_in, w_out, *,
+                act: Callable[[torch.Tensor], torch.Tensor] = swiglu, trans_b: bool = False,
+                b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
+                gemms: tuple[Callable, Callable] | None = None) -> torch.Tensor:
+    """The experts of expert-contiguous rows: ``act(x W_in[e] + b_in[e]) W_out[e] + b_out[e]`` with
+    two grouped GEMMs, one NVTX range per stage. Weights ``[E, K, N]``, or ``[E, N, K]`` with
+    ``trans_b``, through ck.grouped_gemm; ``gemms=(fc1, fc2)``, each ``(x, w, offsets) -> y``,
+    replaces it (the FP8 experts). Rows past ``offsets[-1]`` (dropped or padding slots) are never
+    read back by ``combine``."""
+    if gemms is None:
+        gemm = lambda x, w, off: ck.grouped_gemm(x, w, off, trans_b=trans_b)  # noqa: E731
+        gemms = (gemm, gemm)
+    rows_M = row_experts(offsets, x_MD.shape[0]) if b_in is not None or b_out is not None else None
+    with nvtx_range("expert_fc1"):
+        h = gemms[0](x_MD, w_in, offsets)
+        if b_in is not None:
+            h = h + b_in[rows_M]
+    with nvtx_range("activation"):
+        a = act(h)
+    with nvtx_range("expert_fc2"):
+        y = gemms[1](a, w_out, offsets)
+        if b_out is not None:
+            y = y + b_out[rows_M]
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# the layer
 
 
 class MoE(nn.Module):
@@ -144,16 +287,22 @@ class MoE(nn.Module):
     each expert keeps at most ceil(cf * T * k / E) assignments in (token, slot) order while
     training; a dropped slot contributes nothing (the token keeps its residual and other slot).
     Inference never drops, so a token's output does not depend on its batch neighbours.
+
+    Parts: ``router`` (a module), ``dispatcher`` (a ``TokenDispatcher``, or ``EPDispatcher`` for
+    expert parallelism: then ``w13_EDF`` / ``w2_EFD`` hold the local experts only) and ``experts``
+    (the grouped-experts stage over the local weights; ``Fp8MoE`` runs FP8 weights there).
     """
 
-    def __init__(self, config: CompassConfig):
+    def __init__(self, config: CompassConfig, dispatcher: TokenDispatcher | None = None):
         super().__init__()
         E, D, Fd = config.num_experts, config.d_model, config.expert_ffn_dim
         self.num_experts, self.top_k, self.capacity_factor = E, config.top_k, config.capacity_factor
+        self.dispatcher = dispatcher if dispatcher is not None else TokenDispatcher(E)
+        L = self.dispatcher.num_local
         self.router = Router(config)
         # gate | up fused: one grouped GEMM, not two. (CompassForCausalLM re-initialises all weights.)
-        self.w13_EDF = nn.Parameter(torch.randn(E, D, 2 * Fd) * config.init_std)
-        self.w2_EFD = nn.Parameter(torch.randn(E, Fd, D) * config.init_std)
+        self.w13_EDF = nn.Parameter(torch.randn(L, D, 2 * Fd) * config.init_std)
+        self.w2_EFD = nn.Parameter(torch.randn(L, Fd, D) * config.init_std)
         self.shared = SwiGLU(D, config.shared_expert_dim) if config.shared_expert_dim else None
 
     def capacity(self, num_tokens: int) -> int | None:
@@ -161,47 +310,23 @@ class MoE(nn.Module):
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
 
+    def experts(self, x_MD: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The grouped-experts stage: SwiGLU experts over expert-contiguous rows (local experts)."""
+        w13, w2 = self.w13_EDF, self.w2_EFD
+        if torch.is_autocast_enabled(x_MD.device.type):   # a custom op: follow autocast like nn.Linear does
+            dt = torch.get_autocast_dtype(x_MD.device.type)
+            x_MD, w13, w2 = x_MD.to(dt), w13.to(dt), w2.to(dt)
+        return grouped_mlp(x_MD, offsets, w13, w2)
+
     def forward(self, x: torch.Tensor):
-        E = self.num_experts
         x_TD = x.reshape(-1, x.shape[-1])
-        T = x_TD.shape[0]
         with nvtx_range("router"):
             logits_TE, scores_TE, ids_TK, gates_TK = self.router(x_TD)
-            counts_E = torch.zeros(E, device=x.device).scatter_add_(
-                0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), device=x.device))
-        with nvtx_range("permute"):
-            plan = ck.route(ids_TK, E, capacity=self.capacity(T))
-            xp_RD = ck.permute(x_TD, plan)
-        xe_MD, offsets, state = self._dispatch(xp_RD, plan)
-        w13, w2 = self.w13_EDF, self.w2_EFD
-        if torch.is_autocast_enabled(x.device.type):   # a custom op: follow autocast like nn.Linear does
-            dt = torch.get_autocast_dtype(x.device.type)
-            xe_MD, w13, w2 = xe_MD.to(dt), w13.to(dt), w2.to(dt)
-        with nvtx_range("expert_fc1"):
-            h_MF2 = ck.grouped_gemm(xe_MD, w13, offsets)
-        with nvtx_range("activation"):
-            gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
-            a_MF = F.silu(gate_MF) * up_MF
-        with nvtx_range("expert_fc2"):
-            y_MD = ck.grouped_gemm(a_MF, w2, offsets)
-        y_RD = self._combine(y_MD, state)
-        with nvtx_range("unpermute"):
-            out_TD = ck.unpermute(y_RD, plan, probs=gates_TK)
+            counts_E = assignment_counts(ids_TK, self.num_experts)
+        d = self.dispatcher.dispatch(x_TD, ids_TK, self.capacity(x_TD.shape[0]))
+        y_MD = self.experts(d.rows, d.offsets)
+        out_TD = self.dispatcher.combine(y_MD, d, gates_TK)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        if self.training and self.router.bias_rate > 0:
-            self.router.load += counts_E
-        router = {
-            "aux": load_balancing_loss(scores_TE, counts_E),
-            "z": router_z_loss(logits_TE),
-            "stats": router_stats(counts_E, plan.tokens_per_expert),
-        }
+        router = self.router.statistics(logits_TE, scores_TE, counts_E, d.plan.tokens_per_expert)
         return out_TD.reshape(x.shape), router
-
-    def _dispatch(self, xp_RD: torch.Tensor, plan):
-        """Where the permuted rows meet their experts: here, in place (rows, plan.expert_offsets, no
-        state). Expert parallelism (compass_model.distributed.EPMoE) overrides this pair."""
-        return xp_RD, plan.expert_offsets, None
-
-    def _combine(self, y_MD: torch.Tensor, state) -> torch.Tensor:
-        return y_MD

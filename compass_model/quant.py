@@ -71,13 +71,7 @@ from compass_kernels.fp8 import Fp8Tensor
 from compass_kernels.fp8_ref import FP8_MAX
 from compass_model.config import CompassConfig
 from compass_model.model import CompassForCausalLM
-from compass_model.moe import (
-    MoE,
-    load_balancing_loss,
-    nvtx_range,
-    router_stats,
-    router_z_loss,
-)
+from compass_model.moe import MoE, grouped_mlp, row_experts
 
 __all__ = [
     "Fp8MoE",
@@ -125,13 +119,6 @@ def _quantize_static(x_MK: torch.Tensor, scale_M: torch.Tensor) -> Fp8Tensor:
     scale_M = scale_M.float().clamp(min=1e-12)
     data = (x_MK.float() / scale_M[:, None]).clamp(-_FMAX, _FMAX).to(torch.float8_e4m3fn)
     return Fp8Tensor(data, scale_M.contiguous(), "row")
-
-
-def _row_experts(offsets: torch.Tensor, M: int) -> torch.Tensor:
-    """The expert of each of the M permuted rows (rows past offsets[-1] get the last expert)."""
-    E = offsets.numel() - 1
-    rows = torch.arange(M, device=offsets.device)
-    return torch.searchsorted(offsets[1:], rows, right=True).clamp(max=E - 1)
 
 
 def _smooth_EK(amax_EK: torch.Tensor, w_ENK: torch.Tensor, alphas: list) -> torch.Tensor:
@@ -185,7 +172,7 @@ def _gemm_alpha_errors(x_list: list, w_ENK: torch.Tensor, amax_EK: torch.Tensor,
     dev = w_ENK.device
     offsets = torch.tensor([0] + sizes, dtype=torch.int64).cumsum(0).to(dev)
     x_MK = torch.cat([x.to(dev).float() for x in x_list])
-    rows = _row_experts(offsets, x_MK.shape[0])
+    rows = row_experts(offsets, x_MK.shape[0])
     ref = torch.cat([x.to(dev).float() @ w.T for x, w in zip(x_list, w_ENK)]).double()
 
     def per_expert(sq_M):           # sum of squares per expert
@@ -305,44 +292,23 @@ class Fp8MoE(MoE):
 
     def _quantize_act(self, x_MK: torch.Tensor, offsets: torch.Tensor, smooth_EK: torch.Tensor,
                       static_E: torch.Tensor) -> Fp8Tensor:
-        return _quantize_rows(x_MK, _row_experts(offsets, x_MK.shape[0]), smooth_EK, static_E, self.qconfig)
+        return _quantize_rows(x_MK, row_experts(offsets, x_MK.shape[0]), smooth_EK, static_E, self.qconfig)
 
     def _w(self, name: str) -> Fp8Tensor:
         return Fp8Tensor(getattr(self, f"{name}_q"), getattr(self, f"{name}_scale"),
                          self.qconfig.weight_granularity, self.qconfig.block_size)
 
-    def forward(self, x: torch.Tensor):
-        E = self.num_experts
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-        x_TD = x.reshape(-1, x.shape[-1])
-        with nvtx_range("router"):
-            logits_TE, scores_TE, ids_TK, gates_TK = self.router(x_TD)
-            counts_E = torch.zeros(E, device=x.device).scatter_add_(
-                0, ids_TK.reshape(-1), torch.ones(ids_TK.numel(), device=x.device))
-        with nvtx_range("permute"):
-            plan = ck.route(ids_TK, E)
-            xp_RD = ck.permute(x_TD, plan)
-        xe_MD, offsets, state = self._dispatch(xp_RD, plan)
-        with nvtx_range("expert_fc1"):
-            qx = self._quantize_act(xe_MD, offsets, self.smooth13, self.act13_scale)
-            h_MF2 = ck.grouped_gemm_fp8(qx, self._w("w13"), offsets, out_dtype=torch.float32)
-        with nvtx_range("activation"):
-            gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
-            a_MF = F.silu(gate_MF) * up_MF
-        with nvtx_range("expert_fc2"):
-            qa = self._quantize_act(a_MF, offsets, self.smooth2, self.act2_scale)
-            y_MD = ck.grouped_gemm_fp8(qa, self._w("w2"), offsets, out_dtype=out_dtype)
-        y_RD = self._combine(y_MD, state)
-        with nvtx_range("unpermute"):
-            out_TD = ck.unpermute(y_RD, plan, probs=gates_TK.to(y_RD.dtype))
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
-        router = {
-            "aux": load_balancing_loss(scores_TE, counts_E),
-            "z": router_z_loss(logits_TE),
-            "stats": router_stats(counts_E, plan.tokens_per_expert),
-        }
-        return out_TD.reshape(x.shape).to(x.dtype), router
+    def experts(self, x_MD: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """The grouped-experts stage on FP8 weights: each GEMM input quantized per row (smoothing
+        divided out), ``grouped_gemm_fp8`` with fp32 output for fc1 and the activation, the input's
+        dtype out of fc2 (fp32 for other dtypes, then cast back)."""
+        dtype = x_MD.dtype
+        out_dtype = dtype if dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        fc1 = lambda x, w, off: ck.grouped_gemm_fp8(  # noqa: E731
+            self._quantize_act(x, off, self.smooth13, self.act13_scale), w, off, out_dtype=torch.float32)
+        fc2 = lambda a, w, off: ck.grouped_gemm_fp8(  # noqa: E731
+            self._quantize_act(a, off, self.smooth2, self.act2_scale), w, off, out_dtype=out_dtype)
+        return grouped_mlp(x_MD, offsets, self._w("w13"), self._w("w2"), gemms=(fc1, fc2)).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,16 +584,13 @@ def save_quantized(model: CompassForCausalLM, directory) -> None:
 
 def load_quantized(directory, device=None) -> CompassForCausalLM:
     """Rebuild a ``save_quantized`` model exactly (strict state-dict load)."""
-    from safetensors.torch import load_file
-
-    from compass_model.checkpoint import WEIGHTS_NAME, load_config
+    from compass_model.checkpoint import load_config, load_weights
 
     path = Path(directory)
     qconfig = QuantConfig(**json.loads((path / QUANT_CONFIG_NAME).read_text()))
     model = CompassForCausalLM(load_config(path))
     _replace_moes(model, qconfig, lambda new, old, i: None)
-    state = load_file(path / WEIGHTS_NAME)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(load_weights(path), strict=True)      # verified against its digest
     model.quant_config = qconfig
     model.eval()
     return model if device is None else model.to(device)

@@ -9,15 +9,19 @@ Each kernel module listed in ``MODULES`` defines ``AOT_CASES``, a list of tuples
 
 ``signature`` maps runtime argument names to Triton types ("*bf16", "*i64", "i32", ...);
 constexpr arguments may be left out of it (they are filled in from ``constexprs``). ``options``
-is an optional dict: ``num_warps`` (default 4), ``num_stages`` and ``div16``, the names of
-integer arguments to compile as multiples of 16, as the JIT does for such values at launch, and
+is a dict: ``launch``, the kernel's entry in the launch table (``launch.py``) the launcher uses
+too, so the compile options (fp fusion, warps, stages) are the launcher's own; ``num_warps`` and
+``num_stages`` only where the launcher picks them per shape; ``div16``, the names of integer
+arguments to compile as multiples of 16, as the JIT does for such values at launch, and
 ``expect_in_ptx``, strings the PTX must contain (``("wgmma",)`` for Hopper matrix kernels).
+A kernel the table marks ``bit_exact`` fails the check if its PTX holds an ``fma`` instruction.
 Pointer arguments are always compiled as 16-byte aligned (what the JIT sees for torch
 allocations).
 
 For each case this prints shared memory bytes, num_warps, registers and spill bytes (from
 ``ptxas -v`` on the generated PTX, with the flags Triton itself uses) and exits non-zero if a
-compile fails, ptxas reports spills or an expected PTX string is missing. Kernels must be real
+compile fails, ptxas reports spills, an expected PTX string is missing or a bit-exact kernel
+was contracted into FMAs. Kernels must be real
 JIT functions: with ``TRITON_INTERPRET=1`` they are interpreter objects and cannot be compiled,
 so running this module as a script unsets it before triton is imported.
 """
@@ -84,6 +88,8 @@ def compile_case(case, capability: int = 90):
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
+    from compass_kernels.triton.launch import LAUNCH, fma_lines, launch
+
     mod_name, kernel, signature, constexprs, name, options = case
     row = {"name": name, "module": mod_name}
     if not isinstance(kernel, JITFunction):
@@ -103,10 +109,11 @@ def compile_case(case, capability: int = 90):
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
                  if sig[arg].startswith("*") or arg in div16}
         src = ASTSource(fn=kernel, signature=sig, constexprs=dict(constexprs), attrs=attrs)
-        opts = {"num_warps": options.get("num_warps", 4)}
-        for key in ("num_stages", "enable_fp_fusion"):
-            if key in options:
-                opts[key] = options[key]
+        if "launch" not in options:
+            raise KeyError("the case names no launch-table entry (options['launch'])")
+        opts = launch(options["launch"], **{k: options[k] for k in ("num_warps", "num_stages")
+                                            if k in options})
+        row["options"] = opts
         t0 = time.perf_counter()
         compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32), options=opts)
         row["seconds"] = time.perf_counter() - t0
@@ -118,6 +125,8 @@ def compile_case(case, capability: int = 90):
         row["cubin_bytes"] = len(compiled.asm.get("cubin", b""))
         row["expected"] = list(options.get("expect_in_ptx", ()))
         row["missing"] = [s for s in row["expected"] if s not in compiled.asm["ptx"]]
+        row["bit_exact"] = LAUNCH[options["launch"]].bit_exact
+        row["fma"] = fma_lines(compiled.asm["ptx"]) if row["bit_exact"] else []
     except Exception as e:  # report every failure, keep going
         row["error"] = f"{type(e).__name__}: {str(e).strip()[:2000]}"
     return row
@@ -155,14 +164,15 @@ def main(argv=None) -> int:
             failed += 1
             print(f"{r['name']:<{width}}  FAILED: {r['error']}")
             continue
-        bad = r["spills"] > 0 or bool(r["missing"])
+        bad = r["spills"] > 0 or bool(r["missing"]) or bool(r["fma"])
         failed += bad
         regs = "?" if r["regs"] is None else r["regs"]
         found = [s for s in r["expected"] if s not in r["missing"]]
         print(f"{r['name']:<{width}}  {r['shared']:>6}  {r['num_warps']:>5}  {regs:>4}  "
               f"{r['spills']:>5}  {r['seconds']:>5.1f}" + ("  SPILLS" if r["spills"] else "")
               + "".join(f"  ptx:{s}" for s in found)
-              + "".join(f"  MISSING:{s}" for s in r["missing"]))
+              + "".join(f"  MISSING:{s}" for s in r["missing"])
+              + (f"  FMA in a bit-exact kernel ({len(r['fma'])}: {r['fma'][0]})" if r["fma"] else ""))
         if args.verbose:
             print(r["ptxas_log"])
     print(f"{len(rows)} cases for sm_{args.arch}, {failed} failed, "

@@ -52,6 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compass_kernels.triton.launch import launch
+
 from compass_kernels.triton.grouped_gemm import (GemmConfig, _group_chunk, _load_groups,
                                                  _num_programs)
 
@@ -314,13 +316,13 @@ def quantize(x3: torch.Tensor, granularity: str, block_size: int, fmax: float,
         partial = torch.empty(B, n_partials, dtype=torch.float32, device=x3.device)
         _amax_partial_kernel[(n_partials, B)](
             x3, stride_xb, stride_xm, partial, M, K, n_partials,
-            BLOCK_M=cfg.block_m, BLOCK_K=cfg.gp, num_warps=cfg.num_warps)
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.gp, **launch("amax_partial", num_warps=cfg.num_warps))
     grid = (B * n_mtiles, triton.cdiv(n_groups, cfg.nb))
     _quantize_kernel[grid](
         x3, stride_xb, stride_xm, data_out, scale_out, partial, M, K, group, n_groups, n_mtiles,
         n_partials, fmax, MODE=_MODE[granularity], TWO_PASS=cfg.two_pass, BLOCK_M=cfg.block_m,
         NB=cfg.nb, GP=cfg.gp, P_POW2=_pow2(n_partials), SOFT_CAST=x3.device.type == "cpu",
-        MANT=mant, EMIN=emin, NAN_CODE=nan_code, num_warps=cfg.num_warps)
+        MANT=mant, EMIN=emin, NAN_CODE=nan_code, **launch("quantize", num_warps=cfg.num_warps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,8 +494,8 @@ def grouped_gemm_fp8(x_data: torch.Tensor, x_scale: torch.Tensor, x_granularity:
         M, N, K, E, max_tiles, block_size, n_kb, n_nb, X_BLOCK=x_block, W_BLOCK=w_block,
         SW_SCALAR=block_size % cfg.block_n == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, G_CHUNK=g_chunk,
-        MULTI_CHUNK=E + 2 > g_chunk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=True)
+        MULTI_CHUNK=E + 2 > g_chunk,
+        **launch("grouped_gemm_fp8", num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,7 +520,8 @@ def _aot_cases():
                             ("row", 64, 32768, ("bf16",))):
         cfg = quant_config(gran, M, K, 128)
         for dt in dts:
-            warps = {"num_warps": cfg.num_warps, "div16": ("stride_xb", "stride_xm", "K", "group")}
+            warps = {"launch": "quantize", "num_warps": cfg.num_warps,
+                     "div16": ("stride_xb", "stride_xm", "K", "group")}
             if gran == "tensor":
                 cases.append((
                     _amax_partial_kernel,
@@ -526,7 +529,8 @@ def _aot_cases():
                      "partial_ptr": "*fp32", "M": i32, "K": i32, "n_partials": i32},
                     {"BLOCK_M": cfg.block_m, "BLOCK_K": cfg.gp},
                     f"fp8_amax_partial_{dt}_{cfg.block_m}x{cfg.gp}",
-                    {"num_warps": cfg.num_warps, "div16": ("stride_xb", "stride_xm", "K")}))
+                    {"launch": "amax_partial", "num_warps": cfg.num_warps,
+                     "div16": ("stride_xb", "stride_xm", "K")}))
             name = f"fp8_quantize_{gran}{'_2pass' if cfg.two_pass else ''}_{dt}_e4m3_" \
                    f"{cfg.block_m}x{cfg.nb}x{cfg.gp}"
             cases.append((
@@ -554,8 +558,7 @@ def _aot_cases():
                  "BLOCK_N": cfg.block_n, "BLOCK_K": bk, "G_CHUNK": g_chunk,
                  "MULTI_CHUNK": E + 2 > g_chunk},
                 f"grouped_gemm_fp8_{xg}_{wg}_bf16_{cfg.block_m}x{cfg.block_n}x{bk}_E{E}",
-                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                 "enable_fp_fusion": True,
+                {"launch": "grouped_gemm_fp8", "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                  "div16": ("stride_xm", "stride_om", "N", "K", "block_size"),
                  "expect_in_ptx": ("wgmma", "e4m3.e4m3")}))
     return cases

@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compass_kernels.triton.launch import launch
+
 _INTERPRET_PROGRAMS = 4  # persistent programs under TRITON_INTERPRET (no SMs to count)
 _GROUP_CHUNK = 256  # groups held in registers at once: 4 int32 vectors, 4 regs/thread at 8 warps
 
@@ -267,8 +269,8 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_
         x, x.stride(0), w, offsets, out, out.stride(0), M, N, K, E, max_tiles,
         TRANS_B=trans_b, ACC=acc, DOT_PRECISION=precision, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, G_CHUNK=g_chunk,
-        MULTI_CHUNK=E + 2 > g_chunk, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        enable_fp_fusion=True)
+        MULTI_CHUNK=E + 2 > g_chunk,
+        **launch("grouped_gemm", num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,7 +334,7 @@ def grouped_gemm_wgrad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor,
     _grouped_gemm_wgrad_kernel[grid](
         a, a.stride(0), b, b.stride(0), offsets, out, M, P, Q, ACC=acc, DOT_PRECISION=precision,
         BLOCK_M=cfg.block_m, BLOCK_P=cfg.block_k, BLOCK_Q=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
+        **launch("grouped_gemm_wgrad", num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,8 +379,8 @@ def _aot_cases():
                      "G_CHUNK": g_chunk, "MULTI_CHUNK": multi},
                     f"grouped_gemm_{dt}_{'nt' if trans_b else 'nn'}_{cfg.block_m}x{cfg.block_n}"
                     f"x{cfg.block_k}_E{E}",
-                    {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                     "enable_fp_fusion": True, "div16": ("stride_xm", "stride_om", "N", "K"),
+                    {"launch": "grouped_gemm", "num_warps": cfg.num_warps,
+                     "num_stages": cfg.num_stages, "div16": ("stride_xm", "stride_om", "N", "K"),
                      **opts}))
             for P, Q in ((K, N), (N, K)):  # dw [E, K, N] and, with trans_b, [E, N, K]
                 cfg = wgrad_config(mpg, P, Q, torch_dt)
@@ -393,8 +395,8 @@ def _aot_cases():
                     {"ACC": acc, "DOT_PRECISION": precision, "BLOCK_M": cfg.block_m,
                      "BLOCK_P": cfg.block_k, "BLOCK_Q": cfg.block_n},
                     f"grouped_gemm_wgrad_{dt}_{cfg.block_k}x{cfg.block_n}x{cfg.block_m}",
-                    {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                     "enable_fp_fusion": True, "div16": ("stride_am", "stride_bm", "P", "Q"),
+                    {"launch": "grouped_gemm_wgrad", "num_warps": cfg.num_warps,
+                     "num_stages": cfg.num_stages, "div16": ("stride_am", "stride_bm", "P", "Q"),
                      **opts}))
     return cases
 

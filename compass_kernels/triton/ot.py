@@ -24,9 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from compass_kernels.triton.launch import launch
+
 _TILE = {torch.float32: 4096, torch.float64: 1024}   # elements of one K block (BR x BC); fp64 at 2048 spilled
 _MAX_BC = 256
-_WARPS = 8
 # Band for the scalings before absorption. fp32: K entries below ~1e-38 flush, and u * v <= 1e20
 # keeps the mass lost that way under 1e-18; fp64: as the cpu backend.
 _BAND = {torch.float32: (1e-10, 1e10), torch.float64: (1e-50, 1e50)}
@@ -315,7 +316,7 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, t
     ws = torch.empty(B, 3 * (n + m), dtype=cost.dtype, device=cost.device)
     params = _params(eps, tau, tol, cost.dtype, cost.device)
     _sinkhorn_kernel[(B,)](cost, a, b, params, plan, iters, ws, n, m, max_iter, check_every,
-                           BALANCED=tau is None, BR=br, BC=bc, num_warps=_WARPS)
+                           BALANCED=tau is None, BR=br, BC=bc, **launch("sinkhorn"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def _aot_cases():
                        "max_iter": "i32", "check_every": "i32"}
                 meta = {"BALANCED": balanced, "BR": br, "BC": bc}
                 name = f"sinkhorn_{ty}_L{n}{'_balanced' if balanced else ''}"
-                cases.append((_sinkhorn_kernel, sig, meta, name, {"num_warps": _WARPS}))
+                cases.append((_sinkhorn_kernel, sig, meta, name, {"launch": "sinkhorn"}))
     return cases
 
 

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compass_kernels.triton.launch import launch
+
 # ----------------------------------------------------------------------------------------------
 # route
 # ----------------------------------------------------------------------------------------------
@@ -40,7 +42,6 @@ import triton.language as tl
 
 _ROUTE_TILE = 4096  # elements of the one-hot tile: 16 per thread at 8 warps
 _ROUTE_SCAN_TILE = 2048  # elements of the [CB, E_TILE] int64 tile of the scan kernel
-_ROUTE_WARPS = 8  # at 4 warps the E = 128 assign kernel needs 182 registers, at 8 it needs 104
 _ROUTE_MAX_BLOCK = 256
 _ROUTE_MAX_CHUNKS = 4096  # programs of kernels 1 and 3
 _ROUTE_MAX_WORKSPACE = 1 << 20  # int64 elements of base[c, e]: 8 MiB
@@ -157,14 +158,14 @@ def route(topk_ids: torch.Tensor, num_experts: int, capacity: int, align: int,
     base = workspace[: num_chunks * E]
     totals = workspace[num_chunks * E: (num_chunks + 1) * E]
     _route_count_kernel[(num_chunks,)](topk_ids, base, N, E, bpc, BLOCK=block, E_PAD=e_pad,
-                                       num_warps=_ROUTE_WARPS)
+                                       **launch("route_count"))
     e_tile, cb = _route_scan_config(e_pad)
     _route_scan_kernel[(triton.cdiv(E, e_tile),)](
         base, totals, tokens_per_expert, num_chunks, E, capacity, CB=cb, E_TILE=e_tile,
-        num_warps=_ROUTE_WARPS)
+        **launch("route_scan"))
     _route_assign_kernel[(num_chunks,)](
         topk_ids, base, totals, row_id_map, expert_offsets, N, E, capacity, align, bpc,
-        BLOCK=block, E_PAD=e_pad, num_warps=_ROUTE_WARPS)
+        BLOCK=block, E_PAD=e_pad, **launch("route_assign"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def _zero_pad_rows(out: torch.Tensor, expert_offsets: torch.Tensor,
     block_h = min(triton.next_power_of_2(H), _ZERO_TILE // _ZERO_ROWS)
     _zero_pad_rows_kernel[(triton.cdiv(num_rows, _ZERO_ROWS),)](
         _as_int(out), out.stride(0), expert_offsets, tokens_per_expert, E, num_rows, H,
-        E.bit_length(), ROWS=_ZERO_ROWS, BLOCK_H=block_h)
+        E.bit_length(), ROWS=_ZERO_ROWS, BLOCK_H=block_h, **launch("zero_pad_rows"))
 
 
 def permute(x: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Tensor,
@@ -250,7 +251,7 @@ def permute(x: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Ten
         block_h = _move_block_h(H, x.element_size())
         _permute_kernel[(T, triton.cdiv(H, block_h))](
             _as_int(x), x.stride(0), row_id_map, _as_int(out), out.stride(0), H, k,
-            BLOCK_H=block_h)
+            BLOCK_H=block_h, **launch("permute"))
     _zero_pad_rows(out, expert_offsets, tokens_per_expert)
 
 
@@ -260,7 +261,6 @@ def permute(x: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Ten
 
 _COMBINE_BLOCK_H = 1024  # fp32 accumulators per program: 8 per thread at 4 warps
 _BWD_TILE = 2048  # elements of the [K_PAD, BLOCK_H] tile of unpermute_bwd
-_BWD_WARPS = 8  # at 4 warps the bf16 k = 8 variant spills 4 bytes (56 registers, ptxas 13)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -280,8 +280,8 @@ def _unpermute_kernel(y_ptr, stride_y, row_id_map_ptr, probs_ptr, out_ptr, strid
         if row >= 0:
             v = tl.load(y_ptr + row * stride_y + h, mask=hmask, other=0).to(ACC)
             if HAS_PROBS:
-                # A separate multiply and add, as in the C++ backends (a compiler with fp
-                # fusion on may still contract them into one FMA).
+                # A separate multiply and add, as in the C++ backends: the launch table runs
+                # this kernel with fp fusion off, so the two are not contracted into one FMA.
                 prod = tl.load(probs_ptr + t * k + j).to(ACC) * v
                 acc = acc + prod
             else:
@@ -342,7 +342,7 @@ def unpermute(y: torch.Tensor, row_id_map: torch.Tensor, probs: torch.Tensor | N
     _unpermute_kernel[(T, triton.cdiv(H, block_h))](
         y, y.stride(0), row_id_map, probs if probs is not None else row_id_map, out,
         out.stride(0), H, k, HAS_PROBS=probs is not None, ACC=_acc_dtype(y.dtype),
-        BLOCK_H=block_h)
+        BLOCK_H=block_h, **launch("unpermute"))
 
 
 def unpermute_bwd(grad_out: torch.Tensor, y: torch.Tensor | None, row_id_map: torch.Tensor,
@@ -382,7 +382,7 @@ def unpermute_bwd(grad_out: torch.Tensor, y: torch.Tensor | None, row_id_map: to
                 row_id_map, probs if has_probs else row_id_map, gy, grad_y.stride(0),
                 grad_probs if compute_gp else row_id_map, H, k,
                 HAS_PROBS=has_probs, COMPUTE_GP=compute_gp, ACC=_acc_dtype(grad_out.dtype),
-                K_PAD=k_pad, BLOCK_H=block_h, num_warps=_BWD_WARPS)
+                K_PAD=k_pad, BLOCK_H=block_h, **launch("unpermute_bwd"))
     elif compute_gp and grad_probs.numel() > 0:
         grad_probs.zero_()
     _zero_pad_rows(grad_y, expert_offsets, tokens_per_expert)
@@ -396,7 +396,6 @@ def unpermute_bwd(grad_out: torch.Tensor, y: torch.Tensor | None, row_id_map: to
 
 def _aot_cases():
     i32 = "i32"
-    warps = {"num_warps": _ROUTE_WARPS}
     cases = []
     for ids in ("*i32", "*i64"):
         for E in (16, 128, 1024):
@@ -405,19 +404,19 @@ def _aot_cases():
             tag = f"{ids[1:]}_E{e_pad}"
             cases.append((_route_count_kernel,
                           {"ids_ptr": ids, "counts_ptr": "*i64", "N": i32, "E": i32,
-                           "blocks_per_chunk": i32}, meta, f"route_count_{tag}", warps))
+                           "blocks_per_chunk": i32}, meta, f"route_count_{tag}", {"launch": "route_count"}))
             cases.append((_route_assign_kernel,
                           {"ids_ptr": ids, "base_ptr": "*i64", "totals_ptr": "*i64",
                            "row_id_map_ptr": "*i64", "offsets_ptr": "*i64", "N": i32, "E": i32,
                            "capacity": i32, "align": i32, "blocks_per_chunk": i32},
-                          meta, f"route_assign_{tag}", warps))
+                          meta, f"route_assign_{tag}", {"launch": "route_assign"}))
     for e_pad in (16, 128):
         e_tile, cb = _route_scan_config(e_pad)
         cases.append((_route_scan_kernel,
                       {"counts_ptr": "*i64", "totals_ptr": "*i64", "tpe_ptr": "*i64",
                        "num_chunks": i32, "E": i32, "capacity": i32},
-                      {"CB": cb, "E_TILE": e_tile}, f"route_scan_T{e_tile}", warps))
-    move = {"num_warps": 4, "div16": ("stride_x", "stride_out", "H")}
+                      {"CB": cb, "E_TILE": e_tile}, f"route_scan_T{e_tile}", {"launch": "route_scan"}))
+    move = {"launch": "permute", "div16": ("stride_x", "stride_out", "H")}
     for bits, size in (("i8", 1), ("i16", 2), ("i32", 4)):  # fp8, bf16/fp16, fp32 as integers
         ptr = f"*{bits}"
         cases.append((_permute_kernel,
@@ -428,7 +427,7 @@ def _aot_cases():
                       {"out_ptr": ptr, "stride_out": i32, "offsets_ptr": "*i64",
                        "tpe_ptr": "*i64", "E": i32, "num_rows": i32, "H": i32, "n_search": i32},
                       {"ROWS": _ZERO_ROWS, "BLOCK_H": _ZERO_TILE // _ZERO_ROWS},
-                      f"zero_pad_{bits}", {"div16": ("stride_out", "H")}))
+                      f"zero_pad_{bits}", {"launch": "zero_pad_rows", "div16": ("stride_out", "H")}))
     for dt, acc in (("bf16", tl.float32), ("fp16", tl.float32), ("fp32", tl.float32),
                     ("fp64", tl.float64)):
         for has_probs in (True, False):
@@ -438,8 +437,8 @@ def _aot_cases():
                            "stride_out": i32, "H": i32, "k": i32},
                           {"HAS_PROBS": has_probs, "ACC": acc, "BLOCK_H": _COMBINE_BLOCK_H},
                           f"unpermute_{dt}{'_probs' if has_probs else ''}",
-                          {"div16": ("stride_y", "stride_out", "H"), "enable_fp_fusion": False}))
-    bwd_div16 = {"div16": ("stride_g", "stride_y", "stride_gy", "H"), "num_warps": _BWD_WARPS}
+                          {"launch": "unpermute", "div16": ("stride_y", "stride_out", "H")}))
+    bwd_div16 = {"launch": "unpermute_bwd", "div16": ("stride_g", "stride_y", "stride_gy", "H")}
     for dt, acc in (("bf16", tl.float32), ("fp16", tl.float32), ("fp32", tl.float32),
                     ("fp64", tl.float64)):
         for k_pad in (2, 8):  # with probs: weighted grad_y and grad_probs

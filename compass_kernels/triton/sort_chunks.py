@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from compass_kernels.triton.launch import launch
+
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _ROWS = 16
 _TILE_BYTES = 16384  # bytes of one [ROWS, BLOCK_H] tile: 1 KiB per row, 64 B per thread at 8 warps
@@ -58,7 +60,7 @@ def sort_chunks(x: torch.Tensor, end_out: torch.Tensor, base: torch.Tensor, out:
     stride_x = x.stride(0) if R > 1 else H
     _sort_chunks_kernel[(triton.cdiv(num_rows, _ROWS),)](
         x.view(view), stride_x, out.view(view), out.stride(0), end_out, base, S, R, num_rows, H,
-        S.bit_length(), ROWS=_ROWS, BLOCK_H=block_h, num_warps=8)
+        S.bit_length(), ROWS=_ROWS, BLOCK_H=block_h, **launch("sort_chunks"))
 
 
 def _aot_cases():
@@ -71,7 +73,7 @@ def _aot_cases():
                        "end_ptr": "*i64", "base_ptr": "*i64", "S": "i32", "R": "i32", "num_rows": "i32",
                        "H": "i32", "n_search": "i32"},
                       {"ROWS": _ROWS, "BLOCK_H": _TILE_BYTES // (_ROWS * size)}, f"sort_chunks_{bits}",
-                      {"num_warps": 8, "div16": ("stride_x", "stride_out", "H")}))
+                      {"launch": "sort_chunks", "div16": ("stride_x", "stride_out", "H")}))
     return cases
 
 

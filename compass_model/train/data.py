@@ -10,7 +10,9 @@ Sources per stage kind (``StageConfig.data``):
   long_context   long catalogues (``retrieve`` with many items) at the stage's context, plus corpus
   sft            generated tasks (e-commerce: full-sequence loss) + general instructions (answer-only)
 A ``--data FILE`` replaces the generated source: ``{"text"}`` records for pretraining stages,
-``{"prompt","response","domain"}`` for SFT.
+``{"prompt","response","domain"}`` for SFT, ``{"prompt","chosen","rejected"}`` for align; ``--data
+STAGE=FILE`` gives one stage its own file (``data_files_for``). ``check_stage_data`` reads and
+checks every stage's file before the first step, so a bad file fails the run at once, not hours in.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from compass_model.data import (
     CorpusConfig,
     PackedBatch,
     generate_corpus,
+    load_preference_jsonl,
     load_sft_jsonl,
     load_text_jsonl,
     make_tasks,
@@ -161,3 +164,61 @@ def _take_rows(b: PackedBatch, rows: int) -> PackedBatch:
     """The first ``rows`` rows (first-fit fills rows in order; later rows are the overflow)."""
     return PackedBatch(*(t[:rows] for t in (b.input_ids, b.labels, b.position_ids, b.doc_ids, b.prompt_mask,
                                             b.response_mask, b.prompt_weight)))
+
+
+def data_files_for(data, stage_names: list) -> dict:
+    """``{stage name: file}`` from ``data``: None (generated data everywhere), one path (every stage
+    of the run), a ``{stage: path}`` dict, or a list of CLI values ``"FILE"`` / ``"STAGE=FILE"`` (a
+    bare path covers the stages not named)."""
+    from compass_model.train.stages import STAGES
+    if data is None:
+        return {}
+    if isinstance(data, dict):
+        items = list(data.items())
+    elif isinstance(data, (list, tuple)):
+        items = []
+        for v in data:
+            stage, sep, path = str(v).partition("=")
+            items.append((stage, path) if sep and stage in STAGES else (None, str(v)))
+    else:
+        items = [(None, data)]
+    bare = [p for k, p in items if k is None]
+    if len(bare) > 1:
+        raise ValueError(f"--data: more than one file for all stages ({bare}); name the stage: --data STAGE=FILE")
+    out = {}
+    for stage, path in items:
+        if stage is None:
+            continue
+        if stage not in stage_names:
+            raise ValueError(f"--data {stage}={path}: this run does not train stage {stage!r} "
+                             f"(--stages {','.join(stage_names)})")
+        if stage in out:
+            raise ValueError(f"--data: two files for stage {stage!r} ({out[stage]}, {path})")
+        out[stage] = path
+    for name in stage_names:
+        if bare:
+            out.setdefault(name, bare[0])
+    return out
+
+
+def check_stage_data(stages: list, tokenizer, files: dict, seed: int = 0) -> dict:
+    """Load and check each stage's own file (``files``: ``data_files_for``) in the format its kind
+    reads, before any training. Returns ``{stage name: StageData}`` for the pretraining / SFT
+    stages with a file (the trainer reuses them); a bad file raises ``ValueError`` naming the stage."""
+    out = {}
+    for st in stages:
+        path = files.get(st.name)
+        if path is None:
+            continue
+        hint = ("; give each stage its own file with --data STAGE=FILE"
+                if len(set(files.values())) == 1 and len(files) > 1 else "")
+        try:
+            if st.name == "align":
+                n = len(load_preference_jsonl(path))
+                if n <= st.eval_pairs:
+                    raise ValueError(f"{path}: {n} records, need more than eval_pairs = {st.eval_pairs}")
+            else:
+                out[st.name] = StageData(st.data_kind, tokenizer, st.seq_len, st.rows, seed=seed, data_file=path)
+        except ValueError as e:
+            raise ValueError(f"stage {st.name}: data file {path} is not usable: {e}{hint}") from e
+    return out

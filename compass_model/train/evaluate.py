@@ -78,13 +78,14 @@ def _ratio(k: int, n: int) -> float:
 
 # ---- generation and task accuracy -----------------------------------------------------------------
 
-def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int) -> list:
+def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int, counter=None) -> list:
     """Greedy responses (text before the first EOS) to ``prompts``, in order.
 
     Each prompt is fed as ``[BOS] + encode(prompt)``; generation stops at EOS and is clipped so that
     prompt + new tokens <= ``model.config.max_seq_len``. A prompt with no room left answers ``""``.
     Generated ids outside the tokenizer's vocabulary (a model ``vocab_size`` rounded up) are dropped.
-    Prompts of equal token length are batched together (up to ``GENERATE_BATCH``)."""
+    Prompts of equal token length are batched together (up to ``GENERATE_BATCH``). ``counter``: a
+    ``progress.progress`` advanced by the number of prompts answered."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     max_len = model.config.max_seq_len
@@ -99,6 +100,8 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int) -> li
         for length, idx in sorted(by_len.items()):
             budget = min(max_new_tokens, max_len - length)
             if length < 1 or budget < 1:            # no room to answer: counts as a wrong (empty) answer
+                if counter is not None:
+                    counter.update(len(idx))
                 continue
             for s in range(0, len(idx), GENERATE_BATCH):
                 chunk = idx[s:s + GENERATE_BATCH]
@@ -109,6 +112,8 @@ def generate_answers(model, tokenizer, prompts: list, max_new_tokens: int) -> li
                         new = new[:new.index(eos)]
                     # ids past the tokenizer's vocabulary (the embedding's round-up rows) are dropped
                     out[i] = tokenizer.decode([x for x in new if x < vocab])
+                if counter is not None:
+                    counter.update(len(chunk))
     return out
 
 
@@ -125,7 +130,7 @@ def _accuracy_table(keys, oks) -> dict:
     return {k: {"accuracy": _ratio(hits[k], counts[k]), "n": counts[k]} for k in sorted(counts)}
 
 
-def evaluate_tasks(model, tokenizer, tasks, max_new_tokens: int | None = None) -> dict:
+def evaluate_tasks(model, tokenizer, tasks, max_new_tokens: int | None = None, counter=None) -> dict:
     """Accuracy of greedy answers on ``tasks`` (``compass_model.data.Task``) judged by ``check``.
 
     ``max_new_tokens``: one budget for every task; None (default) = per family, the longest gold
@@ -141,7 +146,7 @@ def evaluate_tasks(model, tokenizer, tasks, max_new_tokens: int | None = None) -
     for idx in by_family.values():
         fam_tasks = [tasks[i] for i in idx]
         budget = max_new_tokens if max_new_tokens is not None else _answer_budget(tokenizer, fam_tasks)
-        for i, r in zip(idx, generate_answers(model, tokenizer, [t.prompt for t in fam_tasks], budget)):
+        for i, r in zip(idx, generate_answers(model, tokenizer, [t.prompt for t in fam_tasks], budget, counter)):
             responses[i] = r
     oks = [check(t, r) for t, r in zip(tasks, responses)]
     samples, kept = [], defaultdict(int)
@@ -160,11 +165,12 @@ def evaluate_tasks(model, tokenizer, tasks, max_new_tokens: int | None = None) -
 
 
 def long_context_eval(model, tokenizer, base_context: int, n: int = 14, seed: int = EVAL_TASK_SEED,
-                      factors=(("1x", 1), ("4x", 4))) -> dict:
+                      factors=(("1x", 1), ("4x", 4)), counter=None) -> dict:
     """Voucher-code retrieval (``data.passkey``: one code hidden at a random depth of a catalogue
     filling the context) at ``factor x base_context`` tokens for each ``(name, factor)`` of
     ``factors``: ``{name: {"context", "accuracy", "n", "mean_depth_of_misses"}}``. A context beyond
-    ``model.config.max_seq_len`` is reported as ``{"context", "skipped": True, "reason"}``."""
+    ``model.config.max_seq_len`` is reported as ``{"context", "skipped": True, "reason"}``.
+    ``counter``: progress, as in ``generate_answers``."""
     out = {}
     max_len = model.config.max_seq_len
     for name, factor in factors:
@@ -172,9 +178,11 @@ def long_context_eval(model, tokenizer, base_context: int, n: int = 14, seed: in
         if ctx > max_len:
             out[name] = {"context": ctx, "skipped": True,
                          "reason": f"context {ctx} exceeds the model's max_seq_len {max_len}"}
+            if counter is not None:
+                counter.update(n)
             continue
         tasks = make_passkey_tasks(n, seed=seed, context=ctx)
-        answers = generate_answers(model, tokenizer, [t.prompt for t in tasks], CODE_DIGITS + 2)
+        answers = generate_answers(model, tokenizer, [t.prompt for t in tasks], CODE_DIGITS + 2, counter)
         oks = [check_passkey(t, a) for t, a in zip(tasks, answers)]
         misses = [t.meta["depth"] for t, ok in zip(tasks, oks) if not ok]
         out[name] = {"context": ctx, "accuracy": _ratio(sum(oks), len(oks)), "n": len(oks),
@@ -303,7 +311,8 @@ def router_load(model, tokenizer, texts, seq_len: int) -> dict:
 # ---- everything -------------------------------------------------------------------------------------
 
 def evaluate_model(model, tokenizer, *, seed: int = EVAL_TASK_SEED, n_tasks: int = 70, base_context: int = 256,
-                   n_long: int = 14, n_docs: int = 64, n_speculative: int = 8) -> dict:
+                   n_long: int = 14, n_docs: int = 64, n_speculative: int = 8, progress: bool = True,
+                   desc: str = "eval") -> dict:
     """The evaluation report: ``{"accuracy", "n_tasks", "per_language", "per_family", "samples",
     "long_context", "speculative", "perplexity", "router"}``.
 
@@ -311,21 +320,30 @@ def evaluate_model(model, tokenizer, *, seed: int = EVAL_TASK_SEED, n_tasks: int
     ``[BOS] prompt answer [EOS]`` fits ``base_context`` tokens. Perplexity and router load: ``n_docs``
     held-out corpus documents (``generate_corpus`` seed ``seed + 1``) in rows of ``base_context``.
     Long context: ``n_long`` voucher-code retrievals at 1x and 4x (``long_context_eval``; 0 skips
-    them); speculative decoding: ``n_speculative`` prompts (``speculative_eval``; 0 skips it)."""
+    them); speculative decoding: ``n_speculative`` prompts (``speculative_eval``; 0 skips it).
+    ``progress``: report answered prompts as it goes (``progress.py``: a bar on a terminal, else log lines)."""
+    from compass_model.train.progress import progress as counter_for
+
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+        raise ValueError(f"n_tasks must be an int >= 1, got {n_tasks!r}")
     all_tasks = make_tasks(n_tasks, seed=seed, n_items=catalogue_items(base_context))
     tasks = [t for t in all_tasks
              if len(tokenizer.encode(t.prompt)) + len(tokenizer.encode(t.answer)) + 2 <= base_context]
-    res = evaluate_tasks(model, tokenizer, tasks) if tasks else {
-        "accuracy": 0.0, "n": 0, "per_language": {}, "per_family": {}, "samples": []}
-    texts = [d["text"] for d in generate_corpus(CorpusConfig(seed=seed + 1, n_docs=n_docs))]
-    nll, n_tok, counts = _packed_pass(model, tokenizer, texts, base_context)
+    with counter_for(len(tasks) + 2 * n_long + 1, desc, enabled=progress) as counter:
+        res = evaluate_tasks(model, tokenizer, tasks, counter=counter) if tasks else {
+            "accuracy": 0.0, "n": 0, "per_language": {}, "per_family": {}, "samples": []}
+        long_context = (long_context_eval(model, tokenizer, base_context, n=n_long, seed=seed, counter=counter)
+                        if n_long else {})
+        texts = [d["text"] for d in generate_corpus(CorpusConfig(seed=seed + 1, n_docs=n_docs))]
+        nll, n_tok, counts = _packed_pass(model, tokenizer, texts, base_context)
+        counter.update(1)
     return {
         "accuracy": res["accuracy"],
         "n_tasks": res["n"],
         "n_tasks_dropped": len(all_tasks) - len(tasks),
         "per_language": res["per_language"],
         "per_family": res["per_family"],
-        "long_context": long_context_eval(model, tokenizer, base_context, n=n_long, seed=seed) if n_long else {},
+        "long_context": long_context,
         "speculative": (speculative_eval(model, tokenizer, n=n_speculative, seed=seed) if n_speculative
                         else {"skipped": True, "reason": "n_speculative = 0"}),
         "perplexity": _perplexity_from(nll, n_tok),

@@ -72,24 +72,32 @@ def _alpha_counts(smooth_alphas: list) -> dict:
 
 @torch.no_grad()
 def fp8_report(model, tokenizer, *, seq_len: int = 256, calib_rows: int = 8, min_tokens_per_expert: int = 128,
-               n_tasks: int = 70, seed: int = 0, time_tokens: int = 2048) -> dict:
-    """Quantize copies of ``model`` (naive and expert-aware) and compare them with it."""
+               n_tasks: int = 70, seed: int = 0, time_tokens: int = 2048, progress: bool = True) -> dict:
+    """Quantize copies of ``model`` (naive and expert-aware) and compare them with it, on the model's
+    device. ``progress``: report the answered tasks of the three evaluations as they go."""
     from compass_model.train.evaluate import evaluate_tasks, perplexity
+    from compass_model.train.progress import progress as counter_for
+
+    if isinstance(n_tasks, bool) or not isinstance(n_tasks, int) or n_tasks < 1:
+        raise ValueError(f"n_tasks must be an int >= 1, got {n_tasks!r}")
+    device = next(model.parameters()).device
 
     model = model.eval()
     seq_len = min(seq_len, model.config.max_seq_len)
     calib_texts = [d["text"] for d in generate_corpus(CorpusConfig(seed=seed + CALIB_SEED, n_docs=400))]
     pool_texts = [f"{t.prompt}\n{t.answer}" for t in make_tasks(140, seed=seed + POOL_SEED, n_items=2)]
     held_texts = [d["text"] for d in generate_corpus(CorpusConfig(seed=seed + HELDOUT_SEED, n_docs=800))]
-    calib = token_windows(tokenizer, calib_texts, seq_len, calib_rows)
-    pool = token_windows(tokenizer, pool_texts, seq_len, 4 * calib_rows)
-    held = token_windows(tokenizer, held_texts, seq_len, 16)
+    calib = token_windows(tokenizer, calib_texts, seq_len, calib_rows).to(device)
+    pool = token_windows(tokenizer, pool_texts, seq_len, 4 * calib_rows).to(device)
+    held = token_windows(tokenizer, held_texts, seq_len, 16).to(device)
     tasks = [t for t in make_tasks(n_tasks, seed=seed + EVAL_TASK_SEED, n_items=catalogue_items(seq_len))
              if len(tokenizer.encode(t.prompt + t.answer)) + 2 <= seq_len]
 
+    counter = counter_for(3 * len(tasks), "fp8 report (tasks: full precision, naive, expert-aware)",
+                          enabled=progress)
     ref_logits = model(held).logits
     base = {"perplexity": perplexity(model, tokenizer, held_texts, seq_len),
-            "tasks": evaluate_tasks(model, tokenizer, tasks)}
+            "tasks": evaluate_tasks(model, tokenizer, tasks, counter=counter)}
     out = {"reference": {"perplexity": base["perplexity"], "accuracy": base["tasks"]["accuracy"],
                          "per_language": base["tasks"]["per_language"]},
            "calibration": {"rows": int(calib.shape[0]), "seq_len": seq_len, "pool_rows": int(pool.shape[0]),
@@ -100,7 +108,7 @@ def fp8_report(model, tokenizer, *, seq_len: int = 256, calib_rows: int = 8, min
                            min_tokens_per_expert=min_tokens_per_expert if method == "expert_aware" else 0,
                            oversample_pool=[pool] if method == "expert_aware" else None)
         quant_s = time.perf_counter() - t0
-        ev = evaluate_tasks(q, tokenizer, tasks)
+        ev = evaluate_tasks(q, tokenizer, tasks, counter=counter)
         drop = {lang: round(100 * (base["tasks"]["per_language"][lang]["accuracy"] - v["accuracy"]), 2)
                 for lang, v in ev["per_language"].items()}
         rep = q.quant_report or {}
@@ -118,6 +126,7 @@ def fp8_report(model, tokenizer, *, seq_len: int = 256, calib_rows: int = 8, min
         }
         if method == "expert_aware" and rep.get("smooth_alphas"):
             out[method]["smooth_alphas"] = _alpha_counts(rep["smooth_alphas"])
+    counter.close()
     ea, nv = out["expert_aware"], out["naive"]
     out["checks"] = {"expert_aware_beats_naive_logits": ea["logits"]["rel_err"] < nv["logits"]["rel_err"],
                      "expert_aware_beats_naive_moe_outputs": all(

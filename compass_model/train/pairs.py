@@ -25,6 +25,7 @@ from compass_model.data import check
 from compass_model.generate import generate
 from compass_model.losses import IGNORE_INDEX, token_logprobs
 from compass_model.moe import aux_loss_coefficient
+from compass_model.train.progress import progress
 
 PAIR_KEYS = ("prompt", "chosen", "rejected", "lang", "family")
 
@@ -65,7 +66,9 @@ def build_pairs(model, tokenizer, tasks, *, max_new_tokens: int | None = None, t
     stats = {"tasks": len(tasks), "samples": 0, "correct_samples": 0, "empty_samples": 0, "dropped_correct": 0,
              "dropped_empty": 0, "dropped_long": 0, "kept": 0}
     pairs = []
+    counter = progress(len(tasks), "building preference pairs (tasks sampled)")
     for task in tasks:
+        counter.update(1)
         prompt_ids = head + tokenizer.encode(task.prompt)
         answer_len = len(tokenizer.encode(task.answer))
         budget = ctx - len(prompt_ids) - 1                # room for response + EOS
@@ -97,6 +100,7 @@ def build_pairs(model, tokenizer, tasks, *, max_new_tokens: int | None = None, t
             continue
         pairs.append({"prompt": task.prompt, "chosen": task.answer, "rejected": rejected, "lang": task.lang,
                       "family": task.family})
+    counter.close()
     stats["kept"] = len(pairs)
     return pairs, stats
 

@@ -8,12 +8,19 @@ then evaluation, plots and ``report.json`` (the layout ``compass demo`` and ``co
                                     (entropy and aux coefficient), accuracy per language
   OUT/report.json                   stages, eval, alignment, router, fp8 (naive vs expert-aware W8A8)
 
-``resume=True`` skips finished stages and continues an interrupted one from its last checkpoint.
+``resume=True`` skips finished stages and continues an interrupted one from its last checkpoint
+(the newest one that verifies); a fresh run needs an empty ``out`` unless ``overwrite=True``, two
+runs cannot share ``out``, and a resume must use the run's config and seed (``rundir.py``). Every
+stage's data file is checked before the first step (``data.check_stage_data``). The first stage
+of a partial run (``--stages sft,align`` into an earlier run's ``out``) starts from the latest
+finished stage before it in recipe order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,16 +28,21 @@ from pathlib import Path
 import torch
 
 from compass_model import CompassConfig, CompassForCausalLM
-from compass_model.train import parallel
-from compass_model.train.data import StageData
+from compass_model.train import parallel, rundir
+from compass_model.train.data import StageData, check_stage_data, data_files_for
 from compass_model.train.metrics import MetricsWriter, read_metrics
+from compass_model.train.stages import STAGES, stage_kind
 from compass_model.train.state import (
     latest_checkpoint,
     load_model,
     stage_done,
+    run_of,
     trainer_state,
+    usable_checkpoint,
 )
 from compass_model.train.trainer import stage_dir_for, stage_summary, train_stage
+
+logger = logging.getLogger("compass")
 
 
 def _write_json(path: Path, obj) -> None:
@@ -39,11 +51,25 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _start_model(config: CompassConfig, prev_dir, seed: int):
+def _start_model(config: CompassConfig, prev_dir, seed: int, device=None):
     if prev_dir is not None:
-        return load_model(prev_dir)
+        return load_model(prev_dir, device)
     torch.manual_seed(seed)
-    return CompassForCausalLM(config)
+    model = CompassForCausalLM(config)
+    return model if device is None else model.to(device)
+
+
+def _earlier_stage_checkpoint(out: Path, first: str):
+    """The latest checkpoint of the nearest finished stage before ``first`` in recipe order (of the
+    ``long_context_*`` phases, the one that finished last; a phase starts from an earlier phase)."""
+    k = STAGES.index(stage_kind(first))
+    for kind in reversed(STAGES[:k + 1] if stage_kind(first) == "long_context" else STAGES[:k]):
+        dirs = (sorted(out.glob("checkpoints/long_context_*")) if kind == "long_context"
+                else [stage_dir_for(out, kind)])
+        done = [latest_checkpoint(d) for d in dirs if stage_done(d) and d.name != first]
+        if done:
+            return max(done, key=lambda c: c.stat().st_mtime)
+    return None
 
 
 def extend_context(model, factor: float) -> None:
@@ -66,27 +92,72 @@ def _apply_stage_rope(model, stage, fresh: bool) -> None:
                          f"{model.config.max_seq_len}; raise max_seq_len or give the stage a rope_factor")
 
 
+def _check_checkpoints(out: Path, stages, prev_dir, run: dict, resume: bool) -> None:
+    """A resume continues checkpoints of this config and seed only (their headers say which)."""
+    paths = [prev_dir] if prev_dir is not None else []
+    if resume:
+        for st in stages:
+            try:
+                paths.append(latest_checkpoint(stage_dir_for(out, st.name)))
+            except FileNotFoundError:           # a dangling LATEST: the stage's own load reports it
+                pass
+    for p in paths:
+        if p is not None:
+            try:
+                stored = run_of(p)
+            except ValueError:                  # a damaged header: usable_checkpoint falls back
+                continue
+            rundir.check_fingerprint(stored, run, p)
+
+
 def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, seed: int = 0, data_file=None,
-                 resume: bool = False, progress: bool = True, evaluate: bool = True, eval_kwargs: dict | None = None,
-                 fp8: bool = False, fp8_tasks: int | None = None, ctx=None, stop_after: int | None = None,
-                 log=print) -> dict:
+                 resume: bool = False, overwrite: bool = False, progress: bool = True, evaluate: bool = True,
+                 eval_kwargs: dict | None = None, fp8: bool = False, fp8_tasks: int | None = None, ctx=None,
+                 stop_after: int | None = None, device=None, keep_last: int = 2, log=logger.info) -> dict:
     """Train ``stages`` (StageConfigs, recipe order) from ``config``; returns the report dict.
+    ``data_file``: None (generated data), one path for every stage, or ``{stage: path}`` /
+    ``["FILE", "STAGE=FILE", ...]`` (``data.data_files_for``). ``device``: where the model, its
+    batches and the evaluation run (None: where the model is built, the CPU).
     ``ctx``: expert parallelism (``parallel.init_ep``): every rank trains the pretraining and SFT
     stages on its expert shard; rank 0 alone aligns, evaluates and writes files (others return {}).
     ``stop_after``: leave after that many optimizer steps of this call (a time-sliced job; the next
-    call with ``resume=True`` continues); the report then has ``"complete": False``."""
+    call with ``resume=True`` continues); the report then has ``"complete": False``.
+    ``keep_last``: checkpoints kept per stage (the newest)."""
     main = ctx is None or ctx.is_main
-    log = log if main else (lambda *a, **k: None)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not stages:
+        raise ValueError("no stages to train: name at least one (e.g. --stages general)")
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but config.vocab_size is {config.vocab_size}")
+    files = data_files_for(data_file, [s.name for s in stages])
+    with rundir.locked(out_dir) if main else contextlib.nullcontext():
+        run = rundir.fingerprint(config, seed)
+        if main:
+            rundir.prepare(out_dir, run, resume=resume, overwrite=overwrite)
+        parallel.barrier(ctx)
+        return _run(Path(out_dir), config, stages, tokenizer, seed=seed, files=files, resume=resume,
+                    progress=progress, evaluate=evaluate, eval_kwargs=eval_kwargs, fp8=fp8, fp8_tasks=fp8_tasks,
+                    ctx=ctx, stop_after=stop_after, device=device, keep_last=keep_last, run=run,
+                    log=log if main else (lambda *a, **k: None))
+
+
+def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress, evaluate, eval_kwargs, fp8,
+         fp8_tasks, ctx, stop_after, device, keep_last, run, log) -> dict:
+    main = ctx is None or ctx.is_main
+    prepared = check_stage_data(stages, tokenizer, files, seed)      # every file, before any step
+    prev_dir = _earlier_stage_checkpoint(out, stages[0].name)
+    if stages[0].name == "align" and prev_dir is None:
+        raise ValueError(f"stage align starts from an SFT model, and {out} has none: add sft to --stages "
+                         "or resume the run that trained it")
+    if main:
+        _check_checkpoints(out, stages, prev_dir, run, resume)
+        rundir.record(out, run)
+    if prev_dir is not None:
+        log(f"[{stages[0].name}] starts from {prev_dir}")
     metrics = MetricsWriter(out / "metrics.jsonl")
     if main and not resume and metrics.path.exists():
         metrics.path.unlink()                      # a fresh run does not append to an old one
     parallel.barrier(ctx)
     report: dict = {"config": json.loads(config.to_json()), "seed": seed, "stages": []}
-    prev_dir = None
     pre_extension = None                            # the checkpoint the first YaRN phase started from
     t_start = time.perf_counter()
     for stage in stages:
@@ -106,17 +177,18 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
                 prev_dir, out, tokenizer, n_pairs=stage.n_pairs, eval_pairs=stage.eval_pairs, steps=stage.steps,
                 lr=stage.lr, micro_batch=stage.rows, max_len=stage.seq_len, beta=stage.beta, seed=seed,
                 warmup_steps=stage.warmup_steps, sft_weight=stage.sft_weight,
-                metrics=metrics, resume=resume, pairs_file=data_file)
+                metrics=metrics, resume=resume, pairs_file=files.get("align"), device=device)
             report["alignment"]["sft_weight"] = stage.sft_weight
         else:
-            ckpt = latest_checkpoint(sdir) if resume else None
-            model = load_model(ckpt) if ckpt is not None else _start_model(config, prev_dir, seed)
+            ckpt = usable_checkpoint(sdir, log) if resume else None
+            model = load_model(ckpt, device) if ckpt is not None else _start_model(config, prev_dir, seed, device)
             _apply_stage_rope(model, stage, fresh=ckpt is None)
             model = parallel.shard(model, ctx)
-            data = StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows, seed=seed, data_file=data_file)
+            data = prepared.get(stage.name) or StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows,
+                                                         seed=seed)
             before = 0 if ckpt is None else trainer_state(ckpt)["step"]
             train_stage(model, stage, data, sdir, metrics, resume=ckpt is not None, progress=progress, ctx=ctx,
-                        stop_after=stop_after)
+                        stop_after=stop_after, keep_last=keep_last, run=run)
             if stop_after is not None:
                 stop_after -= min(stage.steps, before + stop_after) - before
                 if not stage_done(sdir):
@@ -138,22 +210,22 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
     if evaluate and prev_dir is not None:
         from compass_model.train.evaluate import evaluate_model
         t0 = time.perf_counter()
-        model = load_model(prev_dir)
-        report["eval"] = evaluate_model(model, tokenizer, **(eval_kwargs or {}))
-        if pre_extension is not None:
+        model = load_model(prev_dir, device)
+        report["eval"] = evaluate_model(model, tokenizer, progress=progress, **(eval_kwargs or {}))
+        if pre_extension is not None and report["eval"]["long_context"]:
             report["eval"]["long_context"]["4x_without_extension"] = _without_extension(
-                pre_extension, tokenizer, eval_kwargs or {})
+                pre_extension, tokenizer, eval_kwargs or {}, device)
         report["router"] = _router_report(report["eval"], read_metrics(metrics.path))
         sft_dir = latest_checkpoint(stage_dir_for(out, "sft"))
         if sft_dir is not None and sft_dir != prev_dir:      # what alignment changed on the tasks
-            ev = evaluate_model(load_model(sft_dir), tokenizer, **{**(eval_kwargs or {}), "n_long": 0,
-                                                                     "n_speculative": 0})
+            ev = evaluate_model(load_model(sft_dir, device), tokenizer, progress=progress,
+                                desc="eval (SFT model)", **{**(eval_kwargs or {}), "n_long": 0, "n_speculative": 0})
             report["eval_sft"] = {k: ev[k] for k in ("accuracy", "per_language", "per_family")}
         report["eval_seconds"] = time.perf_counter() - t0
         if fp8:
             from compass_model.train.fp8_report import fp8_report
             t0 = time.perf_counter()
-            report["fp8"] = fp8_report(model, tokenizer, seed=seed,
+            report["fp8"] = fp8_report(model, tokenizer, seed=seed, progress=progress,
                                        n_tasks=fp8_tasks or (eval_kwargs or {}).get("n_tasks", 70))
             report["fp8_seconds"] = time.perf_counter() - t0
     _plots(out, read_metrics(metrics.path), report.get("eval"))
@@ -161,11 +233,11 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
     return report
 
 
-def _without_extension(checkpoint, tokenizer, eval_kwargs: dict) -> dict:
+def _without_extension(checkpoint, tokenizer, eval_kwargs: dict, device=None) -> dict:
     """4x retrieval of the model the YaRN phases started from, its RoPE simply run past the trained
     context (no YaRN, no long-context training): what the extension stages are measured against."""
     from compass_model.train.evaluate import long_context_eval
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, device)
     base = eval_kwargs.get("base_context", 256)
     if model.config.max_seq_len < 4 * base:
         model.set_rope(max_seq_len=4 * base)

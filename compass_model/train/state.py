@@ -4,41 +4,88 @@ A stage's checkpoints live in ``<out>/checkpoints/<stage>/``: each one is a dire
 holding ``model.safetensors`` + ``config.json`` (``save_pretrained``, loadable on its own) and
 ``trainer.pt`` (optimizer state, step, whether the stage finished, anything else the trainer keeps).
 It is written under a temporary name and renamed, then the ``LATEST`` file is replaced (write, then
-``os.replace``), then older step directories are removed. A kill at any point leaves ``LATEST``
-naming a complete checkpoint.
+``os.replace``), then step directories older than the newest ``keep_last`` are removed. A kill at
+any point leaves ``LATEST`` naming a complete checkpoint.
+
+A failed write (disk full, quota) removes the partial temporary directory and raises
+``CheckpointWriteError`` ("no space left on DIR"); ``LATEST`` and the previous checkpoints are untouched.
+The weights' safetensors header also stores the run's fingerprint (``run_of``; ``rundir.py``).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from compass_model.checkpoint import from_pretrained, save_pretrained
+from compass_model.checkpoint import CheckpointError, from_pretrained, load_weights, read_metadata, save_pretrained
 
 LATEST = "LATEST"
 TRAINER_NAME = "trainer.pt"
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the partial files are gone, earlier checkpoints are intact."""
+
+
+def _disk_full(e: BaseException, where: Path) -> bool:
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return True
+    text = str(e)       # safetensors (Rust) and torch.save's zip writer wrap the OS error in their own
+    if any(s in text for s in ("No space left", "os error 28", "Disk quota exceeded")):
+        return True
+    if "unexpected pos" in text or "file write failed" in text:
+        try:
+            return shutil.disk_usage(where).free < 64 << 20
+        except OSError:
+            return False
+    return False
+
+
+def _write_files(tmp: Path, model, state: dict, extra_files: dict | None, run: dict | None) -> None:
+    save_pretrained(model, tmp, metadata={"run": json.dumps(run)} if run is not None else None)
+    torch.save(state, tmp / TRAINER_NAME)
+    for fname, src in (extra_files or {}).items():
+        os.replace(src, tmp / fname)
 
 
 def save_checkpoint(stage_dir, model, optimizer, step: int, done: bool = False, extra: dict | None = None,
-                    extra_files: dict | None = None) -> Path:
+                    extra_files: dict | None = None, keep_last: int = 1, run: dict | None = None) -> Path:
     """Write the checkpoint of ``step`` finished optimizer steps; returns its directory.
     ``extra_files``: ``{name: path}`` of files already written (other ranks' optimizer states) that
-    are moved into the checkpoint before it becomes visible."""
+    are moved into the checkpoint before it becomes visible. ``keep_last``: how many of the newest
+    step directories stay (older ones are removed). ``run``: the run's fingerprint (stored in
+    the weights' header, ``run_of``)."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = stage_dir / f".tmp-{name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_pretrained(model, tmp)
     state = {"step": step, "done": done, "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "extra": extra or {}}
-    torch.save(state, tmp / TRAINER_NAME)
-    for fname, src in (extra_files or {}).items():
-        os.replace(src, tmp / fname)
+    try:
+        _write_files(tmp, model, state, extra_files, run)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            prev = latest_checkpoint(stage_dir)
+        except OSError:
+            prev = None
+        kept = f"; {prev} is intact" if prev is not None else ""
+        if _disk_full(e, stage_dir):
+            err = CheckpointWriteError(f"no space left on {stage_dir} while writing checkpoint {name}{kept}: "
+                                       "free space (or lower --keep-last), then rerun with --resume")
+            err.errno = errno.ENOSPC
+            raise err from e
+        raise
     final = stage_dir / name
     if final.exists():                      # re-saving the same step (e.g. marking a stage done)
         shutil.rmtree(final)
@@ -46,9 +93,10 @@ def save_checkpoint(stage_dir, model, optimizer, step: int, done: bool = False, 
     pointer = stage_dir / f".{LATEST}.tmp"
     pointer.write_text(name + "\n")
     os.replace(pointer, stage_dir / LATEST)
-    for old in stage_dir.glob("step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
+    older = sorted((p for p in stage_dir.glob("step-*") if p.name <= name), reverse=True)
+    newer = [p for p in stage_dir.glob("step-*") if p.name > name]     # an abandoned later timeline
+    for old in older[keep_last:] + newer:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -65,7 +113,47 @@ def latest_checkpoint(stage_dir) -> Path | None:
 
 def trainer_state(checkpoint_dir) -> dict:
     # our own file (optimizer tensors and plain Python values): weights_only keeps pickle code out
-    return torch.load(Path(checkpoint_dir) / TRAINER_NAME, map_location="cpu", weights_only=True)
+    path = Path(checkpoint_dir) / TRAINER_NAME
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state ({e}); the file is damaged") from e
+
+
+def run_of(checkpoint_dir) -> dict | None:
+    """The run fingerprint stored with a checkpoint (None for one saved outside a run)."""
+    text = read_metadata(checkpoint_dir).get("run")
+    return json.loads(text) if text else None
+
+
+def usable_checkpoint(stage_dir, log=None) -> Path | None:
+    """The newest checkpoint of ``stage_dir`` whose files verify (weights digest, trainer state), or
+    None. A damaged newer one is renamed ``.damaged-step-N`` and ``LATEST`` moves back to the one
+    used, so that everything after (optimizer state, metrics truncation) agrees on it."""
+    stage_dir = Path(stage_dir)
+    try:
+        latest = latest_checkpoint(stage_dir)
+    except FileNotFoundError:
+        latest = None
+    steps = sorted(stage_dir.glob("step-*"), reverse=True)
+    for path in ([latest] if latest is not None else []) + [p for p in steps if p != latest]:
+        try:
+            load_weights(path)
+            trainer_state(path)
+        except (CheckpointError, FileNotFoundError) as e:
+            if log is not None:
+                log(f"checkpoint {path} is unusable ({e}); trying an older one")
+            os.replace(path, path.with_name(f".damaged-{path.name}"))
+            continue
+        if path != latest:
+            pointer = stage_dir / f".{LATEST}.tmp"
+            pointer.write_text(path.name + "\n")
+            os.replace(pointer, stage_dir / LATEST)
+        return path
+    if latest is not None or steps:
+        raise CheckpointError(f"{stage_dir}: no checkpoint of this stage verifies; rerun without --resume "
+                              "(--overwrite) or restore the files")
+    return None
 
 
 def stage_done(stage_dir) -> bool:
@@ -75,3 +163,33 @@ def stage_done(stage_dir) -> bool:
 
 def load_model(checkpoint_dir, device=None):
     return from_pretrained(checkpoint_dir, device)
+
+
+def resolve_checkpoint(path, stages=None) -> Path:
+    """What ``--checkpoint`` may name: a model directory (``model.safetensors`` + ``config.json``), a
+    stage directory (its ``LATEST``), or a run directory (``--out`` of ``compass train``: the final
+    checkpoint in ``report.json``, else the latest of its last trained stage in recipe order)."""
+    from compass_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from compass_model.train.stages import STAGES
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file():
+        return p
+    if (p / LATEST).is_file():
+        return latest_checkpoint(p)
+    report = p / "report.json"
+    if report.is_file():
+        import json
+        try:
+            final = json.loads(report.read_text()).get("final_checkpoint")
+        except (ValueError, AttributeError):
+            final = None
+        if final and (Path(final) / WEIGHTS_NAME).is_file():
+            return Path(final)
+    ckpts = p / "checkpoints"
+    for name in reversed(stages or STAGES):
+        if (ckpts / name / LATEST).is_file():
+            return latest_checkpoint(ckpts / name)
+    raise FileNotFoundError(f"{p} holds no checkpoint: give a model directory (model.safetensors + config.json), "
+                            "a stage directory with LATEST, or the --out directory of compass train")

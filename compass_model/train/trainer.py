@@ -20,12 +20,8 @@ from compass_model.moe import aux_loss_coefficient
 from compass_model.train import parallel
 from compass_model.train.metrics import MetricsWriter, read_metrics
 from compass_model.train.schedule import lr_at
+from compass_model.train.progress import progress as counter_for
 from compass_model.train.state import latest_checkpoint, save_checkpoint, trainer_state
-
-try:  # progress bars are a nicety; the trainer runs without them
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover
-    tqdm = None
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -82,7 +78,8 @@ def accumulate_gradients(model, micro: list, stage, step: int, ctx=None):
 
 
 def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = None, *, resume: bool = False,
-                progress: bool = True, stop_after: int | None = None, ctx=None) -> dict:
+                progress: bool = True, stop_after: int | None = None, ctx=None, keep_last: int = 2,
+                run: dict | None = None) -> dict:
     """Run ``stage.steps`` optimizer steps of ``stage`` on ``model`` (in place), reading
     ``data.micro_batches(step, stage.grad_accum)``; checkpoints go to ``stage_dir``.
 
@@ -90,6 +87,7 @@ def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = N
     caller builds ``model`` from that checkpoint (``state.load_model``). ``stop_after``: return after
     that many steps of this call (tests simulate a killed run with it). ``ctx``: expert parallelism
     (``parallel.py``; ``model`` is the EP-sharded model, rank 0 writes metrics and checkpoints).
+    ``keep_last``: checkpoints kept (the newest); ``run``: the run's fingerprint, stored in each.
     Returns ``{"name", "steps", "loss_first", "loss_last", "seconds"}`` from the stage's metrics."""
     parallel.check_rows(stage, ctx)
     main = ctx is None or ctx.is_main
@@ -106,8 +104,7 @@ def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = N
         metrics.truncate_after(stage.name, start)          # steps past the checkpoint run again
     model.train()
     end = stage.steps if stop_after is None else min(stage.steps, start + stop_after)
-    bar = tqdm(total=stage.steps, initial=start, desc=f"{stage.name:>12}", leave=False,
-               disable=not (progress and main)) if tqdm is not None else None
+    bar = counter_for(stage.steps, f"{stage.name:>12}", enabled=progress and main, initial=start)
     for step in range(start, end):
         t0 = time.perf_counter()
         lr = lr_at(step, stage.steps, stage.lr, stage.warmup_steps, stage.min_lr_ratio)
@@ -131,17 +128,15 @@ def train_stage(model, stage, data, stage_dir, metrics: MetricsWriter | None = N
         last = step + 1 == stage.steps
         if (step + 1) % stage.save_every == 0 or last:
             if ctx is None:
-                save_checkpoint(stage_dir, model, opt, step + 1, done=last)
+                save_checkpoint(stage_dir, model, opt, step + 1, done=last, keep_last=keep_last, run=run)
             else:
                 parallel.save_ep_checkpoint(stage_dir, model, opt, step + 1, last, ctx)
-        if bar is not None:
-            bar.set_postfix(loss=f"{totals['loss']:.3f}")
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.set_postfix(loss=f"{totals['loss']:.3f}")
+        bar.update(1)
+    bar.close()
     if stage.steps == 0 and latest_checkpoint(stage_dir) is None:
         if ctx is None:
-            save_checkpoint(stage_dir, model, opt, 0, done=True)
+            save_checkpoint(stage_dir, model, opt, 0, done=True, run=run)
         else:
             parallel.save_ep_checkpoint(stage_dir, model, opt, 0, True, ctx)
     return stage_summary(stage.name, read_metrics(metrics.path) if metrics is not None else [])

@@ -1,0 +1,28 @@
+"""NVTX ranges that work with or without the ``nvtx`` package.
+
+``nvtx`` (NVIDIA's Python package: domains, colours) is optional. Without it, ranges go to
+``torch.cuda.nvtx`` on a CUDA build of torch (``domain/name``), and are no-ops on a CPU build.
+Use ``nvtx.annotate(name, domain=...)`` as with the package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class _TorchNvtx:
+    """The ``annotate`` subset of the nvtx package, on torch.cuda.nvtx (or nothing)."""
+
+    @staticmethod
+    def annotate(message: str, domain: str | None = None, **_):
+        if torch.version.cuda is None:  # CPU build of torch: its nvtx stubs raise
+            return contextlib.nullcontext()
+        return torch.cuda.nvtx.range(f"{domain}/{message}" if domain else message)
+
+
+try:
+    import nvtx  # noqa: F401
+except ImportError:
+    nvtx = _TorchNvtx()
