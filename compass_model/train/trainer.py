@@ -5,7 +5,9 @@ atomic per-step checkpoints (``state.py``), resumable.
 Global token normalisation: an optimizer step of M micro-batches divides every micro-batch's
 summed token loss by ``N = sum over all M of the loss-mask weights``, so the gradient is the mean
 over the step's tokens however they fall into micro-batches (not a mean of per-batch means, which
-over-weights short batches). The MTP, aux and z terms are per-batch means and are averaged over M.
+over-weights short batches). The MTP term is normalised by the same N (its token sums over the
+step's LM token count), so it too adds up across micro-batches and EP ranks; the aux and z terms are
+per-batch means and are averaged over M.
 """
 
 from __future__ import annotations
@@ -64,11 +66,12 @@ def accumulate_gradients(model, micro: list, stage, step: int, ctx=None):
         with _autocast(model, stage.precision):
             out = model(**_to(b, device), num_tokens=max(n_tokens, 1.0))
         ls = out.losses
-        loss = ls["lm"] + (w_mtp * ls["mtp"] + alpha * ls["aux"] + c.z_loss_coef * ls["z"]) / M
+        loss = ls["lm"] + w_mtp * ls["mtp"] + (alpha * ls["aux"] + c.z_loss_coef * ls["z"]) / M
         loss.backward()
         totals["loss"] += float(loss.detach())
         totals["lm"] += float(ls["lm"].detach())
-        for k in ("mtp", "aux", "z"):
+        totals["mtp"] += float(ls["mtp"].detach())
+        for k in ("aux", "z"):
             totals[k] += float(ls[k].detach()) / M
         trunk = out.router_stats[:n_trunk]
         if trunk:
