@@ -121,24 +121,71 @@ def _poison_enabled() -> bool:
     return os.environ.get("COMPASS_POISON", "0") == "1"
 
 
+# Infra dispatch modes of torch's tracers (make_fx's proxy mode, fake tensors, functionalization),
+# and the packages whose torch-function modes trace (make_fx's pre-dispatch modes, torch.export).
+_TRACER_DISPATCH_KEYS = tuple(getattr(torch._C._TorchDispatchModeKey, k) for k in ("FAKE", "PROXY", "FUNCTIONAL"))
+_TRACER_FUNCTION_MODULES = ("torch.fx.", "torch._export", "torch.export", "torch._dynamo", "torch._functorch",
+                            "torch._subclasses", "torch._higher_order_ops")
+
+
 def tracing() -> bool:
-    """Whether something other than plain eager execution sees our calls: dynamo, jit tracing, a
-    dispatch or function mode (make_fx, fake tensors) or a functorch transform. Value checks that
-    read tensors are skipped then (the values are not there)."""
-    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-                or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active())
+    """Whether tensor values are unavailable because something traces our calls: dynamo, jit
+    tracing, make_fx (proxy and pre-dispatch modes), torch.export, fake or functional tensor modes,
+    or a functorch transform. Value checks that read tensors are skipped only then; an ordinary
+    mode such as ``with torch.device("cpu"):`` or a user's dispatch mode keeps them."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return True
+    if torch._C._len_torch_dispatch_stack() and any(
+            torch._C._get_dispatch_mode(k) is not None for k in _TRACER_DISPATCH_KEYS):
+        return True
+    if torch._C._is_torch_function_mode_enabled():
+        from torch.overrides import _get_current_function_mode_stack
+
+        return any(type(m).__module__.startswith(_TRACER_FUNCTION_MODULES) for m in _get_current_function_mode_stack())
+    return False
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether a value check may read ``t`` here: not tracing, real data (not meta or fake), and a
+    CPU tensor (free to read) or COMPASS_CHECK=1 (a device read synchronises)."""
+    if t.is_meta or tracing() or not (t.device.type == "cpu" or _check_values()):
+        return False
+    return type(t) in (torch.Tensor, torch.nn.Parameter) or not _is_fake(t)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def eager(*tensors) -> bool:
     """Whether an op may call its implementation directly instead of through its torch.library
-    custom op: not tracing(), plain tensors (None allowed), and no gradient to record. Graphs, fake
-    tensors and autograd see the custom op; the direct call skips its dispatcher, autograd and
-    dynamo wrappers, ~60 us per op when a large MoE step has evicted that code from the caches
-    (3-5 us hot)."""
-    if tracing():
+    custom op: plain execution (no tracer, dispatch mode or function mode), plain tensors (None
+    allowed) with data (not meta), and no gradient to record. Graphs, fake tensors, meta tensors,
+    modes and autograd see the custom op; the direct call skips its dispatcher, autograd and dynamo
+    wrappers, ~60 us per op when a large MoE step has evicted that code from the caches (3-5 us hot)."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
         return False
     grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
+    return all(t is None or (type(t) is torch.Tensor and not t.is_meta and not (grad and t.requires_grad))
+               for t in tensors)
+
+
+def reject_func_grad(op: str, *tensors) -> None:
+    """torch.library custom ops differentiate under torch.autograd only: under torch.func.grad (vjp,
+    jacrev) their autograd fails with an error about autograd.Function.setup_context. Name the op
+    and the alternative instead. (vmap and jvp work; under torch.compile nothing is raised here.)"""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return
+    grad = torch._C._functorch.TransformType.Grad
+    if any(i.key() == grad for i in torch._C._functorch.get_interpreter_stack() or ()) and any(
+            t is not None and t.requires_grad for t in tensors):
+        raise NotImplementedError(
+            f"compass_kernels.{op} cannot be differentiated by torch.func.grad / vjp / jacrev (its gradient is "
+            f"registered for torch.autograd only); use torch.autograd.grad, with create_graph=True for "
+            f"higher-order gradients")
 
 
 def empty(*shape, dtype: torch.dtype, device) -> torch.Tensor:

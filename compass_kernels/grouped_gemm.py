@@ -19,6 +19,7 @@ _backend.register("grouped_gemm", "torch", "cpu", "triton", "cuda")
 _backend.register("grouped_gemm_wgrad", "torch", "cpu", "triton", "cuda")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _check(x, w, offsets, trans_b: bool) -> None:
@@ -52,7 +53,7 @@ def _check(x, w, offsets, trans_b: bool) -> None:
 def check_offset_values(offsets: torch.Tensor, M: int) -> None:
     """Value checks that read ``offsets``: eager CPU tensors only (free there), or GPU tensors with
     COMPASS_CHECK=1 (they synchronise); never under torch.compile or another tracer."""
-    if _ext.tracing() or not (offsets.device.type == "cpu" or _ext._check_values()):
+    if not _ext.values_readable(offsets):
         return
     if offsets.numel() and (offsets.diff() < 0).any():
         raise ValueError(f"offsets must be non-decreasing, got {offsets.tolist()}")
@@ -160,10 +161,21 @@ def _wgrad_cpu(x, dy, offsets, num_groups: int, trans_b: bool) -> torch.Tensor:
             done[e] = True
         else:
             g, m = rest
-            torch.bmm(_pair(a_, s, b[g], m).transpose(1, 2), _pair(b_, s, b[g], m), out=_pair(dw, e, g))
-            for h in (e, g):
-                if b[h + 1] - b[h] > m:
-                    dw[h].addmm_(a_[b[h] + m: b[h + 1]].t(), b_[b[h] + m: b[h + 1]])
+            if x.dtype in _HALF and b[e + 1] - s != b[g + 1] - b[g]:
+                # Unequal 16-bit groups: adding the longer group's extra rows to a product already
+                # rounded to 16 bits would round twice. Both groups go zero-padded into one buffer
+                # (an O(rows * (K + N)) copy) and one bmm, so each dw[h] is summed in fp32 and rounded once.
+                m = max(b[e + 1] - s, b[g + 1] - b[g])
+                pa, pb = a_.new_zeros(2, m, a_.shape[1]), b_.new_zeros(2, m, b_.shape[1])
+                for i, h in enumerate((e, g)):
+                    pa[i, : b[h + 1] - b[h]] = a_[b[h]: b[h + 1]]
+                    pb[i, : b[h + 1] - b[h]] = b_[b[h]: b[h + 1]]
+                torch.bmm(pa.transpose(1, 2), pb, out=_pair(dw, e, g))
+            else:  # equal sizes, or fp32 / fp64 partial sums (rounded in the accumulation precision)
+                torch.bmm(_pair(a_, s, b[g], m).transpose(1, 2), _pair(b_, s, b[g], m), out=_pair(dw, e, g))
+                for h in (e, g):
+                    if b[h + 1] - b[h] > m:
+                        dw[h].addmm_(a_[b[h] + m: b[h + 1]].t(), b_[b[h] + m: b[h + 1]])
             done[e] = done[g] = True
     for e in range(num_groups):
         if not done[e]:
@@ -302,6 +314,27 @@ def _backward(ctx, dy):
 _gemm_op.register_autograd(_backward, setup_context=_setup)
 
 
+def _wgrad_setup(ctx, inputs, output):
+    x, dy, offsets, num_groups, trans_b = inputs
+    ctx.trans_b = trans_b
+    ctx.save_for_backward(x, dy, offsets)
+
+
+def _wgrad_backward(ctx, g):
+    """Double backward: dw[e] = x_e^T dy_e gives d x_e = dy_e g_e^T and d dy_e = x_e g_e (with trans_b,
+    dw[e] = dy_e^T x_e: d x_e = dy_e g_e and d dy_e = x_e g_e^T); both are grouped GEMMs."""
+    x, dy, offsets = ctx.saved_tensors
+    dx = ddy = None
+    if ctx.needs_input_grad[0]:
+        dx = _gemm_op(dy, g, offsets, not ctx.trans_b)
+    if ctx.needs_input_grad[1]:
+        ddy = _gemm_op(x, g, offsets, ctx.trans_b)
+    return dx, ddy, None, None, None
+
+
+_wgrad_op.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
+
+
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, trans_b: bool = False) -> torch.Tensor:
     """``x [M, K]``, ``w [E, K, N]`` (``[E, N, K]`` with ``trans_b=True``, the nn.Linear layout),
     ``offsets [E + 1]`` int64 -> ``y [M, N]`` with ``y[offsets[e]:offsets[e+1]] = x[...] @ w[e]``.
@@ -309,4 +342,5 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, tra
     fp32 accumulation for fp32/bf16/fp16 (fp64 for fp64); rows outside the groups are zero.
     """
     _check(x, w, offsets, trans_b)
+    _ext.reject_func_grad("grouped_gemm", x, w)
     return (_gemm_impl if _ext.eager(x, w, offsets) else _gemm_op)(x, w, offsets, trans_b)

@@ -21,12 +21,21 @@ point, the two produce the same iterates (tests compare them after a fixed numbe
 from __future__ import annotations
 
 import math
-import os
+import warnings
 
 import torch
 
 from compass_kernels import _backend, _ext
-from compass_kernels.ot_ref import COST_SCALES, otpo_weights_from_plan, otpo_weights_ref, sinkhorn_ref
+from compass_kernels.ot_ref import (
+    COST_SCALES,
+    nonfinite_pairs,
+    otpo_mark_nonfinite,
+    otpo_nonfinite_pairs,
+    otpo_weights_from_plan,
+    otpo_weights_ref,
+    sinkhorn_ref,
+    sinkhorn_residual,
+)
 
 __all__ = ["sinkhorn", "otpo_weights"]
 
@@ -46,9 +55,7 @@ _MASS_RTOL = 1e-3
 def _reads_ok(t: torch.Tensor) -> bool:
     """Value checks read data: eagerly on CPU tensors, on GPU only with COMPASS_CHECK=1, never
     while compiling or under another tracer."""
-    if _ext.tracing() or t.numel() == 0:
-        return False
-    return t.device.type == "cpu" or os.environ.get("COMPASS_CHECK", "0") == "1"
+    return t.numel() > 0 and _ext.values_readable(t)
 
 
 def _check_tensor(name: str, t, dim: int, what: str) -> None:
@@ -180,6 +187,9 @@ def _sinkhorn_impl(cost, a, b, eps, tau, max_iter, tol, check_every):
     if backend == "torch" or cost.numel() == 0:
         return sinkhorn_ref(cost, a, b, eps, tau, max_iter, tol, check_every)
     plan, iters = _sinkhorn_kernel(backend, cost, a, b, eps, tau, max_iter, tol, check_every)
+    if backend == "triton":  # NaN in, NaN out as in the reference (the cpu kernel does it in its setup pass)
+        bad = nonfinite_pairs(cost, a, b)
+        plan, iters = torch.where(bad[:, None, None], float("nan"), plan), torch.where(bad, 0, iters)
     return plan.to(cost.dtype), iters
 
 
@@ -284,8 +294,12 @@ def _(cost, a, b, eps, tau, max_iter, tol, check_every):
 def _otpo_op(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,
              mask_rejected: torch.Tensor, eps: float, tau: float, max_iter: int, tol: float,
              check_every: int, cost_scale: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
-    return _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every,
-                      cost_scale)
+    w_c, w_r = _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every,
+                          cost_scale)
+    if _backend.resolve("otpo_weights", h_chosen.device) != "triton":  # torch and cpu do it themselves
+        return w_c, w_r
+    bad = otpo_nonfinite_pairs(h_chosen, h_rejected, mask_chosen, mask_rejected)  # NaN in, NaN out
+    return otpo_mark_nonfinite(w_c, w_r, bad, mask_chosen, mask_rejected)
 
 
 @_otpo_op.register_fake
@@ -314,8 +328,16 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, eps: float
 
     The plan has cost's dtype. Precision: torch computes in float64; cpu keeps K in the input's
     precision (fp32 for half inputs) and potentials, scalings and sums in float64; triton computes
-    in the input's precision (fp32 for half inputs). Not differentiable: inputs are detached. With
-    ``return_iters=True`` also returns ``iters [B] int32``, the iterations each pair ran.
+    in the input's precision (fp32 for half inputs). Not differentiable: inputs are detached.
+
+    ``return_iters=True`` also returns ``iters [B] int32``, the iterations each pair ran: ``max_iter``
+    means the pair stopped on the limit, not on ``tol``. Then, if the plan's residual (the change one
+    more iteration would make, ``ot_ref.sinkhorn_residual``) is still >= tol, one RuntimeWarning
+    per call names the pair count and the worst residual, like POT (none with tol = 0: a fixed
+    iteration count) (CPU tensors; on GPU only with
+    COMPASS_CHECK=1, as reading iters synchronises). NaN stays visible: a pair with a NaN or -inf
+    cost between entries with mass, or with invalid masses that could not be checked (GPU, tracing),
+    gets an all-NaN plan and iters 0 on every backend.
     """
     eps = _check_scalar("eps", eps)
     tau = _check_scalar("tau", tau, allow_none=True, allow_inf=True)
@@ -324,7 +346,35 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, eps: float
     max_iter, tol, check_every = _check_solver_args(max_iter, tol, check_every)
     _check_sinkhorn_args(cost, a, b, tau)
     plan, iters = _sinkhorn_op(cost.detach(), a.detach(), b.detach(), eps, tau, max_iter, tol, check_every)
+    _warn_unconverged(plan, iters, cost, a, b, eps, tau, max_iter, tol)
     return (plan, iters) if return_iters else plan
+
+
+def _warn_unconverged(plan, iters, cost, a, b, eps, tau, max_iter, tol) -> None:
+    """One RuntimeWarning per call when a pair ran all max_iter iterations and its plan is still
+    ``tol`` or more from convergence (``ot_ref.sinkhorn_residual``). Reads iters: CPU tensors
+    eagerly, GPU only with COMPASS_CHECK=1 (a sync), never under a tracer."""
+    if tol == 0 or not _reads_ok(iters):  # tol = 0 asks for exactly max_iter iterations
+        return
+    out = iters >= max_iter
+    if not bool(out.any()):
+        return
+    res = sinkhorn_residual(plan[out], cost[out].detach(), a[out].detach(), b[out].detach(), eps, tau)
+    late = res >= tol
+    if not bool(late.any()):
+        return
+    worst = int(torch.where(late, res, -1.0).argmax())
+    pair = int(out.nonzero()[worst].item())
+    rows = plan[out][worst].double().sum(-1)
+    aw = a[out][worst].double()
+    msg = (f"sinkhorn did not converge: {int(late.sum())} of {iters.numel()} pairs still had a residual >= tol = "
+           f"{tol:g} after max_iter = {max_iter} iterations (worst: pair {pair}, residual {res[worst].item():.3g}")
+    if tau is None:
+        pos = aw > 0
+        gap = ((rows[pos] - aw[pos]).abs() / aw[pos]).max().item() if bool(pos.any()) else 0.0
+        msg += f", row marginals off by up to {100 * gap:.3g}%"
+    warnings.warn(msg + "). Raise max_iter or eps, or scale the cost down; return_iters=True shows the "
+                  "iterations each pair ran.", RuntimeWarning, stacklevel=3)
 
 
 def otpo_weights(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,

@@ -30,6 +30,11 @@ its positive-mass entries, the largest relative change of the scalings u, v over
 ``err < tol``. POT's unbalanced criterion divides |du| by max(|u|, 1), which is never larger, so
 this one is at least as strict. ``iters[b]`` counts the iterations pair b ran; a converged pair's
 potentials are frozen while the others continue.
+
+Invalid numbers stay visible: a pair whose cost is NaN or -inf where both marginals have mass, or
+whose a or b holds a NaN, infinite or negative mass, gets an all-NaN plan and ``iters = 0`` (the
+public ``sinkhorn`` raises on bad masses first where it can read them). +inf costs are allowed:
+they forbid transport. ``sinkhorn_residual`` measures how far a returned plan is from convergence.
 """
 
 from __future__ import annotations
@@ -58,6 +63,42 @@ def _change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     return d.amax(-1)
 
 
+def nonfinite_pairs(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """[B] bool: pairs whose plan is NaN (see the module docstring). Elementwise, no host sync."""
+    live = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+    bad_cost = ((cost.isnan() | (cost == _NEG_INF)) & live).flatten(1).any(-1)
+    bad_mass = ((a < 0) | ~a.isfinite()).any(-1) | ((b < 0) | ~b.isfinite()).any(-1)
+    return bad_cost | bad_mass
+
+
+def sinkhorn_residual(plan: torch.Tensor, cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float,
+                      tau: float | None) -> torch.Tensor:
+    """[B] float64: the convergence measure (max |df|, |dg| / eps) that one more iteration would
+    show, from a plan whose last half-step updated g (every backend ends that way).
+
+    The plan gives the potentials' effect: P 1 = exp(f / eps) * sum_j exp((g_j - C_ij) / eps) and,
+    when unbalanced, g / eps = fi / (1 - fi) * log(b / P^T 1). The next f / eps is fi * (log a - L)
+    with L = LSE_j((g_j - C_ij) / eps), so the change is |fi log a + (1 - fi) L - log P 1|; balanced
+    (fi = 1) that is |log(a / P 1)|, the relative violation of the row marginals. Rows with mass but
+    no finite cost to a column with mass are exactly zero at the fixed point and are skipped; a row or
+    column whose plan entries all underflowed to zero gives an infinite residual.
+    """
+    fi = _fi(eps, tau)
+    P, C = plan.to(torch.float64), cost.to(torch.float64)
+    a, b = a.to(torch.float64), b.to(torch.float64)
+    rows = P.sum(-1)                                                  # [B, n]
+    reach = ((C < float("inf")) & (b > 0)[:, None, :]).any(-1) & (a > 0)
+    if fi < 1:
+        g = fi / (1 - fi) * (b.log() - P.sum(-2).log())               # g / eps, [B, m]
+        g = torch.where(b > 0, g, _NEG_INF)
+        lse = torch.logsumexp(g[:, None, :] - C / eps, dim=-1)        # [B, n]
+        d = fi * a.log() + (1 - fi) * lse - rows.log()
+    else:
+        d = a.log() - rows.log()
+    d = torch.where(reach, d.abs().nan_to_num(nan=float("inf"), posinf=float("inf")), 0.0)
+    return d.amax(-1) if d.shape[-1] else d.new_zeros(d.shape[0])
+
+
 def sinkhorn_ref(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, tau: float | None = None,
                  max_iter: int = 1000, tol: float = 1e-6, check_every: int = 10):
     """cost [B, n, m], a [B, n], b [B, m] -> (plan [B, n, m] in cost's dtype, iters [B] int32).
@@ -72,14 +113,16 @@ def sinkhorn_ref(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: floa
     iters = torch.zeros(B, dtype=torch.int32, device=cost.device)
     if B == 0 or n == 0 or m == 0:
         return cost.new_zeros(B, n, m), iters
-    C = cost.to(torch.float64)
+    live = (a > 0)[:, :, None] & (b > 0)[:, None, :]
+    C = torch.where(live, cost.to(torch.float64), 0.0)                # costs of zero-mass entries: never read
     log_a = a.to(torch.float64).log()                                 # [B, n], -inf on zero mass
     log_b = b.to(torch.float64).log()                                 # [B, m]
     fi = _fi(eps, tau)
     Ct = C.transpose(1, 2)
     f = torch.where(log_a > _NEG_INF, 0.0, _NEG_INF)                  # [B, n]
     g = torch.where(log_b > _NEG_INF, 0.0, _NEG_INF)                  # [B, m]
-    done = ~((a > 0).any(-1) & (b > 0).any(-1))                       # [B] empty sides: zero plan
+    bad = nonfinite_pairs(cost, a, b)                                 # [B] NaN plans, not solved
+    done = ~((a > 0).any(-1) & (b > 0).any(-1)) | bad                 # [B] empty sides: zero plan
     host_exit = cost.device.type == "cpu"
     for it in range(1, max_iter + 1):
         f_new = _half_step(log_a, g, C, eps, fi)
@@ -98,6 +141,7 @@ def sinkhorn_ref(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: floa
     plan = torch.exp((f[:, :, None] + g[:, None, :] - C) / eps)
     has_mass = ((a > 0).any(-1) & (b > 0).any(-1))[:, None, None]
     plan = torch.where(has_mass, plan, 0.0)
+    plan = torch.where(bad[:, None, None], float("nan"), plan)
     return plan.to(cost.dtype), iters
 
 
@@ -139,6 +183,23 @@ def otpo_cost_ref(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen:
     return torch.where(valid, C / scale[:, None, None], 0.0)
 
 
+def otpo_nonfinite_pairs(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,
+                         mask_rejected: torch.Tensor) -> torch.Tensor:
+    """[B] bool: pairs with a NaN or infinite hidden state on a valid token. Their weights are NaN on
+    valid tokens (0 on masked ones, whose content never matters). Elementwise, no host sync."""
+    bad_c = (~h_chosen.isfinite()).any(-1) & mask_chosen
+    bad_r = (~h_rejected.isfinite()).any(-1) & mask_rejected
+    return bad_c.any(-1) | bad_r.any(-1)
+
+
+def otpo_mark_nonfinite(w_c: torch.Tensor, w_r: torch.Tensor, bad: torch.Tensor, mask_chosen: torch.Tensor,
+                        mask_rejected: torch.Tensor):
+    """The ``bad`` pairs' ([B] bool) weights: NaN on valid tokens, 0 on masked ones; the rest unchanged."""
+    nan, bad = float("nan"), bad[:, None]
+    return (torch.where(bad, torch.where(mask_chosen, nan, 0.0), w_c),
+            torch.where(bad, torch.where(mask_rejected, nan, 0.0), w_r))
+
+
 def otpo_weights_from_plan(plan: torch.Tensor, mask_chosen: torch.Tensor, mask_rejected: torch.Tensor):
     """plan [B, L, L] -> (w_chosen [B, L], w_rejected [B, L]), float64 (sums accumulated in it).
 
@@ -166,5 +227,7 @@ def otpo_weights_ref(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chos
     plan, _ = sinkhorn_ref(C, mask_chosen.to(torch.float64), mask_rejected.to(torch.float64), eps, tau,
                            max_iter, tol, check_every)
     w_c, w_r = otpo_weights_from_plan(plan, mask_chosen, mask_rejected)
+    bad = otpo_nonfinite_pairs(h_chosen, h_rejected, mask_chosen, mask_rejected)
+    w_c, w_r = otpo_mark_nonfinite(w_c, w_r, bad, mask_chosen, mask_rejected)
     out = torch.float64 if h_chosen.dtype == torch.float64 else torch.float32
     return w_c.to(out), w_r.to(out)

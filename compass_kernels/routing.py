@@ -51,6 +51,30 @@ class RoutingPlan:
     topk: int
     num_experts: int
 
+    def __post_init__(self):
+        """Checks a hand-built plan's tensors (the kernels index them as contiguous int64 arrays)
+        and copies any that are not contiguous."""
+        T, k, E = self.num_tokens, self.topk, self.num_experts
+        r, n, o = self.row_id_map, self.tokens_per_expert, self.expert_offsets
+        i64 = torch.int64
+        if (isinstance(r, torch.Tensor) and isinstance(n, torch.Tensor) and isinstance(o, torch.Tensor)
+                and r.dtype is i64 and n.dtype is i64 and o.dtype is i64 and r.shape == (T, k) and n.shape == (E,)
+                and o.shape == (E + 1,) and r.is_contiguous() and n.is_contiguous() and o.is_contiguous()
+                and r.get_device() == n.get_device() == o.get_device() and r.is_meta == n.is_meta == o.is_meta
+                and r.is_cpu == n.is_cpu == o.is_cpu):
+            return  # what route returns: nothing to check further (about 1 us)
+        for name, shape in (("row_id_map", (T, k)), ("tokens_per_expert", (E,)), ("expert_offsets", (E + 1,))):
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor) or t.dtype != i64:
+                raise TypeError(f"RoutingPlan.{name} must be an int64 tensor, got {getattr(t, 'dtype', type(t))}")
+            if tuple(t.shape) != shape:
+                raise ValueError(f"RoutingPlan.{name} must have shape {list(shape)} (num_tokens, topk, num_experts), "
+                                 f"got {list(t.shape)}")
+            if t.device != self.row_id_map.device:
+                raise ValueError(f"RoutingPlan.{name} is on {t.device} but row_id_map is on {self.row_id_map.device}")
+            if not t.is_contiguous():
+                object.__setattr__(self, name, t.contiguous())
+
 
 # ---------------------------------------------------------------------------------------------
 # validation (names the argument and what was expected)
@@ -63,17 +87,14 @@ def _check_topk_ids(topk_ids, num_experts: int) -> None:
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be 2-D [T, k], got shape {tuple(topk_ids.shape)}")
-    if _ext.tracing() or topk_ids.numel() == 0:
+    if topk_ids.numel() == 0 or not _ext.values_readable(topk_ids):
         return
     if topk_ids.device.type == "cpu" and _backend.resolve("route", topk_ids.device) == "cpu":
         return  # the kernel checks every id in its counting pass, with the same message
-    if topk_ids.device.type == "cpu" or _ext._check_values():
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < -1 or hi >= num_experts:
-            bad = lo if lo < -1 else hi
-            raise ValueError(
-                f"topk_ids must hold values in [-1, num_experts) = [-1, {num_experts}), found {bad}"
-            )
+    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    if lo < -1 or hi >= num_experts:
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"topk_ids must hold values in [-1, num_experts) = [-1, {num_experts}), found {bad}")
 
 
 def _check_plan(plan) -> None:
@@ -104,8 +125,13 @@ def _check_rows(name: str, t, rows, device) -> None:
 
 
 def _rowmajor(t: torch.Tensor) -> torch.Tensor:
-    """Kernels take a row stride but need unit stride along the hidden dim."""
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+    """Kernels take a row stride but need unit stride along the hidden dim and rows that do not
+    overlap: anything else (a transposed view, an expanded stride-0 tensor such as the gradient of
+    ``.sum()``) is copied first."""
+    if t.is_contiguous():
+        return t
+    rows_ok = t.shape[0] <= 1 or t.stride(0) >= t.shape[1]
+    return t if rows_ok and (t.stride(-1) == 1 or t.shape[-1] <= 1) else t.contiguous()
 
 
 def _row_stride(t: torch.Tensor) -> int:
@@ -286,6 +312,31 @@ def _(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs):
     return y.new_empty(y.shape), probs.new_empty(probs.shape)
 
 
+def _unpermute_bwd_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _unpermute_bwd_backward(ctx, g_grad_y, g_grad_probs):
+    """Double backward of unpermute with probs. With grad_y = scatter(probs * grad_out) and
+    grad_probs = <grad_out, y[row]>: d grad_out = unpermute(g_grad_y, probs) + unpermute(y, g_grad_probs),
+    and one unpermute_bwd(grad_out, g_grad_y, ..., g_grad_probs) gives d y = scatter(g_grad_probs *
+    grad_out) and d probs = <grad_out, g_grad_y[row]>."""
+    grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs = ctx.saved_tensors
+    g_grad_y = torch.zeros_like(y) if g_grad_y is None else g_grad_y
+    g_grad_probs = torch.zeros_like(probs) if g_grad_probs is None else g_grad_probs
+    d_out = d_y = d_probs = None
+    if ctx.needs_input_grad[0]:
+        d_out = (_unpermute_op(g_grad_y, row_id_map, expert_offsets, tokens_per_expert, probs)
+                 + _unpermute_op(y, row_id_map, expert_offsets, tokens_per_expert, g_grad_probs))
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[5]:
+        d_y, d_probs = _unpermute_bwd_op(grad_out, g_grad_y, row_id_map, expert_offsets, tokens_per_expert,
+                                         g_grad_probs)
+    return d_out, d_y, None, None, None, d_probs
+
+
+_unpermute_bwd_op.register_autograd(_unpermute_bwd_backward, setup_context=_unpermute_bwd_setup)
+
+
 def _unpermute_setup(ctx, inputs, output):
     y, row_id_map, expert_offsets, tokens_per_expert, probs = inputs
     ctx.has_probs = probs is not None
@@ -352,6 +403,7 @@ def permute(x: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = Non
     _check_plan(plan)
     _check_rows("x", x, plan.num_tokens, plan.row_id_map.device)
     _check_probs(probs, plan, x.device)
+    _ext.reject_func_grad("permute", x, probs)
     permute_fn = _permute_impl if _ext.eager(x, probs) else _permute_op
     xp = permute_fn(x, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, plan.num_rows)
     if probs is None:
@@ -375,6 +427,7 @@ def unpermute(y: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = N
     if not y.dtype.is_floating_point or y.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError(f"y must be float32, float64, float16 or bfloat16, got {y.dtype}")
     _check_probs(probs, plan, y.device)
+    _ext.reject_func_grad("unpermute", y, probs)
     if _ext.eager(y, probs):
         return _unpermute_impl(y, plan.row_id_map, probs)
     return _unpermute_op(y, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, probs)

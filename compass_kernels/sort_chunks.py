@@ -94,9 +94,7 @@ def _check(x, split_sizes, sorted_idxs, num_rows) -> None:
     if num_rows is not None and (isinstance(num_rows, bool) or not isinstance(num_rows, (int, torch.SymInt))
                                  or num_rows < 0):
         raise ValueError(f"num_rows must be None or an int >= 0, got {num_rows!r}")
-    if _ext.tracing() or split_sizes.numel() == 0:
-        return
-    if x.device.type == "cpu" or _ext._check_values():
+    if split_sizes.numel() and _ext.values_readable(split_sizes):
         if int(split_sizes.min()) < 0:
             raise ValueError(f"split_sizes must be >= 0, got {split_sizes.tolist()}")
         S = sorted_idxs.shape[0]

@@ -355,12 +355,37 @@ struct Pair {
     k_log_scalings(G, w.beta.data(), w.v.data(), p.inv_eps, m);
   }
 
-  // Iterates to convergence (or max_iter); false (and no iteration) when a side has no mass.
+  // NaN in, NaN out (ot_ref.nonfinite_pairs): a NaN, infinite or negative mass, or a NaN or -inf cost
+  // between a live row and a live column (after init(), which zeroes pen on live columns).
+  bool invalid_mass(const T* a, const T* b) const {
+    for (int64_t i = 0; i < n; ++i)
+      if (!(std::isfinite(static_cast<double>(a[i])) && a[i] >= 0)) return true;
+    for (int64_t j = 0; j < m; ++j)
+      if (!(std::isfinite(static_cast<double>(b[j])) && b[j] >= 0)) return true;
+    return false;
+  }
+
+  bool invalid_cost() const {
+    int bad = 0;  // !(x > -inf): NaN or -inf; pen is 0 on live columns (vectorisable, no early exit)
+    for (int64_t i : w.rows) {
+      const T* r = C + i * m;
+      for (int64_t j = 0; j < m; ++j) bad |= (w.pen[j] == 0) & !(static_cast<double>(r[j]) > -kInf);
+    }
+    return bad != 0;
+  }
+
+  // Iterates to convergence (or max_iter); false (and no iteration) when a side has no mass. Sets
+  // nan_input (and runs nothing) for invalid input.
+  bool nan_input = false;
   bool run(const T* a, const T* b, int32_t* iters) {
     auto& W = w;
     *iters = 0;
-    if (!setup(a, b)) return false;
+    const bool live = setup(a, b);
+    nan_input = invalid_mass(a, b);
+    if (!live || nan_input) return false;
     init();
+    nan_input = invalid_cost();
+    if (nan_input) return false;
     int64_t it = 1;
     for (; it <= p.max_iter; ++it) {
       const bool check = it % p.check_every == 0;
@@ -409,11 +434,20 @@ void sinkhorn_batch(const T* C, const T* a, const T* b, int64_t B, int64_t n, in
       Pair<T> pair{C + k * nm, n, m, p, w};
       if (pair.run(a + k * n, b + k * m, iters + k)) {
         pair.write_plan(P + k * nm);
-      } else {
-        std::fill(P + k * nm, P + (k + 1) * nm, T(0));  // an empty side: zero plan
+      } else {  // an empty side: zero plan; invalid input: NaN plan
+        std::fill(P + k * nm, P + (k + 1) * nm, pair.nan_input ? std::numeric_limits<T>::quiet_NaN() : T(0));
       }
     }
   }
+}
+
+// Whether the listed rows of h [L, D] hold only finite numbers.
+template <class T>
+bool all_finite(const T* h, const std::vector<int64_t>& rows, int64_t D) {
+  for (int64_t i : rows)
+    for (int64_t d = 0; d < D; ++d)
+      if (!std::isfinite(static_cast<double>(h[i * D + d]))) return false;
+  return true;
 }
 
 // OTPO weights from the hidden states h_c, h_r [B, L, D] and masks [B, L]: per pair, the cost of the
@@ -450,6 +484,11 @@ void otpo_batch(const T* h_c, const T* h_r, const uint8_t* mask_c, const uint8_t
       if (nc == 0 || nr == 0) continue;  // an empty side: zero weights
       const T* hk_c = h_c + k * L * D;
       const T* hk_r = h_r + k * L * D;
+      if (!all_finite(hk_c, ic, D) || !all_finite(hk_r, ir, D)) {
+        for (int64_t i : ic) wc[i] = std::numeric_limits<T>::quiet_NaN();  // NaN in, NaN out
+        for (int64_t i : ir) wr[i] = std::numeric_limits<T>::quiet_NaN();
+        continue;
+      }
       const T cmax =
           std::max(otpo_pair_cost(hk_c, hk_r, ic.data(), nc, ir.data(), nr, D, cost.data(), cw), scale_floor[k]);
       if (cmax > 1) {
