@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--n-tasks", type=_positive, default=700, help="held-out tasks (700 = 100 per language)")
     q.add_argument("--min-tokens-per-expert", type=int, default=128)
     q.add_argument("--no-progress", action="store_true")
+    xp = sub.add_parser("export", help="write a checkpoint another library loads (--format hf: transformers)")
+    xp.add_argument("--checkpoint", required=True)
+    xp.add_argument("--format", required=True, choices=["hf"])
+    xp.add_argument("--out", required=True)
     x = sub.add_parser("experiment", help="run one of the paper's experiments (JSON + PNG)")
     x.add_argument("name", choices=["balance", "experts", "combine", "otpo-vs-dpo", "all"])
     x.add_argument("--out", default="compass-out/experiments")
@@ -141,6 +145,10 @@ def _dispatch(args, argv: list) -> int:
         return c.evaluate(args)
     if args.cmd == "quantize":
         return c.quantize(args)
+    if args.cmd == "export":
+        from compass_model.export_hf import export_hf
+        print(f"transformers checkpoint (MixtralForCausalLM) written to {export_hf(args.checkpoint, args.out)}")
+        return 0
     if args.cmd == "experiment":
         from compass_kernels.cli import reexec_with_malloc_tunables
         reexec_with_malloc_tunables(argv, "compass_model.cli")   # timings: large buffers stay in the heap
