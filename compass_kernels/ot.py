@@ -390,7 +390,8 @@ def otpo_weights(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: 
     other side has masked (prompt or padding) positions; ``"valid"``: the maximum over valid pairs
     only (padding-invariant; sharper weights on states with a common direction). Marginals 1 on
     valid tokens; plan ``P`` by unbalanced Sinkhorn (eps, tau; see ``sinkhorn``);
-    ``w_chosen_i = n * sum_j P_ij / S``, ``w_rejected_j = n * sum_i P_ij / S`` with ``n = min(n_chosen, n_rejected)`` and ``S = sum P``, so each side sums to n.
+    ``w_chosen_i = n * sum_j P_ij / S``, ``w_rejected_j = n * sum_i P_ij / S`` with
+    ``n = min(n_chosen, n_rejected)`` and ``S = sum P``, so each side sums to n.
     Zero on masked tokens; all zero for a pair with an empty side. The content of masked positions
     never changes the result (with ``"valid"``, neither does the padding length). float32 weights
     (float64 for float64 inputs). On isotropic states eps = 1 gives near-uniform weights (about
