@@ -1,7 +1,7 @@
 """Data x expert parallelism: step time, memory and all-to-all bytes of the tiny model measured
-here, and the analytic all-to-all volume of the compass-v3 preset at EP 8.
+here, and the analytic all-to-all volume of the compass-v3 preset (or compass-v3-top4) at EP 8.
 
-  python bench/ep_bench.py [--steps 30] [--layouts 1,ep2,dp2xep2] [--out out/ep_bench.json]
+  python bench/ep_bench.py [--steps 30] [--layouts 1,ep2,dp2xep2] [--preset compass-v3-top4] [--out out/ep_bench.json]
 
 Measured: ``compass train`` (one process) and ``torchrun ... --dp N --ep M`` (gloo), the same
 global batch, median seconds per optimizer step over the steps after the first 5, peak RSS per
@@ -35,8 +35,8 @@ from compass_model import CompassConfig  # noqa: E402
 NVLINK_GBPS, NIC_GBPS, PEAK_TFLOPS, MFU = 450.0, 50.0, 989.0, 0.4
 
 
-def analytic(ep: int = 8, seq_len: int = 4096) -> dict:
-    c = CompassConfig.from_preset("compass-v3")
+def analytic(ep: int = 8, seq_len: int = 4096, preset: str = "compass-v3") -> dict:
+    c = CompassConfig.from_preset(preset)
     flops = c.flops_per_token(seq_len=seq_len)
     t_compute = flops / (PEAK_TFLOPS * 1e12 * MFU)
     rows = {}
@@ -48,7 +48,7 @@ def analytic(ep: int = 8, seq_len: int = 4096) -> dict:
             per = c.all_to_all_bytes_per_token(ep, bytes_per_elem=b)
         rows[name] = {"bytes_per_token": per, "nvlink_us": per / (NVLINK_GBPS * 1e9) * 1e6,
                       "network_us": per / (NIC_GBPS * 1e9) * 1e6}
-    return {"preset": "compass-v3", "ep": ep, "moe_layers": c.n_moe_layers, "d_model": c.d_model, "top_k": c.top_k,
+    return {"preset": preset, "ep": ep, "moe_layers": c.n_moe_layers, "d_model": c.d_model, "top_k": c.top_k,
             "train_flops_per_token": flops, "compute_us_per_token": t_compute * 1e6,
             "assumptions": {"nvlink_GBps": NVLINK_GBPS, "nic_GBps": NIC_GBPS, "peak_TFLOPs": PEAK_TFLOPS, "mfu": MFU},
             **rows}
@@ -151,10 +151,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--layouts", default="1,ep2,dp2xep2", help=f"comma-separated, from {sorted(LAYOUTS)}")
     ap.add_argument("--out", default="out/ep_bench.json")
+    ap.add_argument("--preset", default="compass-v3", choices=["compass-v3", "compass-v3-top4"],
+                    help="the model whose all-to-all volume is estimated (default: compass-v3, top-2)")
     a = ap.parse_args()
-    res = {"analytic": analytic(), "measured": measured(a.layouts.split(","), a.steps)}
+    res = {"analytic": analytic(preset=a.preset), "measured": measured(a.layouts.split(","), a.steps)}
     an = res["analytic"]
-    print(f"compass-v3, EP {an['ep']}, {an['moe_layers']} MoE layers, d {an['d_model']}, top-{an['top_k']}: "
+    print(f"{an['preset']}, EP {an['ep']}, {an['moe_layers']} MoE layers, d {an['d_model']}, top-{an['top_k']}: "
           f"compute {an['compute_us_per_token']:.0f} us/token at {MFU:.0%} MFU")
     for k in ("bf16", "fp8_dispatch"):
         r = an[k]

@@ -27,6 +27,7 @@ import torch
 
 from compass_kernels import _backend, _ext
 from compass_kernels.ot_ref import (
+    COST_SCALES,
     nonfinite_pairs,
     otpo_mark_nonfinite,
     otpo_nonfinite_pairs,
@@ -214,36 +215,60 @@ def _otpo_sq_dist(h_chosen, h_rejected, mask_chosen, mask_rejected):
     return torch.baddbmm(sq, p, q.transpose(1, 2), alpha=-2.0)
 
 
-def _otpo_cost(h_chosen, h_rejected, mask_chosen, mask_rejected):
+def _otpo_scale_floor(h_chosen, h_rejected, mask_chosen, mask_rejected, cost_scale: str):
+    """[B]: what the masked rows add to the maximum of the official cost, 0 for ``"valid"``.
+
+    The official cost is the cdist of the masked hidden states over the padded L x L matrix: a zero
+    rejected row (any masked rejected position) puts ``||p_i|| + 1e-6`` in it for every valid
+    chosen token, a zero chosen row ``||q_j|| + 1e-6``. Norms of the uncentred states, in fp32 (fp64
+    for fp64 inputs); no host sync."""
+    dt = _compute_dtype(h_chosen.dtype)
+    B = h_chosen.shape[0]
+    if cost_scale == "valid":
+        return torch.zeros(B, dtype=dt, device=h_chosen.device)
+    n_c = torch.where(mask_chosen, torch.linalg.vector_norm(torch.where(
+        mask_chosen[:, :, None], h_chosen.to(dt), 0.0), dim=-1), 0.0)    # [B, L]
+    n_r = torch.where(mask_rejected, torch.linalg.vector_norm(torch.where(
+        mask_rejected[:, :, None], h_rejected.to(dt), 0.0), dim=-1), 0.0)
+    from_c = torch.where((~mask_rejected).any(-1), n_c.amax(-1) + 1e-6, 0.0)
+    from_r = torch.where((~mask_chosen).any(-1), n_r.amax(-1) + 1e-6, 0.0)
+    return torch.maximum(from_c, from_r)
+
+
+def _otpo_cost(h_chosen, h_rejected, mask_chosen, mask_rejected, cost_scale: str):
     """The OTPO cost of ``ot_ref.otpo_cost_ref`` from ``_otpo_sq_dist`` (fp32 for non-fp64 inputs)."""
     # In place: this runs inside the custom op, on buffers it owns.
     C = _otpo_sq_dist(h_chosen, h_rejected, mask_chosen, mask_rejected).clamp_min_(0.0).sqrt_().add_(1e-6)
     C.masked_fill_(~(mask_chosen[:, :, None] & mask_rejected[:, None, :]), 0.0)
-    cmax = C.flatten(1).amax(-1)                                      # [B], valid entries are >= 1e-6
+    cmax = torch.maximum(C.flatten(1).amax(-1),                       # [B], valid entries are >= 1e-6
+                         _otpo_scale_floor(h_chosen, h_rejected, mask_chosen, mask_rejected, cost_scale))
     return C.div_(torch.where(cmax > 1, cmax, 1.0)[:, None, None])
 
 
-def _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every):
+def _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every,
+               cost_scale):
     backend = _backend.resolve("otpo_weights", h_chosen.device)
     out = torch.float64 if h_chosen.dtype == torch.float64 else torch.float32
     B, L, _ = h_chosen.shape
     if backend == "torch" or B * L == 0:
         return otpo_weights_ref(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol,
-                                check_every)
+                                check_every, cost_scale)
     if backend == "cpu":
         # One C++ call, per pair on a thread: centring, the distance GEMM fused with the cost (its own
-        # AVX-512 tile: MKL's AVX2 path on AMD ran it at half speed), the solve and the weights.
+        # AVX-512 tile: MKL's AVX2 path on AMD ran it at half speed), the solve and the weights. The
+        # official scale's padded-row norms come in as a per-pair floor under the cost's maximum.
         dt = _compute_dtype(h_chosen.dtype)
         hc, hr = h_chosen.to(dt).contiguous(), h_rejected.to(dt).contiguous()
         mc, mr = mask_chosen.contiguous(), mask_rejected.contiguous()
+        floor = _otpo_scale_floor(h_chosen, h_rejected, mask_chosen, mask_rejected, cost_scale).contiguous()
         w_c = _ext.empty(B, L, dtype=dt, device=hc.device)
         w_r = _ext.empty(B, L, dtype=dt, device=hc.device)
         iters = _ext.empty(B, dtype=torch.int32, device=hc.device)
         _ext.cpu_module.otpo_weights(hc.data_ptr(), hr.data_ptr(), mc.data_ptr(), mr.data_ptr(), _ext.dtype_code(dt),
-                                     B, L, hc.shape[2], eps, tau, max_iter, tol, check_every, w_c.data_ptr(),
-                                     w_r.data_ptr(), iters.data_ptr())
+                                     B, L, hc.shape[2], eps, tau, max_iter, tol, check_every, floor.data_ptr(),
+                                     w_c.data_ptr(), w_r.data_ptr(), iters.data_ptr())
         return w_c.to(out), w_r.to(out)
-    C = _otpo_cost(h_chosen, h_rejected, mask_chosen, mask_rejected)
+    C = _otpo_cost(h_chosen, h_rejected, mask_chosen, mask_rejected, cost_scale)
     plan, _ = _sinkhorn_kernel(backend, C, mask_chosen.to(C.dtype), mask_rejected.to(C.dtype), eps, tau,
                                max_iter, tol, check_every)
     w_c, w_r = otpo_weights_from_plan(plan, mask_chosen, mask_rejected)
@@ -268,8 +293,9 @@ def _(cost, a, b, eps, tau, max_iter, tol, check_every):
 @torch.library.custom_op("compass::otpo_weights", mutates_args=())
 def _otpo_op(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,
              mask_rejected: torch.Tensor, eps: float, tau: float, max_iter: int, tol: float,
-             check_every: int) -> tuple[torch.Tensor, torch.Tensor]:
-    w_c, w_r = _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every)
+             check_every: int, cost_scale: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
+    w_c, w_r = _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every,
+                          cost_scale)
     if _backend.resolve("otpo_weights", h_chosen.device) != "triton":  # torch and cpu do it themselves
         return w_c, w_r
     bad = otpo_nonfinite_pairs(h_chosen, h_rejected, mask_chosen, mask_rejected)  # NaN in, NaN out
@@ -277,7 +303,8 @@ def _otpo_op(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torc
 
 
 @_otpo_op.register_fake
-def _(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every):
+def _(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every,
+      cost_scale="official"):
     out = torch.float64 if h_chosen.dtype == torch.float64 else torch.float32
     shape = mask_chosen.shape
     return h_chosen.new_empty(shape, dtype=out), h_chosen.new_empty(shape, dtype=out)
@@ -352,24 +379,32 @@ def _warn_unconverged(plan, iters, cost, a, b, eps, tau, max_iter, tol) -> None:
 
 def otpo_weights(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,
                  mask_rejected: torch.Tensor, *, eps: float = 1.0, tau: float = 0.2, max_iter: int = 1000,
-                 tol: float = 1e-6, check_every: int = 10):
+                 tol: float = 1e-6, check_every: int = 10, cost_scale: str = "official"):
     """OTPO per-token weights (arXiv 2505.18720): ``(w_chosen [B, L], w_rejected [B, L])``, no gradient.
 
     ``h_* [B, L, D]``: the policy's last hidden states (after the final norm) at the positions that
     predict each response token; ``mask_* [B, L]``: True (or 1) on response tokens.
-    Cost ``C_ij = ||p_i - q_j||_2 + 1e-6`` over valid pairs, divided by its maximum over the valid
-    pairs when that exceeds 1; marginals 1 on valid tokens; plan ``P`` by unbalanced Sinkhorn
-    (eps, tau; see ``sinkhorn``); ``w_chosen_i = n * sum_j P_ij / S``, ``w_rejected_j = n * sum_i
-    P_ij / S`` with ``n = min(n_chosen, n_rejected)`` and ``S = sum P``, so each side sums to n.
-    Zero on masked tokens; all zero for a pair with an empty side. Padding length and the content
-    of padded positions do not change the result. float32 weights (float64 for float64 inputs).
-    eps = 1 gives near-uniform weights (about 0.95-1.06), eps = 0.1 spreads them (about 0.1-1.2).
+    Cost ``C_ij = ||p_i - q_j||_2 + 1e-6`` over valid pairs, divided by a maximum when that exceeds
+    1. ``cost_scale="official"`` (default, the OTPO authors' code): the maximum of the cdist of the
+    *masked* states over the padded L x L matrix, which includes ``||p_i||`` and ``||q_j||`` when the
+    other side has masked (prompt or padding) positions; ``"valid"``: the maximum over valid pairs
+    only (padding-invariant; sharper weights on states with a common direction). Marginals 1 on
+    valid tokens; plan ``P`` by unbalanced Sinkhorn (eps, tau; see ``sinkhorn``);
+    ``w_chosen_i = n * sum_j P_ij / S``, ``w_rejected_j = n * sum_i P_ij / S`` with
+    ``n = min(n_chosen, n_rejected)`` and ``S = sum P``, so each side sums to n.
+    Zero on masked tokens; all zero for a pair with an empty side. The content of masked positions
+    never changes the result (with ``"valid"``, neither does the padding length). float32 weights
+    (float64 for float64 inputs). On isotropic states eps = 1 gives near-uniform weights (about
+    0.95-1.06) and eps = 0.1 spreads them (about 0.1-1.2); the official scale flattens both when the
+    states' norms dwarf their distances.
     """
     eps = _check_scalar("eps", eps)
     tau = _check_scalar("tau", tau)
     max_iter, tol, check_every = _check_solver_args(max_iter, tol, check_every)
+    if cost_scale not in COST_SCALES:
+        raise ValueError(f"cost_scale must be one of {COST_SCALES}, got {cost_scale!r}")
     _check_otpo_args(h_chosen, h_rejected, mask_chosen, mask_rejected)
     mask_chosen = mask_chosen if mask_chosen.dtype == torch.bool else mask_chosen != 0
     mask_rejected = mask_rejected if mask_rejected.dtype == torch.bool else mask_rejected != 0
     return _otpo_op(h_chosen.detach(), h_rejected.detach(), mask_chosen, mask_rejected, eps, tau, max_iter, tol,
-                    check_every)
+                    check_every, cost_scale)

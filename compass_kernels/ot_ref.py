@@ -149,19 +149,36 @@ def sinkhorn_ref(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: floa
 # OTPO token weights (arXiv 2505.18720; docs/algorithms.md, "OTPO")
 
 
+COST_SCALES = ("official", "valid")
+
+
 def otpo_cost_ref(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,
-                  mask_rejected: torch.Tensor) -> torch.Tensor:
+                  mask_rejected: torch.Tensor, cost_scale: str = "official") -> torch.Tensor:
     """[B, L, D] x2, bool masks [B, L] x2 -> cost [B, L, L] float64.
 
-    ``C_ij = ||p_i - q_j||_2 + 1e-6`` (direct differences, no cancellation) on valid pairs, divided
-    by its maximum over the valid pairs when that maximum exceeds 1; 0 on pairs with a masked side
-    (their plan entries are zero whatever the cost), so the padding length cannot change anything.
+    ``C_ij = ||p_i - q_j||_2 + 1e-6`` (direct differences, no cancellation), divided by a maximum
+    when that maximum exceeds 1, and 0 on pairs with a masked side (their plan entries are zero
+    whatever the cost). Which maximum (``cost_scale``):
+
+    ``"official"`` (the OTPO authors' code): the hidden states are masked first (prompt and padding
+    rows become zero vectors) and the maximum runs over the whole padded L x L matrix, so it also
+    sees ``||p_i|| + 1e-6`` (against a zero rejected row) and ``||q_j|| + 1e-6`` (against a zero
+    chosen row) whenever the other side has a masked position. LLM hidden states share a large
+    common direction, so these norms usually exceed every valid distance and the cost is flatter.
+
+    ``"valid"``: the maximum over the valid pairs only; the padding length then cannot change
+    anything, and on states with a common direction the weights are sharper.
     """
-    p = h_chosen.to(torch.float64)
-    q = h_rejected.to(torch.float64)
+    if cost_scale not in COST_SCALES:
+        raise ValueError(f"cost_scale must be one of {COST_SCALES}, got {cost_scale!r}")
+    p = torch.where(mask_chosen[:, :, None], h_chosen.to(torch.float64), 0.0)
+    q = torch.where(mask_rejected[:, :, None], h_rejected.to(torch.float64), 0.0)
     C = torch.cdist(p, q, compute_mode="donot_use_mm_for_euclid_dist") + 1e-6
     valid = mask_chosen[:, :, None] & mask_rejected[:, None, :]       # [B, L, L]
-    cmax = torch.where(valid, C, 0.0).flatten(1).amax(-1)             # [B]
+    if cost_scale == "official":
+        cmax = C.flatten(1).amax(-1)                                  # [B], padded rows included
+    else:
+        cmax = torch.where(valid, C, 0.0).flatten(1).amax(-1)
     scale = torch.where(cmax > 1, cmax, 1.0)
     return torch.where(valid, C / scale[:, None, None], 0.0)
 
@@ -199,14 +216,14 @@ def otpo_weights_from_plan(plan: torch.Tensor, mask_chosen: torch.Tensor, mask_r
 
 def otpo_weights_ref(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,
                      mask_rejected: torch.Tensor, eps: float = 1.0, tau: float = 0.2, max_iter: int = 1000,
-                     tol: float = 1e-6, check_every: int = 10):
+                     tol: float = 1e-6, check_every: int = 10, cost_scale: str = "official"):
     """OTPO per-token weights, float64 throughout; returns float32 weights (float64 for float64 inputs).
 
     Marginals are 1 on valid tokens and 0 elsewhere (not normalised); the plan is the unbalanced
-    Sinkhorn plan of ``otpo_cost_ref``.
+    Sinkhorn plan of ``otpo_cost_ref`` (``cost_scale``: see there).
     """
     mask_chosen, mask_rejected = mask_chosen.bool(), mask_rejected.bool()
-    C = otpo_cost_ref(h_chosen, h_rejected, mask_chosen, mask_rejected)
+    C = otpo_cost_ref(h_chosen, h_rejected, mask_chosen, mask_rejected, cost_scale)
     plan, _ = sinkhorn_ref(C, mask_chosen.to(torch.float64), mask_rejected.to(torch.float64), eps, tau,
                            max_iter, tol, check_every)
     w_c, w_r = otpo_weights_from_plan(plan, mask_chosen, mask_rejected)

@@ -1,6 +1,7 @@
 """Compass model layer: the Compass-v3 MoE transformer (16 experts, top-2) on compass_kernels.
 
-``CompassConfig.from_preset("tiny" | "small" | "proxy-2b" | "compass-v3")`` -> ``CompassForCausalLM``;
+``CompassConfig.from_preset("tiny" | "small" | "proxy-2b" | "compass-v3" | "compass-v3-top4")``
+-> ``CompassForCausalLM``;
 ``generate`` (greedy / top-p / MTP speculative), the SFT, DPO and OTPO losses, and safetensors
 checkpoints. The MoE path uses compass_kernels' public API only.
 """

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_options(sub.add_parser("demo", help="the tiny preset through all seven stages, evaluation and plots"))
     t = sub.add_parser("train", help="train stages of the recipe")
     src = t.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="tiny | small | proxy-2b | compass-v3")
+    src.add_argument("--preset", help="tiny | small | proxy-2b | compass-v3 | compass-v3-top4")
     src.add_argument("--config", help='JSON: {"model": {"preset": ..., fields...}, "stages": [{...}]}')
     t.add_argument("--stages", default=STAGE_LIST, help=f"comma-separated (default: {STAGE_LIST})")
     t.add_argument("--data", action="append", metavar="[STAGE=]FILE",

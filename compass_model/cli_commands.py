@@ -235,7 +235,7 @@ def generate(args) -> int:
     new = out.tokens[0, ids.shape[1]:].tolist()
     if tok.eos_id in new:
         new = new[:new.index(tok.eos_id)]
-    print(tok.decode(new))
+    print(tok.decode([x for x in new if x < tok.vocab_size]))   # the embedding's round-up rows are not text
     if out.acceptance_rate is not None:
         print(f"[MTP draft acceptance {out.acceptance_rate:.2f}, {out.trunk_forwards} trunk forwards]", file=sys.stderr)
     return 0

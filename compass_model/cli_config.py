@@ -13,7 +13,7 @@ import math
 import typing
 from pathlib import Path
 
-STAGE_LIST = "general,ecommerce,reasoning,long_context,mtp,sft,align"
+STAGE_LIST = "general,ecommerce,reasoning,long_context_2x,long_context_4x,sft,align"
 # the default checkpoint spacing: about 20 checkpoints per stage, at least one every 100 steps
 AUTO_SAVES_PER_STAGE, AUTO_SAVE_MAX_EVERY = 20, 100
 

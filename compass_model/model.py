@@ -217,7 +217,9 @@ class CompassForCausalLM(nn.Module):
         Packed rows (``compass_model.data.PackedBatch``): ``position_ids [B, S]`` restart per document
         (RoPE), ``attention_mask [B, S, S]`` bool keeps documents apart, and an MTP position counts only
         if the token k ahead is in the same document (its position is k more). ``num_tokens``: the
-        LM loss denominator (the global mask sum under gradient accumulation); None = this batch's."""
+        LM and MTP loss denominator (the global LM mask sum under gradient accumulation or expert
+        parallelism, so micro-batches and ranks add up to the whole step's loss); None = this batch's
+        own mask sums (the LM's and each MTP depth's)."""
         c = self.config
         S = input_ids.shape[1]
         h, routers, (cos, sin) = self._trunk(input_ids, None, position_ids, attention_mask)
@@ -240,7 +242,7 @@ class CompassForCausalLM(nn.Module):
                 if position_ids is not None:
                     same_doc = (position_ids[:, k:] == position_ids[:, :n] + k).float()
                     w_k = same_doc if w_k is None else w_k * same_doc
-                mtp_ce.append(sft_mixed_loss(self.head(self.norm(h_k)), labels[:, k:], w_k))
+                mtp_ce.append(sft_mixed_loss(self.head(self.norm(h_k)), labels[:, k:], w_k, num_tokens))
             losses["mtp"] = torch.stack(mtp_ce).mean() if mtp_ce else logits.new_zeros((), dtype=torch.float32)
         zero = logits.new_zeros((), dtype=torch.float32)
         losses["aux"] = torch.stack([r["aux"] for r in routers]).mean() if routers else zero

@@ -61,11 +61,12 @@ class SwiGLU(nn.Module):
 
 def aux_loss_coefficient(config: CompassConfig, step) -> torch.Tensor:
     """The load-balancing coefficient at ``step`` (int or 0-d tensor), fp32 0-d tensor:
-    ``min + (coef - min) * decay(step / decay_steps)``, decay 1 (none), ``max(0, 1 - t)`` (linear),
+    ``min + (coef - min) * decay(step / decay_steps)`` with min <= coef, decay 1 (none), ``max(0, 1 - t)`` (linear),
     ``(1 + cos(pi min(t, 1))) / 2`` (cosine) or ``0.5^t`` (exp, half-life decay_steps).
     Tensor math, so a step counter kept as a buffer changes it without recompiling."""
     step = torch.as_tensor(step)
-    hi, lo = config.aux_loss_coef, config.aux_loss_min_coef
+    hi = config.aux_loss_coef
+    lo = min(config.aux_loss_min_coef, hi)          # aux_loss_coef=0 switches the term off, floor or not
     if config.aux_loss_decay == "none":
         return torch.full((), hi, dtype=torch.float32, device=step.device)
     t = step.float() / config.aux_loss_decay_steps

@@ -17,6 +17,7 @@ import compass_kernels as ck
 from compass_kernels import ot as ck_ot
 from compass_kernels.ot_ref import otpo_weights_ref, sinkhorn_ref
 from helpers import cpu_backends
+from otpo_official import anisotropic_states, official_otpo_weights, prompt_masks
 
 ot = pytest.importorskip("ot")
 
@@ -179,8 +180,9 @@ def _masks(B, L, lengths_c, lengths_r, offset=0):
     return mc, mr
 
 
-def _official(h_c, h_r, mc, mr, eps, tau):
-    """OTPO's get_ot_weight per pair, on the valid tokens only, POT solving to a tight tolerance."""
+def _valid_pairs_loop(h_c, h_r, mc, mr, eps, tau):
+    """The ``cost_scale="valid"`` option per pair: the cost of the valid tokens only, divided by its
+    own maximum; POT solving to a tight tolerance."""
     w_c, w_r = torch.zeros(mc.shape, dtype=torch.float64), torch.zeros(mr.shape, dtype=torch.float64)
     for i in range(h_c.shape[0]):
         p, q = h_c[i][mc[i]].double(), h_r[i][mr[i]].double()
@@ -195,16 +197,54 @@ def _official(h_c, h_r, mc, mr, eps, tau):
     return w_c, w_r
 
 
+# prompts of 5, 0, 3 and 7 positions: pair 1's chosen side fills all 24 positions (no zero row)
+_ANISO_MASKS = dict(starts=[5, 0, 3, 7], lengths_c=[14, 24, 9, 17], lengths_r=[19, 20, 21, 11])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("eps", [1.0, 0.1])
-def test_otpo_matches_official_loop(backend, eps, dtype):
+def test_otpo_default_matches_official_function(backend, eps, dtype):
+    """The default cost scale against the independent re-implementation of the official
+    ``get_ot_weight`` (tests/otpo_official.py: masked states, padded cdist, POT's stabilised
+    entropic sinkhorn_unbalanced) on states with a dominant common direction."""
+    B, L, D = 4, 24, 32
+    h_c, h_r = anisotropic_states(B, L, D)
+    mc, mr = prompt_masks(B, L, **_ANISO_MASKS)
+    w_c, w_r = ck.otpo_weights(h_c.to(dtype), h_r.to(dtype), mc, mr, eps=eps, tau=0.2)
+    assert w_c.dtype == dtype and w_c.shape == (B, L)
+    o_c, o_r = official_otpo_weights(h_c.to(dtype), h_r.to(dtype), mc, mr, eps, 0.2)
+    torch.testing.assert_close(w_c.double(), o_c, rtol=0, atol=2e-3)
+    torch.testing.assert_close(w_r.double(), o_r, rtol=0, atol=2e-3)
+
+
+def test_otpo_cost_scales_differ_on_anisotropic_states(backend):
+    """The two scales are different functions here: "valid" is much sharper at eps 0.1 (its
+    maximum ignores the states' norms), and it is what the valid-pairs loop computes."""
+    B, L, D = 4, 24, 32
+    h_c, h_r = anisotropic_states(B, L, D)
+    mc, mr = prompt_masks(B, L, **_ANISO_MASKS)
+    off_c, _ = ck.otpo_weights(h_c, h_r, mc, mr, eps=0.1, tau=0.2)
+    val_c, val_r = ck.otpo_weights(h_c, h_r, mc, mr, eps=0.1, tau=0.2, cost_scale="valid")
+    def spread(w):                                    # mean over pairs of max - min over valid tokens
+        return sum(float(w[i][mc[i]].max() - w[i][mc[i]].min()) for i in range(B)) / B
+
+    assert spread(val_c) > 2 * spread(off_c)
+    o_c, o_r = _valid_pairs_loop(h_c, h_r, mc, mr, 0.1, 0.2)
+    torch.testing.assert_close(val_c.double(), o_c, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(val_r.double(), o_r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [1.0, 0.1])
+def test_otpo_valid_scale_matches_valid_pairs_loop(backend, eps, dtype):
     B, L, D = 4, 24, 16
     h_c, h_r = _hidden(B, L, D)
     h_c, h_r = h_c.to(dtype), h_r.to(dtype)
     mc, mr = _masks(B, L, [20, 24, 9, 15], [17, 24, 13, 15], offset=0)
-    w_c, w_r = ck.otpo_weights(h_c, h_r, mc, mr, eps=eps, tau=0.2, tol=1e-12, max_iter=100_000)
+    w_c, w_r = ck.otpo_weights(h_c, h_r, mc, mr, eps=eps, tau=0.2, tol=1e-12, max_iter=100_000,
+                               cost_scale="valid")
     assert w_c.dtype == dtype and w_c.shape == (B, L)
-    o_c, o_r = _official(h_c, h_r, mc, mr, eps, 0.2)
+    o_c, o_r = _valid_pairs_loop(h_c, h_r, mc, mr, eps, 0.2)
     # fp32 weights; the cpu backend's cost is then an fp32 GEMM (||p||^2 + ||q||^2 - 2 p.q)
     rtol = 1e-5 if backend == "torch" or dtype == torch.float64 else 1e-4
     torch.testing.assert_close(w_c.double(), o_c, rtol=rtol, atol=rtol)
@@ -261,11 +301,17 @@ def test_otpo_weight_properties(backend):
         assert float(valid.std()) > 2 * float(w1_r[i][mr[i]].std())
 
 
-def test_otpo_padding_does_not_change_weights(backend):
+@pytest.mark.parametrize("cost_scale", ["valid", "official"])
+def test_otpo_padding_does_not_change_weights(backend, cost_scale):
+    """"valid": neither the padding length nor its content matters. "official": the content of
+    masked positions does not (they are zero vectors), their presence does; every pair here has
+    masked positions on both sides before and after padding."""
     B, L, D = 2, 20, 16
     h_c, h_r = _hidden(B, L, D)
     mc, mr = _masks(B, L, [20, 14], [18, 20])
-    w_c, w_r = ck.otpo_weights(h_c, h_r, mc, mr, eps=0.1, tau=0.2)
+    if cost_scale == "official":
+        mc[:, 0], mr[:, 0] = False, False
+    w_c, w_r = ck.otpo_weights(h_c, h_r, mc, mr, eps=0.1, tau=0.2, cost_scale=cost_scale)
     # pad to 37 positions with huge garbage (and NaN) hidden states, valid tokens shifted by 5
     Lp, off = 37, 5
     pad_c = 1e3 * torch.randn(B, Lp, D)
@@ -275,7 +321,8 @@ def test_otpo_padding_does_not_change_weights(backend):
     mcp = torch.zeros(B, Lp, dtype=torch.bool)
     mrp = torch.zeros(B, Lp, dtype=torch.bool)
     mcp[:, off:off + L], mrp[:, off:off + L] = mc, mr
-    p_c, p_r = ck.otpo_weights(pad_c, pad_r, mcp.int(), mrp.int(), eps=0.1, tau=0.2)  # int masks too
+    p_c, p_r = ck.otpo_weights(pad_c, pad_r, mcp.int(), mrp.int(), eps=0.1, tau=0.2,  # int masks too
+                               cost_scale=cost_scale)
     torch.testing.assert_close(p_c[:, off:off + L], w_c, rtol=2e-5, atol=2e-6)
     torch.testing.assert_close(p_r[:, off:off + L], w_r, rtol=2e-5, atol=2e-6)
     assert bool((p_c[:, :off] == 0).all()) and bool((p_r[:, off + L:] == 0).all())
@@ -356,6 +403,7 @@ def _otpo_args(h=(2, 5, 3), h_r=None, mc=(2, 5), mr=(2, 5)):
         (_otpo_args(h=(5, 3), mc=(5,), mr=(5,)), {}, ValueError, r"h_chosen must be 3-D \[B, L, D\]"),
         (_otpo_args(), {"eps": -1.0}, ValueError, r"eps must be > 0"),
         (_otpo_args(), {"tau": None}, TypeError, r"tau must be a positive float, got None"),
+        (_otpo_args(), {"cost_scale": "max"}, ValueError, r"cost_scale must be one of \('official', 'valid'\)"),
         ((torch.randint(0, 3, (2, 5, 3)), torch.rand(2, 5, 3), torch.ones(2, 5), torch.ones(2, 5)),
          {}, TypeError, r"h_chosen must be float32, float64, float16 or bfloat16"),
     ],

@@ -92,8 +92,9 @@ def median_times(fns: dict, reps: int, warmup: int = 1) -> dict:
 # ---- a small LM training loop ---------------------------------------------------------------------
 
 def small_config(**overrides) -> CompassConfig:
-    """The ``tiny`` preset cut down for experiments: no MTP, 64-token context by default."""
-    base = {"mtp_depth": 0, "max_seq_len": 128}
+    """The ``tiny`` preset cut down for experiments: no MTP, 64-token context by default, a constant
+    aux coefficient (variants that study the decay set their own schedule)."""
+    base = {"mtp_depth": 0, "max_seq_len": 128, "aux_loss_decay": "none"}
     base.update(overrides)
     return CompassConfig.from_preset("tiny", **base)
 

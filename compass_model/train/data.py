@@ -34,6 +34,7 @@ from compass_model.data import (
     prompt_weight_for,
 )
 from compass_model.data.corpus import GENERAL
+from compass_model.data.passkey import make_passkey_tasks
 
 PRETRAIN_KINDS = ("general", "ecommerce", "reasoning", "long_context")
 SFT_KIND = "sft"
@@ -115,15 +116,21 @@ class StageData:
             tasks = make_tasks(n // 2, seed=s + TRAIN_TASK_SEED, families=("extract", "classify", "relevance"))
         elif self.kind == "reasoning":
             tasks = make_tasks(n // 2, seed=s + TRAIN_TASK_SEED, families=("price",))
-        else:  # long_context: catalogues as long as the stage's context allows
-            tasks = make_tasks(n // 4, seed=s + TRAIN_TASK_SEED, families=("retrieve",),
-                               n_items=catalogue_items(self.seq_len))
+            # retrieval at the base context: the skill the long-context stages carry to 4x
+            return corpus + [_task_text(t) for t in tasks] + self._passkey_texts(n // 4)
+        else:  # long_context: one voucher code hidden in a catalogue that fills the stage's context
+            return corpus[: n // 4] + self._passkey_texts(n // 2)
         return corpus + [_task_text(t) for t in tasks]
+
+    def _passkey_texts(self, n: int) -> list:
+        """Retrieval documents read as ``prompt + answer`` (the prompt ends with the needle's words)."""
+        return [t.prompt + t.answer for t in make_passkey_tasks(n, self.seed + TRAIN_TASK_SEED, self.seq_len)]
 
     def _generated_sft(self) -> list:
         n, s = self.pool_size, self.seed
         tasks = make_tasks(n, seed=s + TRAIN_TASK_SEED, n_items=catalogue_items(self.seq_len))
-        return [t.to_sft() for t in tasks] + general_instructions(n // 4, s + TRAIN_TASK_SEED)
+        keys = make_passkey_tasks(n // 8, s + TRAIN_TASK_SEED, self.seq_len)
+        return [t.to_sft() for t in tasks + keys] + general_instructions(n // 4, s + TRAIN_TASK_SEED)
 
     # ---- batches --------------------------------------------------------------------------------
 

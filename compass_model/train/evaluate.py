@@ -1,5 +1,5 @@
 """Evaluation of a Compass model: task accuracy (per language and family), long-context retrieval at
-1x and 4x context, held-out perplexity and expert load.
+1x and 4x context, MTP speculative decoding (acceptance, speed-up), held-out perplexity and expert load.
 
 Everything here runs under ``torch.no_grad()`` in eval mode (the model's previous mode is restored
 afterwards) and returns plain JSON-serialisable dicts (floats, ints, strs, lists, dicts).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import defaultdict
 
 import torch
@@ -36,6 +37,7 @@ from compass_model.data import (
     make_tasks,
     pack_pretraining,
 )
+from compass_model.data.passkey import CODE_DIGITS, check_passkey, make_passkey_tasks
 from compass_model.generate import generate
 from compass_model.train.data import EVAL_TASK_SEED, catalogue_items
 
@@ -163,24 +165,65 @@ def evaluate_tasks(model, tokenizer, tasks, max_new_tokens: int | None = None, c
 
 
 def long_context_eval(model, tokenizer, base_context: int, n: int = 14, seed: int = EVAL_TASK_SEED,
-                      counter=None) -> dict:
-    """``retrieve`` accuracy with catalogues sized for ``base_context`` ("1x") and ``4 * base_context``
-    ("4x") tokens: ``{"1x": {"context", "items", "accuracy", "n"}, "4x": {...}}``. A context beyond
-    ``model.config.max_seq_len`` is reported as ``{"context", "items", "skipped": True, "reason"}``."""
+                      factors=(("1x", 1), ("4x", 4)), counter=None) -> dict:
+    """Voucher-code retrieval (``data.passkey``: one code hidden at a random depth of a catalogue
+    filling the context) at ``factor x base_context`` tokens for each ``(name, factor)`` of
+    ``factors``: ``{name: {"context", "accuracy", "n", "mean_depth_of_misses"}}``. A context beyond
+    ``model.config.max_seq_len`` is reported as ``{"context", "skipped": True, "reason"}``.
+    ``counter``: progress, as in ``generate_answers``."""
     out = {}
     max_len = model.config.max_seq_len
-    for name, ctx in (("1x", base_context), ("4x", 4 * base_context)):
-        items = catalogue_items(ctx)
+    for name, factor in factors:
+        ctx = int(factor * base_context)
         if ctx > max_len:
-            out[name] = {"context": ctx, "items": items, "skipped": True,
+            out[name] = {"context": ctx, "skipped": True,
                          "reason": f"context {ctx} exceeds the model's max_seq_len {max_len}"}
             if counter is not None:
                 counter.update(n)
             continue
-        tasks = make_tasks(n, seed=seed, families=("retrieve",), n_items=items)
-        res = evaluate_tasks(model, tokenizer, tasks, counter=counter)
-        out[name] = {"context": ctx, "items": items, "accuracy": res["accuracy"], "n": res["n"]}
+        tasks = make_passkey_tasks(n, seed=seed, context=ctx)
+        answers = generate_answers(model, tokenizer, [t.prompt for t in tasks], CODE_DIGITS + 2, counter)
+        oks = [check_passkey(t, a) for t, a in zip(tasks, answers)]
+        misses = [t.meta["depth"] for t, ok in zip(tasks, oks) if not ok]
+        out[name] = {"context": ctx, "accuracy": _ratio(sum(oks), len(oks)), "n": len(oks),
+                     "mean_depth_of_misses": sum(misses) / len(misses) if misses else None}
     return out
+
+
+def speculative_eval(model, tokenizer, n: int = 8, max_new_tokens: int = 96, seed: int = EVAL_TASK_SEED) -> dict:
+    """MTP self-speculative decoding on ``n`` held-out task prompts (batch 1, greedy), against plain
+    greedy decoding of the same prompts: ``{"acceptance_rate"`` (accepted drafts / proposed drafts,
+    the mean over prompts), ``"tokens_per_trunk_forward"``, ``"speedup"`` (plain wall time / speculative wall
+    time, this machine), ``"identical"`` (the outputs match token for token, as they must),
+    ``"n", "tokens"}``; ``{"skipped": True, "reason"}`` without an MTP module."""
+    if model.config.mtp_depth < 1:
+        return {"skipped": True, "reason": "the model has no MTP module (mtp_depth = 0)"}
+    tasks = make_tasks(n, seed=seed + 7, families=("extract", "classify", "price", "relevance"))
+    device = _device(model)
+    rates, forwards, tokens = [], 0, 0
+    t_plain = t_spec = 0.0
+    identical = True
+    with _inference(model):
+        for t in tasks:
+            ids = torch.tensor([_prompt_ids(tokenizer, t.prompt)], dtype=torch.long, device=device)
+            budget = min(max_new_tokens, model.config.max_seq_len - ids.shape[1])
+            if budget < 2:
+                continue
+            t0 = time.perf_counter()
+            plain = generate(model, ids, budget, stop_id=tokenizer.eos_id)
+            t1 = time.perf_counter()
+            spec = generate(model, ids, budget, speculative=True, stop_id=tokenizer.eos_id)
+            t2 = time.perf_counter()
+            t_plain, t_spec = t_plain + (t1 - t0), t_spec + (t2 - t1)
+            identical &= plain.tokens.shape == spec.tokens.shape and bool((plain.tokens == spec.tokens).all())
+            if spec.acceptance_rate is not None:
+                rates.append(spec.acceptance_rate)
+            forwards += spec.trunk_forwards
+            tokens += spec.tokens.shape[1] - ids.shape[1]
+    return {"acceptance_rate": sum(rates) / len(rates) if rates else 0.0,
+            "tokens_per_trunk_forward": _ratio(tokens, forwards),
+            "speedup": t_plain / t_spec if t_spec > 0 else None, "identical": identical, "n": len(tasks),
+            "tokens": tokens}
 
 
 # ---- perplexity and expert load -------------------------------------------------------------------
@@ -268,13 +311,16 @@ def router_load(model, tokenizer, texts, seq_len: int) -> dict:
 # ---- everything -------------------------------------------------------------------------------------
 
 def evaluate_model(model, tokenizer, *, seed: int = EVAL_TASK_SEED, n_tasks: int = 70, base_context: int = 256,
-                   n_long: int = 14, n_docs: int = 64, progress: bool = True, desc: str = "eval") -> dict:
+                   n_long: int = 14, n_docs: int = 64, n_speculative: int = 8, progress: bool = True,
+                   desc: str = "eval") -> dict:
     """The evaluation report: ``{"accuracy", "n_tasks", "per_language", "per_family", "samples",
-    "long_context", "perplexity", "router"}``.
+    "long_context", "speculative", "perplexity", "router"}``.
 
     Tasks: ``make_tasks(n_tasks, seed)`` with catalogues sized for ``base_context``, keeping those whose
     ``[BOS] prompt answer [EOS]`` fits ``base_context`` tokens. Perplexity and router load: ``n_docs``
     held-out corpus documents (``generate_corpus`` seed ``seed + 1``) in rows of ``base_context``.
+    Long context: ``n_long`` voucher-code retrievals at 1x and 4x (``long_context_eval``; 0 skips
+    them); speculative decoding: ``n_speculative`` prompts (``speculative_eval``; 0 skips it).
     ``progress``: report answered prompts as it goes (``progress.py``: a bar on a terminal, else log lines)."""
     from compass_model.train.progress import progress as counter_for
 
@@ -286,7 +332,8 @@ def evaluate_model(model, tokenizer, *, seed: int = EVAL_TASK_SEED, n_tasks: int
     with counter_for(len(tasks) + 2 * n_long + 1, desc, enabled=progress) as counter:
         res = evaluate_tasks(model, tokenizer, tasks, counter=counter) if tasks else {
             "accuracy": 0.0, "n": 0, "per_language": {}, "per_family": {}, "samples": []}
-        long_context = long_context_eval(model, tokenizer, base_context, n=n_long, seed=seed, counter=counter)
+        long_context = (long_context_eval(model, tokenizer, base_context, n=n_long, seed=seed, counter=counter)
+                        if n_long else {})
         texts = [d["text"] for d in generate_corpus(CorpusConfig(seed=seed + 1, n_docs=n_docs))]
         nll, n_tok, counts = _packed_pass(model, tokenizer, texts, base_context)
         counter.update(1)
@@ -297,6 +344,8 @@ def evaluate_model(model, tokenizer, *, seed: int = EVAL_TASK_SEED, n_tasks: int
         "per_language": res["per_language"],
         "per_family": res["per_family"],
         "long_context": long_context,
+        "speculative": (speculative_eval(model, tokenizer, n=n_speculative, seed=seed) if n_speculative
+                        else {"skipped": True, "reason": "n_speculative = 0"}),
         "perplexity": _perplexity_from(nll, n_tok),
         "router": _router_from(counts),
         "samples": res["samples"],

@@ -233,13 +233,14 @@ def all_reduce_totals(totals: dict, ctx: EPContext | None) -> dict:
     return {**totals, **dict(zip(keys, t.tolist()))}
 
 
-def forward_shares(ctx: EPContext | None) -> tuple[int, int]:
-    """How many forwards of one micro-batch split the per-forward mean terms: (MTP, router). The
-    MTP loss is a mean over each rank's rows (averaged over the ranks); with global router
-    statistics the aux and z terms are already this rank's share of the micro-batch's value."""
-    if ctx is None:
-        return 1, 1
-    return ctx.world, 1 if ctx.router_stats == "global" else ctx.world
+def router_share(ctx: EPContext | None) -> int:
+    """How many forwards of one micro-batch split the router's per-forward mean terms (aux, z). With
+    global router statistics each rank's terms are already its share of the micro-batch's value; with
+    local ones they are averaged over the ranks. (The LM and MTP losses are sums over the step's
+    global token count, so they need no share.)"""
+    if ctx is None or ctx.router_stats == "global":
+        return 1
+    return ctx.world
 
 
 @torch.no_grad()

@@ -4,7 +4,8 @@ then evaluation, plots and ``report.json`` (the layout ``compass demo`` and ``co
   OUT/metrics.jsonl                 one JSON object per optimizer step (all stages)
   OUT/checkpoints/<stage>/step-N/   atomic checkpoints (state.py); LATEST names the newest
   OUT/align/                        alignment pairs and cached per-token reference log-probs
-  OUT/plots/*.png                   loss per stage, expert load over training, accuracy per language
+  OUT/plots/*.png                   loss per stage, expert load over training, the load-balance curve
+                                    (entropy and aux coefficient), accuracy per language
   OUT/report.json                   stages, eval, alignment, router, fp8 (naive vs expert-aware W8A8)
 
 ``resume=True`` skips finished stages and continues an interrupted one from its last checkpoint
@@ -30,7 +31,7 @@ from compass_model import CompassConfig, CompassForCausalLM
 from compass_model.train import parallel, rundir
 from compass_model.train.data import StageData, check_stage_data, data_files_for
 from compass_model.train.metrics import MetricsWriter, read_metrics
-from compass_model.train.stages import STAGES
+from compass_model.train.stages import STAGES, stage_kind
 from compass_model.train.state import (
     latest_checkpoint,
     load_model,
@@ -59,21 +60,33 @@ def _start_model(config: CompassConfig, prev_dir, seed: int, device=None):
 
 
 def _earlier_stage_checkpoint(out: Path, first: str):
-    """The latest checkpoint of the nearest finished stage before ``first`` in recipe order."""
-    for name in reversed(STAGES[:STAGES.index(first)]):
-        sdir = stage_dir_for(out, name)
-        if stage_done(sdir):
-            return latest_checkpoint(sdir)
+    """The latest checkpoint of the nearest finished stage before ``first`` in recipe order (of the
+    ``long_context_*`` phases, the one that finished last; a phase starts from an earlier phase)."""
+    k = STAGES.index(stage_kind(first))
+    for kind in reversed(STAGES[:k + 1] if stage_kind(first) == "long_context" else STAGES[:k]):
+        dirs = (sorted(out.glob("checkpoints/long_context_*")) if kind == "long_context"
+                else [stage_dir_for(out, kind)])
+        done = [latest_checkpoint(d) for d in dirs if stage_done(d) and d.name != first]
+        if done:
+            return max(done, key=lambda c: c.stat().st_mtime)
     return None
 
 
-def _apply_stage_rope(model, stage) -> None:
-    """``rope_factor > 1``: YaRN over the current context (the paper's 32K -> 128K step, scaled)."""
+def extend_context(model, factor: float) -> None:
+    """YaRN phase: the context becomes ``factor`` x the current one. YaRN's factor is measured
+    against the length before any extension (``rope_original_max_len`` once YaRN is on), so a second
+    phase compounds: 256 -> 512 (YaRN x2 over 256), then -> 1024 (YaRN x4 over 256)."""
     c = model.config
-    if stage.rope_factor > 1 and c.rope_factor < stage.rope_factor:
-        base = c.max_seq_len
-        model.set_rope(rope_scaling="yarn", rope_factor=stage.rope_factor, rope_original_max_len=base,
-                       max_seq_len=int(base * stage.rope_factor))
+    orig = c.rope_original_max_len if c.rope_scaling == "yarn" else c.max_seq_len
+    new_len = int(c.max_seq_len * factor)
+    model.set_rope(rope_scaling="yarn", rope_factor=new_len / orig, rope_original_max_len=orig, max_seq_len=new_len)
+
+
+def _apply_stage_rope(model, stage, fresh: bool) -> None:
+    """``rope_factor > 1``: extend the previous stage's context (``fresh``: the model comes from the
+    previous stage, not from this stage's own checkpoint, which is extended already)."""
+    if fresh and stage.rope_factor > 1:
+        extend_context(model, stage.rope_factor)
     if stage.seq_len > model.config.max_seq_len:
         raise ValueError(f"stage {stage.name}: seq_len {stage.seq_len} > the model's max_seq_len "
                          f"{model.config.max_seq_len}; raise max_seq_len or give the stage a rope_factor")
@@ -148,9 +161,12 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
         metrics.path.unlink()                      # a fresh run does not append to an old one
     parallel.barrier(ctx)
     report: dict = {"config": json.loads(config.to_json()), "seed": seed, "stages": []}
+    pre_extension = None                            # the checkpoint the first YaRN phase started from
     t_start = time.perf_counter()
     for stage in stages:
         sdir = stage_dir_for(out, stage.name)
+        if stage.rope_factor > 1 and pre_extension is None:
+            pre_extension = prev_dir
         if resume and stage_done(sdir):
             log(f"[{stage.name}] finished earlier: skipped")
         elif stop_after is not None and stop_after <= 0:
@@ -165,10 +181,11 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
                 lr=stage.lr, micro_batch=stage.rows, max_len=stage.seq_len, beta=stage.beta, seed=seed,
                 warmup_steps=stage.warmup_steps, sft_weight=stage.sft_weight,
                 metrics=metrics, resume=resume, pairs_file=files.get("align"), device=device)
+            report["alignment"]["sft_weight"] = stage.sft_weight
         else:
             ckpt = usable_checkpoint(sdir, log) if resume else None
             model = load_model(ckpt, device) if ckpt is not None else _start_model(config, prev_dir, seed, device)
-            _apply_stage_rope(model, stage)
+            _apply_stage_rope(model, stage, fresh=ckpt is None)
             model = parallel.shard(model, ctx, stage)
             if activation_checkpointing:
                 from compass_model.train.recompute import apply_activation_checkpointing
@@ -201,11 +218,14 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
         t0 = time.perf_counter()
         model = load_model(prev_dir, device)
         report["eval"] = evaluate_model(model, tokenizer, progress=progress, **(eval_kwargs or {}))
+        if pre_extension is not None and report["eval"]["long_context"]:
+            report["eval"]["long_context"]["4x_without_extension"] = _without_extension(
+                pre_extension, tokenizer, eval_kwargs or {}, device)
         report["router"] = _router_report(report["eval"], read_metrics(metrics.path))
         sft_dir = latest_checkpoint(stage_dir_for(out, "sft"))
         if sft_dir is not None and sft_dir != prev_dir:      # what alignment changed on the tasks
             ev = evaluate_model(load_model(sft_dir, device), tokenizer, progress=progress,
-                                desc="eval (SFT model)", **(eval_kwargs or {}))
+                                desc="eval (SFT model)", **{**(eval_kwargs or {}), "n_long": 0, "n_speculative": 0})
             report["eval_sft"] = {k: ev[k] for k in ("accuracy", "per_language", "per_family")}
         report["eval_seconds"] = time.perf_counter() - t0
         if fp8:
@@ -217,6 +237,18 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
     _plots(out, read_metrics(metrics.path), report.get("eval"))
     _write_json(out / "report.json", report)
     return report
+
+
+def _without_extension(checkpoint, tokenizer, eval_kwargs: dict, device=None) -> dict:
+    """4x retrieval of the model the YaRN phases started from, its RoPE simply run past the trained
+    context (no YaRN, no long-context training): what the extension stages are measured against."""
+    from compass_model.train.evaluate import long_context_eval
+    model = load_model(checkpoint, device)
+    base = eval_kwargs.get("base_context", 256)
+    if model.config.max_seq_len < 4 * base:
+        model.set_rope(max_seq_len=4 * base)
+    res = long_context_eval(model, tokenizer, base, n=eval_kwargs.get("n_long", 14), factors=(("4x", 4),))["4x"]
+    return {**res, "checkpoint": str(checkpoint), "rope_scaling": model.config.rope_scaling}
 
 
 def _router_report(ev: dict, records: list) -> dict:
@@ -238,5 +270,6 @@ def _plots(out: Path, records: list, ev) -> None:
     d.mkdir(exist_ok=True)
     plots.plot_losses(records, d / "loss.png")
     plots.plot_expert_load(records, d / "expert_load.png")
+    plots.plot_load_balance(records, d / "load_balance.png")
     if ev is not None:
         plots.plot_accuracy(ev.get("per_language", {}), d / "accuracy.png")

@@ -1,4 +1,5 @@
-"""PNG plots of a training run: loss per stage, expert load over steps, accuracy per language.
+"""PNG plots of a training run: loss per stage, expert load over steps, the load-balance curve
+(load entropy and the decaying aux coefficient), accuracy per language.
 
 matplotlib is imported lazily, with the non-interactive Agg backend, so importing this module costs
 nothing and works on a headless machine. Every function writes a PNG at ``path`` (parent folders are
@@ -90,6 +91,34 @@ def plot_expert_load(records, path) -> Path:
     ax.set_xlabel("logged step (file order)")
     ax.set_ylabel("expert")
     ax.set_title(f"expert load ({E} experts, uniform = {1 / E:.3f})")
+    return _save(fig, path)
+
+
+def plot_load_balance(records, path) -> Path:
+    """The load-balance curve: normalised load entropy (1 = uniform) of the records that carry
+    ``"load_entropy"``, in file order, with the aux-loss coefficient (``"aux_coef"``, its decay
+    schedule) on a second axis and a dashed line where each new stage starts."""
+    rows = [(r.get("stage", "?"), _number(r.get("load_entropy")), _number(r.get("aux_coef")))
+            for r in records if isinstance(r, dict) and "load_entropy" in r]
+    rows = [x for x in rows if x[1] is not None]
+    if not rows:
+        return _no_data(path, "load balance")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(range(len(rows)), [h for _, h, _ in rows], color="tab:blue", linewidth=1.0, label="load entropy")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("logged step (file order)")
+    ax.set_ylabel("load entropy / log E", color="tab:blue")
+    for i in range(1, len(rows)):
+        if rows[i][0] != rows[i - 1][0]:
+            ax.axvline(i - 0.5, color="gray", linestyle="--", linewidth=0.8)
+    coef = [(i, a) for i, (_, _, a) in enumerate(rows) if a is not None]
+    if coef:
+        ax2 = ax.twinx()
+        ax2.plot([i for i, _ in coef], [a for _, a in coef], color="tab:red", linewidth=1.2)
+        ax2.set_ylabel("aux-loss coefficient", color="tab:red")
+        ax2.set_ylim(bottom=0)
+    ax.set_title("load balance: router entropy and the aux-loss decay")
     return _save(fig, path)
 
 

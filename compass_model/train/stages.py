@@ -19,8 +19,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-STAGES = ("general", "ecommerce", "reasoning", "long_context", "mtp", "sft", "align")
+STAGES = ("general", "ecommerce", "reasoning", "long_context", "mtp", "sft", "align")   # kinds, recipe order
+PRETRAIN_STAGES = ("general", "ecommerce", "reasoning", "long_context", "mtp")
 PRECISIONS = ("fp32", "bf16")
+_LONG = "long_context"
+
+
+def stage_kind(name: str) -> str:
+    """``long_context_<anything>`` -> ``long_context``; other names are their own kind."""
+    return _LONG if name.startswith(_LONG + "_") else name
 
 
 @dataclass(frozen=True)
@@ -37,19 +44,19 @@ class StageConfig:
     clip: float = 1.0
     precision: str = "fp32"          # bf16: autocast (CUDA; slow on CPUs without bf16 units)
     data: str | None = None          # data kind (train/data.py); None -> the stage's name
-    mtp_loss_weight: float = 0.0     # lambda on MTP steps
+    mtp_loss_weight: float | None = None  # lambda on MTP steps; None: the model config's (0: off)
     mtp_every: int = 1               # MTP loss on steps where step % mtp_every == 0
-    rope_factor: float = 1.0         # > 1: switch RoPE to YaRN with this factor, context x factor
+    rope_factor: float = 1.0         # > 1: YaRN, context x factor over the previous stage's
     save_every: int = 1              # checkpoint every n steps (and at the end)
     # alignment only
     beta: float = 0.1
-    sft_weight: float = 1.0          # RPO: + this x the chosen answers' NLL (0: pure DPO / OTPO)
+    sft_weight: float = 0.0          # RPO: + this x the chosen answers' NLL (0: pure DPO / OTPO, the paper)
     n_pairs: int = 64
     eval_pairs: int = 32
 
     def __post_init__(self):
-        if self.name not in STAGES:
-            raise ValueError(f"stage name must be one of {STAGES}, got {self.name!r}")
+        if stage_kind(self.name) not in STAGES or self.name == _LONG + "_":
+            raise ValueError(f"stage name must be one of {STAGES} or long_context_<suffix>, got {self.name!r}")
         for f in ("steps", "rows", "grad_accum", "seq_len", "mtp_every", "save_every"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f == "steps" else 1):
@@ -60,27 +67,48 @@ class StageConfig:
             raise ValueError(f"stage {self.name}: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1, clip > 0")
         if self.rope_factor < 1:
             raise ValueError(f"stage {self.name}: rope_factor must be >= 1, got {self.rope_factor}")
+        if self.mtp_loss_weight is not None and not self.mtp_loss_weight >= 0:
+            raise ValueError(f"stage {self.name}: mtp_loss_weight must be None or >= 0, got {self.mtp_loss_weight}")
+        if not self.sft_weight >= 0:
+            raise ValueError(f"stage {self.name}: sft_weight must be >= 0, got {self.sft_weight}")
+
+    @property
+    def kind(self) -> str:
+        return stage_kind(self.name)
 
     @property
     def data_kind(self) -> str:
-        return self.data or self.name
+        return self.data or self.kind
+
+    def mtp_weight(self, model_config) -> float:
+        """The MTP loss weight this stage trains with: its own, else the model config's
+        ``mtp_loss_weight`` in pretraining and SFT stages (0 without an MTP module)."""
+        if model_config.mtp_depth == 0:
+            return 0.0
+        if self.mtp_loss_weight is not None:
+            return self.mtp_loss_weight
+        return model_config.mtp_loss_weight if self.kind in (*PRETRAIN_STAGES, "sft") else 0.0
 
     def replace(self, **changes) -> StageConfig:
         return dataclasses.replace(self, **changes)
 
 
 def demo_stages(base_context: int = 256) -> list:
-    """The tiny preset's schedule for ``compass demo`` (~7 minutes on 2 idle CPU cores). Context:
-    general/ecommerce at base/2, reasoning and SFT at base, long_context at 4 x base by YaRN."""
+    """The tiny preset's schedule for ``compass demo`` (2-core CPU). Context: general/ecommerce at
+    base/2, reasoning and SFT at base, then two YaRN phases: ``long_context_2x`` (x2 over the base)
+    and ``long_context_4x`` (x2 over that, 4 x base in all). MTP at the preset's weight throughout
+    (SFT included: the final model's draft module must match its trunk for speculative decoding).
+    The reasoning stage mixes in 1x voucher-code retrieval so that the 4x retrieval of the model
+    without the YaRN phases (``eval.long_context``) measures the extension, not an untaught task."""
     half = base_context // 2
     return [
         StageConfig("general", steps=500, rows=16, seq_len=half, lr=3e-3, warmup_steps=25),
         StageConfig("ecommerce", steps=1000, rows=16, seq_len=half, lr=3e-3, warmup_steps=20),
         StageConfig("reasoning", steps=500, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=20),
-        StageConfig("long_context", steps=200, rows=2, seq_len=4 * base_context, lr=1e-3, warmup_steps=10,
-                    rope_factor=4.0),
-        StageConfig("mtp", steps=300, rows=8, seq_len=base_context, lr=1e-3, warmup_steps=10, data="ecommerce",
-                    mtp_loss_weight=0.3, mtp_every=2),
+        StageConfig("long_context_2x", steps=150, rows=4, seq_len=2 * base_context, lr=1e-3, warmup_steps=10,
+                    rope_factor=2.0),
+        StageConfig("long_context_4x", steps=150, rows=2, seq_len=4 * base_context, lr=1e-3, warmup_steps=10,
+                    rope_factor=2.0),
         StageConfig("sft", steps=3000, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30),
         StageConfig("align", steps=100, rows=8, seq_len=base_context, lr=1e-4, warmup_steps=10, n_pairs=128,
                     eval_pairs=48),
@@ -104,14 +132,16 @@ def load_stages(path) -> list:
 
 
 def select_stages(stages: list, names) -> list:
-    """The stages named in ``names`` (a list or comma-separated string), in recipe order."""
+    """The stages named in ``names`` (a list or comma-separated string), in recipe order (stages of
+    one kind, such as the ``long_context_*`` phases, keep the order of ``stages``)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
-    bad = [n for n in names if n not in STAGES]
+    bad = [n for n in names if stage_kind(n) not in STAGES or n == _LONG + "_"]
     if bad:
-        raise ValueError(f"unknown stages {bad}; expected names from {STAGES}")
+        raise ValueError(f"unknown stages {bad}; expected names from {STAGES} or long_context_<suffix>")
     by_name = {s.name: s for s in stages}
     missing = [n for n in names if n not in by_name]
     if missing:
         raise ValueError(f"no config for stages {missing}")
-    return [by_name[n] for n in STAGES if n in names]
+    picked = [s for s in stages if s.name in names]
+    return sorted(picked, key=lambda s: STAGES.index(s.kind))      # stable: phases keep their order

@@ -5,7 +5,9 @@ atomic per-step checkpoints (``state.py``), resumable.
 Global token normalisation: an optimizer step of M micro-batches divides every micro-batch's
 summed token loss by ``N = sum over all M of the loss-mask weights``, so the gradient is the mean
 over the step's tokens however they fall into micro-batches (not a mean of per-batch means, which
-over-weights short batches). The MTP, aux and z terms are per-batch means and are averaged over M.
+over-weights short batches). The MTP term is normalised by the same N (its token sums over the
+step's LM token count), so it too adds up across micro-batches and EP ranks; the aux and z terms are
+per-batch means and are averaged over M.
 """
 
 from __future__ import annotations
@@ -51,14 +53,13 @@ def accumulate_gradients(model, micro: list, stage, step: int, ctx=None):
     Returns (totals: loss terms summed as the objective sees them, per-micro expert-load fractions,
     per-micro load entropies). ``ctx`` (expert parallelism, ``parallel.EPContext``): this rank runs
     its rows of every micro-batch; the token count is the whole step's on every rank, and with global
-    router statistics so are the aux and z normalisers (``parallel.forward_shares``)."""
+    router statistics so are the aux and z normalisers (``parallel.router_share``)."""
     device = next(model.parameters()).device
     c = model.config
     n_tokens = sum(float(b.loss_mask()[b.labels != -100].sum()) for b in micro)
-    w_mtp = stage.mtp_loss_weight if step % stage.mtp_every == 0 else 0.0
+    w_mtp = stage.mtp_weight(c) if step % stage.mtp_every == 0 else 0.0
     alpha = float(aux_loss_coefficient(c, model.step))
-    mtp_share, router_share = parallel.forward_shares(ctx)
-    M_mtp, M = len(micro) * mtp_share, len(micro) * router_share   # per-forward means: averaged over forwards
+    M = len(micro) * parallel.router_share(ctx)   # per-forward router means: averaged over forwards
     micro = [parallel.rank_rows(b, ctx) for b in micro]
     totals = {"loss": 0.0, "lm": 0.0, "mtp": 0.0, "aux": 0.0, "z": 0.0, "tokens": n_tokens,
               "aux_coef": alpha, "mtp_weight": w_mtp}
@@ -68,11 +69,11 @@ def accumulate_gradients(model, micro: list, stage, step: int, ctx=None):
         with _autocast(model, stage.precision):
             out = model(**_to(b, device), num_tokens=max(n_tokens, 1.0))
         ls = out.losses
-        loss = ls["lm"] + w_mtp * ls["mtp"] / M_mtp + (alpha * ls["aux"] + c.z_loss_coef * ls["z"]) / M
+        loss = ls["lm"] + w_mtp * ls["mtp"] + (alpha * ls["aux"] + c.z_loss_coef * ls["z"]) / M
         loss.backward()
         totals["loss"] += float(loss.detach())
         totals["lm"] += float(ls["lm"].detach())
-        totals["mtp"] += float(ls["mtp"].detach()) / M_mtp
+        totals["mtp"] += float(ls["mtp"].detach())
         for k in ("aux", "z"):
             totals[k] += float(ls[k].detach()) / M
         trunk = out.router_stats[:n_trunk]

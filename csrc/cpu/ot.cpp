@@ -451,11 +451,12 @@ bool all_finite(const T* h, const std::vector<int64_t>& rows, int64_t D) {
 }
 
 // OTPO weights from the hidden states h_c, h_r [B, L, D] and masks [B, L]: per pair, the cost of the
-// valid tokens (otpo_cost.cpp), divided by its maximum when that exceeds 1; unbalanced Sinkhorn with
-// unit masses; weights n * marginal / S.
+// valid tokens (otpo_cost.cpp), divided by m = max(its maximum, scale_floor[k]) when m exceeds 1
+// (scale_floor: what the official scale's masked rows add, 0 for the valid-pairs scale); unbalanced
+// Sinkhorn with unit masses; weights n * marginal / S.
 template <class T>
 void otpo_batch(const T* h_c, const T* h_r, const uint8_t* mask_c, const uint8_t* mask_r, int64_t B, int64_t L,
-                int64_t D, const Params& p, T* w_c, T* w_r, int32_t* iters) {
+                int64_t D, const Params& p, const T* scale_floor, T* w_c, T* w_r, int32_t* iters) {
 #pragma omp parallel if (B > 1)
   {
     Work<T> w;
@@ -481,12 +482,15 @@ void otpo_batch(const T* h_c, const T* h_r, const uint8_t* mask_c, const uint8_t
       }
       const auto nc = static_cast<int64_t>(ic.size()), nr = static_cast<int64_t>(ir.size());
       if (nc == 0 || nr == 0) continue;  // an empty side: zero weights
-      if (!all_finite(h_c + k * L * D, ic, D) || !all_finite(h_r + k * L * D, ir, D)) {
+      const T* hk_c = h_c + k * L * D;
+      const T* hk_r = h_r + k * L * D;
+      if (!all_finite(hk_c, ic, D) || !all_finite(hk_r, ir, D)) {
         for (int64_t i : ic) wc[i] = std::numeric_limits<T>::quiet_NaN();  // NaN in, NaN out
         for (int64_t i : ir) wr[i] = std::numeric_limits<T>::quiet_NaN();
         continue;
       }
-      const T cmax = otpo_pair_cost(h_c + k * L * D, h_r + k * L * D, ic.data(), nc, ir.data(), nr, D, cost.data(), cw);
+      const T cmax =
+          std::max(otpo_pair_cost(hk_c, hk_r, ic.data(), nc, ir.data(), nr, D, cost.data(), cw), scale_floor[k]);
       if (cmax > 1) {
         for (int64_t e = 0; e < nc * nr; ++e) cost[e] /= cmax;
       }
@@ -555,11 +559,12 @@ void sinkhorn(uintptr_t cost, uintptr_t a, uintptr_t b, int dtype, int64_t B, in
   }
 }
 
-// h_c / h_r [B, L, D] hidden states, mask_c / mask_r [B, L] bool (uint8), w_c / w_r [B, L], iters
-// [B]: contiguous; hidden states and weights share one float dtype (fp32 / fp64). tau > 0.
+// h_c / h_r [B, L, D] hidden states, mask_c / mask_r [B, L] bool (uint8), scale_floor [B] (the cost scale's
+// lower bound per pair), w_c / w_r [B, L], iters [B]: contiguous; hidden states, floor and weights share
+// one float dtype (fp32 / fp64). tau > 0.
 void otpo_weights(uintptr_t h_c, uintptr_t h_r, uintptr_t mask_c, uintptr_t mask_r, int dtype, int64_t B, int64_t L,
-                  int64_t D, double eps, double tau, int64_t max_iter, double tol, int64_t check_every, uintptr_t w_c,
-                  uintptr_t w_r, uintptr_t iters) {
+                  int64_t D, double eps, double tau, int64_t max_iter, double tol, int64_t check_every,
+                  uintptr_t scale_floor, uintptr_t w_c, uintptr_t w_r, uintptr_t iters) {
   check_nonneg("B", B);
   check_nonneg("L", L);
   check_nonneg("D", D);
@@ -567,6 +572,7 @@ void otpo_weights(uintptr_t h_c, uintptr_t h_r, uintptr_t mask_c, uintptr_t mask
   const Params p = make_params(dtype, eps, tau, max_iter, tol, check_every);
   for (auto [name, ptr, size] : {std::tuple{"h_c", h_c, B * L * D}, std::tuple{"h_r", h_r, B * L * D},
                                  std::tuple{"mask_c", mask_c, B * L}, std::tuple{"mask_r", mask_r, B * L},
+                                 std::tuple{"scale_floor", scale_floor, B},
                                  std::tuple{"w_c", w_c, B * L}, std::tuple{"w_r", w_r, B * L},
                                  std::tuple{"iters", iters, B}})
     check_ptr(name, ptr, size);
@@ -576,10 +582,12 @@ void otpo_weights(uintptr_t h_c, uintptr_t h_r, uintptr_t mask_c, uintptr_t mask
   auto* it = reinterpret_cast<int32_t*>(iters);
   if (dtype == int(DType::kFloat32)) {
     otpo_batch(reinterpret_cast<const float*>(h_c), reinterpret_cast<const float*>(h_r), mc, mr, B, L, D, p,
-               reinterpret_cast<float*>(w_c), reinterpret_cast<float*>(w_r), it);
+               reinterpret_cast<const float*>(scale_floor), reinterpret_cast<float*>(w_c),
+               reinterpret_cast<float*>(w_r), it);
   } else {
     otpo_batch(reinterpret_cast<const double*>(h_c), reinterpret_cast<const double*>(h_r), mc, mr, B, L, D, p,
-               reinterpret_cast<double*>(w_c), reinterpret_cast<double*>(w_r), it);
+               reinterpret_cast<const double*>(scale_floor), reinterpret_cast<double*>(w_c),
+               reinterpret_cast<double*>(w_r), it);
   }
 }
 
@@ -596,8 +604,9 @@ void register_ot(pybind11::module_& m) {
   m.def("otpo_weights", &compass::cpu::otpo_weights, py::call_guard<py::gil_scoped_release>(), py::arg("h_c"),
         py::arg("h_r"), py::arg("mask_c"), py::arg("mask_r"), py::arg("dtype"), py::arg("B"), py::arg("L"),
         py::arg("D"), py::arg("eps"), py::arg("tau"), py::arg("max_iter"), py::arg("tol"), py::arg("check_every"),
-        py::arg("w_c"), py::arg("w_r"), py::arg("iters"),
+        py::arg("scale_floor"), py::arg("w_c"), py::arg("w_r"), py::arg("iters"),
         "OTPO weights w_c, w_r [B, L] from hidden states h_c, h_r [B, L, D] and bool masks [B, L] (fp32 or "
         "fp64, contiguous): per pair the cost sqrt(||p_i - q_j||^2) + 1e-6 on valid pairs (centred, fused "
-        "GEMM), max-normalised, unbalanced Sinkhorn with unit masses. Semantics: compass_kernels/ot_ref.py.");
+        "GEMM), divided by max(its max, scale_floor[k]) when > 1, unbalanced Sinkhorn with unit masses. "
+        "Semantics: compass_kernels/ot_ref.py.");
 }

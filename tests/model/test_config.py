@@ -22,8 +22,27 @@ def test_compass_v3_parameter_counts():
     assert c.num_parameters(include_mtp=True) > c.num_parameters()
 
 
+def test_compass_v3_top4_parameter_counts():
+    """The top-4 reading: no shared expert, expert width solved from the 245B total."""
+    c = CompassConfig.from_preset("compass-v3-top4")
+    assert (c.num_experts, c.top_k, c.shared_expert_dim) == (16, 4, 0)
+    assert round(c.num_parameters() / 1e9, 1) == 245.0
+    assert round(c.active_parameters() / 1e9, 1) == 67.8
+    attn = 2 * 8192 * 128 * (64 + 8) + 2 * 8192
+    expert, router = 3 * 8192 * 13652, 8192 * 16
+    emb = 2 * 131072 * 8192 + 8192
+    assert c.num_parameters() == emb + 44 * (attn + router + 16 * expert)
+    assert c.active_parameters() == emb + 44 * (attn + router + 4 * expert)
+    # the rest of the shape is compass-v3's
+    v3 = CompassConfig.from_preset("compass-v3")
+    same = ("d_model", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len", "rope_factor", "mtp_depth")
+    assert all(getattr(c, k) == getattr(v3, k) for k in same)
+    # the EP traffic model follows top_k: twice the slots of top-2
+    assert c.all_to_all_bytes_per_token(8) == 2 * v3.all_to_all_bytes_per_token(8)
+
+
 def test_presets_are_valid_and_ordered():
-    assert set(PRESETS) == {"tiny", "small", "proxy-2b", "compass-v3"}
+    assert set(PRESETS) == {"tiny", "small", "proxy-2b", "compass-v3", "compass-v3-top4"}
     sizes = [CompassConfig.from_preset(n).num_parameters() for n in ("tiny", "small", "proxy-2b", "compass-v3")]
     assert sizes == sorted(sizes)
     assert CompassConfig.from_preset("proxy-2b").num_parameters() == pytest.approx(2e9, rel=0.1)

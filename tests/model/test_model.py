@@ -86,8 +86,8 @@ def test_loss_mask_and_ignore_index():
 
 
 def test_aux_coefficient_follows_the_step_counter():
-    cfg = TINY.replace(aux_loss_decay="linear", aux_loss_decay_steps=10, aux_loss_coef=0.1, z_loss_coef=0.0,
-                       mtp_depth=0)
+    cfg = TINY.replace(aux_loss_decay="linear", aux_loss_decay_steps=10, aux_loss_coef=0.1, aux_loss_min_coef=0.0,
+                       z_loss_coef=0.0, mtp_depth=0)
     model = CompassForCausalLM(cfg)
     x, y = _batch()
     before = model(x, labels=y)

@@ -195,6 +195,13 @@ def test_aux_coefficient_schedule(decay, steps, expected):
     assert got == pytest.approx(expected, rel=1e-6)
 
 
+def test_aux_coefficient_floor_never_exceeds_the_coefficient():
+    """aux_loss_coef = 0 switches the term off even under a preset's decay floor (tiny: 0.03)."""
+    off = CompassConfig.from_preset("tiny", aux_loss_coef=0.0)
+    assert off.aux_loss_min_coef > 0
+    assert [aux_loss_coefficient(off, torch.tensor(s)).item() for s in (0, 1000, 10_000)] == [0.0, 0.0, 0.0]
+
+
 def test_nvtx_ranges(monkeypatch):
     names = []
 

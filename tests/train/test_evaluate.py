@@ -13,6 +13,7 @@ from torch import nn
 
 from compass_model import CompassConfig, CompassForCausalLM
 from compass_model.data import ByteTokenizer, check, make_tasks
+from compass_model.data.passkey import make_passkey_tasks
 from compass_model.train.evaluate import (
     evaluate_model,
     evaluate_tasks,
@@ -20,6 +21,7 @@ from compass_model.train.evaluate import (
     long_context_eval,
     perplexity,
     router_load,
+    speculative_eval,
 )
 
 TOK = ByteTokenizer()
@@ -115,13 +117,25 @@ def test_over_long_prompt_is_wrong_not_an_error(model):
     assert generate_answers(ScriptedModel({edge: "xyz"}), TOK, [edge], 50) == ["x"]
 
 
-def test_long_context_skipped_beyond_max_seq_len():
-    tasks = make_tasks(3, seed=11, families=("retrieve",), n_items=1)   # catalogue_items(128) == 1
+def test_long_context_retrieval_and_skip_beyond_max_seq_len():
+    tasks = make_passkey_tasks(3, seed=11, context=128)
     fake = ScriptedModel({t.prompt: t.answer for t in tasks}, max_seq_len=300)
     res = long_context_eval(fake, TOK, base_context=128, n=3, seed=11)
-    assert res["1x"] == {"context": 128, "items": 1, "accuracy": 1.0, "n": 3}
+    assert res["1x"] == {"context": 128, "accuracy": 1.0, "n": 3, "mean_depth_of_misses": None}
     assert res["4x"]["skipped"] is True and res["4x"]["context"] == 512
     assert "max_seq_len" in res["4x"]["reason"] and "accuracy" not in res["4x"]
+    wrong = ScriptedModel({t.prompt: str((int(t.answer) + 1) % 10000).zfill(4) for t in tasks}, max_seq_len=300)
+    miss = long_context_eval(wrong, TOK, base_context=128, n=3, seed=11, factors=(("1x", 1),))
+    assert miss["1x"]["accuracy"] == 0.0 and 0 <= miss["1x"]["mean_depth_of_misses"] <= 1
+
+
+def test_speculative_eval_reproduces_greedy(model):
+    res = speculative_eval(model, TOK, n=2, max_new_tokens=12)
+    assert res["identical"] is True and res["n"] == 2 and res["tokens"] > 0
+    assert 0.0 <= res["acceptance_rate"] <= 1.0 and res["speedup"] > 0
+    assert 1.0 <= res["tokens_per_trunk_forward"] <= 2.0
+    no_mtp = CompassForCausalLM(CFG.replace(mtp_depth=0))
+    assert speculative_eval(no_mtp, TOK, n=1)["skipped"] is True
 
 
 def test_perplexity_of_uniform_model_is_vocab_size():
@@ -169,10 +183,12 @@ def test_router_load_counts_real_tokens_only(model):
 
 def test_evaluate_model_report_is_plain_json(model):
     model.train()
-    res = evaluate_model(model, TOK, n_tasks=10, base_context=256, n_long=2, n_docs=12)
+    res = evaluate_model(model, TOK, n_tasks=10, base_context=256, n_long=2, n_docs=12, n_speculative=2)
     assert model.training and all(p.grad is None for p in model.parameters())
     assert json.loads(json.dumps(res)) == res
-    assert set(res) >= {"per_language", "per_family", "accuracy", "long_context", "perplexity", "router", "samples"}
+    assert set(res) >= {"per_language", "per_family", "accuracy", "long_context", "speculative", "perplexity",
+                        "router", "samples"}
+    assert res["speculative"]["identical"] is True
     assert res["n_tasks"] + res["n_tasks_dropped"] == 10
     assert sum(v["n"] for v in res["per_family"].values()) == res["n_tasks"]
     assert 0.0 <= res["accuracy"] <= 1.0

@@ -11,15 +11,16 @@ from compass_model import CompassConfig
 from compass_model.cli import main
 from compass_model.data import ByteTokenizer
 from compass_model.train.pipeline import run_pipeline
-from compass_model.train.stages import STAGES, demo_stages
+from compass_model.train.stages import demo_stages
 
 CFG = CompassConfig.from_preset("tiny")
-EVAL = {"n_tasks": 14, "n_long": 2, "n_docs": 8}
+EVAL = {"n_tasks": 14, "n_long": 2, "n_docs": 8, "n_speculative": 2}
+NAMES = ["general", "ecommerce", "reasoning", "long_context_2x", "long_context_4x", "sft", "align"]
 
 
 def _stages():
     small = {"general": dict(rows=2), "ecommerce": dict(rows=2), "reasoning": dict(rows=2),
-             "long_context": dict(rows=1), "mtp": dict(rows=2), "sft": dict(rows=2),
+             "long_context_2x": dict(rows=1), "long_context_4x": dict(rows=1), "sft": dict(rows=2),
              "align": dict(rows=2, n_pairs=4, eval_pairs=3)}
     return [s.replace(steps=2, warmup_steps=1, **small[s.name]) for s in demo_stages()]
 
@@ -34,26 +35,35 @@ def run(tmp_path_factory):
 
 def test_every_stage_runs_and_reports(run):
     out, report = run
-    assert [s["name"] for s in report["stages"]] == list(STAGES)
+    assert [s["name"] for s in report["stages"]] == NAMES
     for s in report["stages"]:
         assert s["steps"] == 2 and s["loss_first"] > 0 and s["seconds"] > 0, s
     on_disk = json.loads((out / "report.json").read_text())
     assert set(on_disk) >= {"stages", "eval", "alignment", "router", "fp8"}
-    assert set(on_disk["eval"]) >= {"per_language", "long_context", "perplexity"}
-    assert set(on_disk["alignment"]) >= {"dpo", "otpo"}
+    assert set(on_disk["eval"]) >= {"per_language", "long_context", "speculative", "perplexity"}
+    assert set(on_disk["alignment"]) >= {"dpo", "otpo"} and on_disk["alignment"]["sft_weight"] == 0.0
     assert set(on_disk["eval_sft"]) == {"accuracy", "per_language", "per_family"}   # before alignment
-    assert set(on_disk["eval"]["long_context"]) == {"1x", "4x"}
-    assert "accuracy" in on_disk["eval"]["long_context"]["4x"]          # YaRN stage made room for 4x
+    lc = on_disk["eval"]["long_context"]
+    assert set(lc) == {"1x", "4x", "4x_without_extension"}
+    assert "accuracy" in lc["4x"] and lc["4x"]["context"] == 1024          # the YaRN phases made room for 4x
+    no_ext = lc["4x_without_extension"]                                    # reasoning's model, plain RoPE
+    assert "accuracy" in no_ext and no_ext["rope_scaling"] == "none" and "reasoning" in no_ext["checkpoint"]
+    spec = on_disk["eval"]["speculative"]
+    assert 0 <= spec["acceptance_rate"] <= 1 and spec["speedup"] > 0 and spec["identical"] is True
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all("step" in r and "loss" in r for r in metrics)
-    assert {r["stage"] for r in metrics} >= set(STAGES[:-1]) | {"align-dpo", "align-otpo"}
-    # each stage starts from the previous one; the long-context stage switched RoPE to YaRN x4
-    cfg = json.loads((out / "checkpoints" / "sft" / "step-000002" / "config.json").read_text())
-    assert cfg["rope_scaling"] == "yarn" and cfg["rope_factor"] == 4.0 and cfg["max_seq_len"] == 1024
-    # MTP loss only on the MTP stage's interleaved steps
-    mtp = [r["mtp_weight"] for r in metrics if r["stage"] == "mtp"]
-    assert mtp == [0.3, 0.0] and all(r["mtp_weight"] == 0 for r in metrics if r["stage"] == "general")
-    for name in ("loss.png", "expert_load.png", "accuracy.png"):
+    assert {r["stage"] for r in metrics} >= set(NAMES[:-1]) | {"align-dpo", "align-otpo"}
+    # two YaRN phases, each extending the previous stage's context: 256 -> 512 (x2) -> 1024 (x4 over 256)
+    for stage, factor, length in (("long_context_2x", 2.0, 512), ("long_context_4x", 4.0, 1024), ("sft", 4.0, 1024)):
+        cfg = json.loads((out / "checkpoints" / stage / "step-000002" / "config.json").read_text())
+        assert cfg["rope_scaling"] == "yarn" and cfg["rope_factor"] == factor and cfg["max_seq_len"] == length
+        assert cfg["rope_original_max_len"] == 256
+    # the MTP loss at the preset's weight on every step of every pretraining stage and of SFT
+    assert all(r["mtp_weight"] == CFG.mtp_loss_weight and r["mtp"] > 0 for r in metrics if r["stage"] in NAMES[:-1])
+    # the aux coefficient follows the preset's decay (the step counter runs on across stages)
+    coef = [r["aux_coef"] for r in metrics if r["stage"] in NAMES[:-1]]
+    assert coef[0] == pytest.approx(CFG.aux_loss_coef) and all(a > b for a, b in zip(coef, coef[1:]))
+    for name in ("loss.png", "expert_load.png", "load_balance.png", "accuracy.png"):
         assert (out / "plots" / name).stat().st_size > 1000
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compass_model.train.plots import plot_accuracy, plot_expert_load, plot_losses
+from compass_model.train.plots import plot_accuracy, plot_expert_load, plot_load_balance, plot_losses
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BLUE, ORANGE = (0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)      # matplotlib's first two line colours
@@ -58,7 +58,20 @@ def test_plot_accuracy_bars(tmp_path):
     assert blue(img) > 3 * blue(low)                            # bar area follows the accuracy
 
 
+def test_plot_load_balance_entropy_and_aux_coefficient(tmp_path):
+    RED = (0xD6, 0x27, 0x28)                                    # tab:red, the coefficient's axis
+    records = [{"stage": "general", "step": i, "load_entropy": 0.7 + 0.01 * i, "aux_coef": 0.1 - 0.002 * i}
+               for i in range(30)]
+    records += [{"stage": "sft", "step": 0, "loss": 1.0}]      # no load_entropy: skipped
+    img = _pixels(plot_load_balance(records, tmp_path / "lb.png"))
+    assert _has(img, BLUE) and _has(img, RED)
+    no_coef = _pixels(plot_load_balance([{k: v for k, v in r.items() if k != "aux_coef"} for r in records[:30]],
+                                        tmp_path / "lb2.png"))
+    assert _has(no_coef, BLUE) and not _has(no_coef, RED)
+
+
 @pytest.mark.parametrize("fn, arg", [(plot_losses, []), (plot_expert_load, [{"stage": "a", "loss": 1.0}]),
+                                     (plot_load_balance, [{"stage": "a", "loss": 1.0}]),
                                      (plot_accuracy, {}), (plot_accuracy, None)])
 def test_empty_inputs_write_no_data_png(tmp_path, fn, arg):
     img = _pixels(fn(arg, tmp_path / "empty.png"))

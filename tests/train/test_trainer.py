@@ -61,9 +61,11 @@ def _cat(a: PackedBatch, b: PackedBatch) -> PackedBatch:
 
 def test_global_token_normalisation():
     """Two micro-batches with different token counts give the gradient of one batch holding both
-    (the token mean over the step), not the mean of the two batch means."""
+    (the token mean over the step), not the mean of the two batch means: the LM and the MTP term
+    (on at the preset's weight, as SFT trains it)."""
     model = _model(aux_loss_coef=0.0, z_loss_coef=0.0, max_seq_len=256).double()
-    stage = StageConfig("sft", steps=1, rows=2, seq_len=256, mtp_loss_weight=0.0)
+    stage = StageConfig("sft", steps=1, rows=2, seq_len=256)
+    assert stage.mtp_weight(model.config) > 0
     data = StageData("sft", TOK, 256, 2, pool_size=50)
     b1, b2 = data.micro_batches(0, 2)
     n1, n2 = (float(b.loss_mask()[b.labels != -100].sum()) for b in (b1, b2))
@@ -126,7 +128,7 @@ def test_checkpoint_is_atomic(tmp_path):
 
 def test_stage_configs(tmp_path):
     stages = demo_stages()
-    assert [s.name for s in stages] == list(STAGES)
+    assert [s.kind for s in stages] == [k for k in STAGES if k != "mtp"][:3] + ["long_context"] * 2 + ["sft", "align"]
     assert select_stages(stages, "sft,general")[0].name == "general"          # recipe order
     with pytest.raises(ValueError, match="unknown stages"):
         select_stages(stages, "general,pretrain")

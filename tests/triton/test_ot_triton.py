@@ -111,6 +111,22 @@ def test_empty_sides_and_cadence():
     assert iters[0] % 3 == 0 and iters[2] % 3 == 0 and iters[0] > 0
 
 
+@pytest.mark.parametrize("eps", [1.0, 0.1])
+def test_otpo_default_matches_official_function_triton(eps):
+    """The default (official) cost scale through the Triton path against the independent
+    re-implementation of the official function, on states with a dominant common direction."""
+    pytest.importorskip("ot")
+    from otpo_official import anisotropic_states, official_otpo_weights, prompt_masks  # tests/ is on the path
+
+    B, L, D = 3, 12, 16
+    h_c, h_r = anisotropic_states(B, L, D, seed=3)
+    mc, mr = prompt_masks(B, L, starts=[3, 0, 2], lengths_c=[7, 12, 9], lengths_r=[9, 8, 6])
+    w_c, w_r = ck.otpo_weights(h_c.to(DEVICE), h_r.to(DEVICE), mc.to(DEVICE), mr.to(DEVICE), eps=eps, tau=0.2)
+    o_c, o_r = official_otpo_weights(h_c, h_r, mc, mr, eps, 0.2)
+    torch.testing.assert_close(w_c.double().cpu(), o_c, rtol=0, atol=2e-3)
+    torch.testing.assert_close(w_r.double().cpu(), o_r, rtol=0, atol=2e-3)
+
+
 def test_otpo_weights_triton():
     B, L, D = 2, 8, 4
     h_c, h_r = torch.randn(B, L, D), torch.randn(B, L, D)
