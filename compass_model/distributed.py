@@ -40,12 +40,9 @@ from torch import nn
 
 import compass_kernels as ck
 from compass_model.config import CompassConfig
-from compass_model.moe import (
-    Dispatched,
-    MoE,
-    TokenDispatcher,
-    nvtx_range,
-)
+from compass_kernels import ranges
+from compass_kernels.moe_blocks import Dispatched, TokenDispatcher
+from compass_model.moe import MoE
 
 __all__ = ["EPDispatcher", "EPMoE", "all_to_all", "average_gradients", "check_ep_size", "expert_params",
            "fully_shard_replicated", "is_expert_param", "scale_expert_gradients", "shard_moe_layers"]
@@ -150,12 +147,12 @@ class EPDispatcher(TokenDispatcher):
 
     def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, capacity: int | None = None) -> Dispatched:
         plan, xp_ND = self.permute(x_TD, ids_TK, capacity)
-        with nvtx_range("dispatch"):
+        with ranges.nvtx_range("dispatch"):
             rows, offsets, state = self.exchange(xp_ND, plan.tokens_per_expert)
         return Dispatched(rows, offsets, plan, state)
 
     def combine(self, y_MD: torch.Tensor, d: Dispatched, probs_TK: torch.Tensor | None) -> torch.Tensor:
-        with nvtx_range("combine"):
+        with ranges.nvtx_range("combine"):
             y_ND = self.exchange_back(y_MD, d.state)
         return self.unpermute(y_ND, d.plan, probs_TK)
 

@@ -11,8 +11,8 @@ Data path (one NVTX range per stage, for nsys):
   unpermute   ``TokenDispatcher.combine``: ck.unpermute(probs), gather + gate-weighted combine in one pass
 ``MoE`` composes them; the FP8 layer (``compass_model.quant.Fp8MoE``) swaps the experts part, expert
 parallelism (``compass_model.distributed.EPMoE``) the dispatcher, and the transformers adapter
-(``compass_kernels.integrations.transformers``) runs the dispatcher and ``grouped_mlp`` on a Hugging
-Face experts module's weights. The router's balancing statistics (aux / z losses, bias load, collapse
+(``compass_kernels.integrations.transformers``) runs the dispatcher and ``grouped_mlp``
+(``compass_kernels.moe_blocks``) on a Hugging Face experts module's weights. The router's balancing statistics (aux / z losses, bias load, collapse
 diagnostics) are computed in one place, ``Router.balance``, from per-expert counts and score sums.
 Nothing here reads a tensor on the host, so a block compiles with torch.compile(fullgraph=True)
 (global-batch statistics with a capacity factor excepted: the capacity needs the whole batch's token
@@ -21,29 +21,19 @@ count, read once per layer).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import compass_kernels as ck
+from compass_kernels import ranges
+from compass_kernels.moe_blocks import TokenDispatcher, grouped_mlp
 from compass_model.config import CompassConfig
-from compass_model.nvtx_ranges import nvtx
 
 # An expert is "dead" below this fraction of the uniform load 1/E.
 DEAD_EXPERT_FRACTION = 0.1
-
-
-def nvtx_range(name: str):
-    """An NVTX range (a no-op without a GPU profiler; the nvtx package is optional, see nvtx_ranges).
-    Dynamo cannot trace the nvtx C calls, so compiled graphs get none; profile eager runs."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return nvtx.annotate(name, domain="compass")
 
 
 class SwiGLU(nn.Module):
@@ -235,91 +225,6 @@ class Router(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# part 2: the token dispatcher
-
-
-class Dispatched(NamedTuple):
-    """What the experts get from a dispatcher: ``rows [M, D]`` expert-contiguous over the local
-    experts, ``offsets [L + 1]`` int64, and what ``combine`` needs to bring the outputs back."""
-    rows: torch.Tensor
-    offsets: torch.Tensor
-    plan: ck.RoutingPlan
-    state: Any = None
-
-
-class TokenDispatcher:
-    """Local token dispatch: every expert on this process. ``dispatch`` routes ``ids [T, k]``
-    (entries in [-1, E), -1 = no expert) and permutes ``x [T, D]`` to expert-contiguous rows;
-    ``combine`` gathers the expert outputs back and sums them weighted by ``probs [T, k]``.
-    Stateless (one per layer or shared), nothing read on the host."""
-
-    def __init__(self, num_experts: int):
-        self.num_experts = num_experts
-        self.num_local = num_experts
-        self.expert_start = 0
-
-    def permute(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, capacity: int | None = None):
-        """-> (plan, permuted rows [plan.num_rows, D]), inside the "permute" range."""
-        with nvtx_range("permute"):
-            plan = ck.route(ids_TK, self.num_experts, capacity=capacity)
-            return plan, ck.permute(x_TD, plan)
-
-    def unpermute(self, y_RD: torch.Tensor, plan: ck.RoutingPlan, probs_TK: torch.Tensor | None) -> torch.Tensor:
-        with nvtx_range("unpermute"):
-            return ck.unpermute(y_RD, plan, probs=probs_TK)
-
-    def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, capacity: int | None = None) -> Dispatched:
-        plan, xp_RD = self.permute(x_TD, ids_TK, capacity)
-        return Dispatched(xp_RD, plan.expert_offsets, plan)
-
-    def combine(self, y_MD: torch.Tensor, d: Dispatched, probs_TK: torch.Tensor | None) -> torch.Tensor:
-        return self.unpermute(y_MD, d.plan, probs_TK)
-
-
-# ---------------------------------------------------------------------------------------------
-# part 3: grouped experts
-
-
-def row_experts(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """The expert of each of ``num_rows`` expert-contiguous rows (rows past offsets[-1] get the last)."""
-    E = offsets.numel() - 1
-    rows = torch.arange(num_rows, device=offsets.device)
-    return torch.searchsorted(offsets[1:], rows, right=True).clamp(max=E - 1)
-
-
-def swiglu(h_MF2: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of the fused ``[gate | up]`` rows."""
-    gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
-    return F.silu(gate_MF) * up_MF
-
-
-def grouped_mlp(x_MD: torch.Tensor, offsets: torch.Tensor, w_in, w_out, *,
-                act: Callable[[torch.Tensor], torch.Tensor] = swiglu, trans_b: bool = False,
-                b_in: torch.Tensor | None = None, b_out: torch.Tensor | None = None,
-                gemms: tuple[Callable, Callable] | None = None) -> torch.Tensor:
-    """The experts of expert-contiguous rows: ``act(x W_in[e] + b_in[e]) W_out[e] + b_out[e]`` with
-    two grouped GEMMs, one NVTX range per stage. Weights ``[E, K, N]``, or ``[E, N, K]`` with
-    ``trans_b``, through ck.grouped_gemm; ``gemms=(fc1, fc2)``, each ``(x, w, offsets) -> y``,
-    replaces it (the FP8 experts). Rows past ``offsets[-1]`` (dropped or padding slots) are never
-    read back by ``combine``."""
-    if gemms is None:
-        gemm = lambda x, w, off: ck.grouped_gemm(x, w, off, trans_b=trans_b)  # noqa: E731
-        gemms = (gemm, gemm)
-    rows_M = row_experts(offsets, x_MD.shape[0]) if b_in is not None or b_out is not None else None
-    with nvtx_range("expert_fc1"):
-        h = gemms[0](x_MD, w_in, offsets)
-        if b_in is not None:
-            h = h + b_in[rows_M]
-    with nvtx_range("activation"):
-        a = act(h)
-    with nvtx_range("expert_fc2"):
-        y = gemms[1](a, w_out, offsets)
-        if b_out is not None:
-            y = y + b_out[rows_M]
-    return y
-
-
-# ---------------------------------------------------------------------------------------------
 # the layer
 
 
@@ -365,7 +270,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor):
         x_TD = x.reshape(-1, x.shape[-1])
         T = x_TD.shape[0]
-        with nvtx_range("router"):
+        with ranges.nvtx_range("router"):
             logits_TE, scores_TE, ids_TK, gates_TK = self.router(x_TD)
             counts_E = assignment_counts(ids_TK, self.num_experts)
             capacity, n_tokens, kept_E = self.capacity(T), None, None

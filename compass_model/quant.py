@@ -71,7 +71,8 @@ from compass_kernels.fp8 import Fp8Tensor
 from compass_kernels.fp8_ref import FP8_MAX
 from compass_model.config import CompassConfig
 from compass_model.model import CompassForCausalLM
-from compass_model.moe import MoE, grouped_mlp, row_experts
+from compass_kernels.moe_blocks import grouped_mlp, row_experts
+from compass_model.moe import MoE
 
 __all__ = [
     "Fp8MoE",

@@ -8,7 +8,7 @@
 Both paths run under ``torch.profiler`` in one session, each iteration inside an outer range
 (``compass.naive`` / ``compass.fused``), with stage ranges named as moe.py's NVTX ranges: router,
 permute, expert_fc1, activation, expert_fc2, unpermute (the naive path's gate multiply +
-``index_add_`` combine is its "unpermute"). moe.py is not edited: ``mirrored_ranges`` swaps its
+``index_add_`` combine is its "unpermute"). The layer is not edited: ``mirrored_ranges`` swaps its
 ``nvtx_range`` for one that opens the NVTX range *and* a ``record_function`` of the same name, for
 the duration of the run. Time the layer spends outside the stages (router losses and stats) is
 "other", so the shares of a path sum to 1. A stage's time is the wall time of its ranges (summed over
@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]                         # run from a checkout, like bench/
 
 import compass_model.moe as moe_mod  # noqa: E402
+from compass_kernels import ranges  # noqa: E402
 from compass_model.config import CompassConfig  # noqa: E402
 from moe_peers import moe_layer_flops, naive_moe  # noqa: E402
 
@@ -61,7 +62,7 @@ DATA_MOVEMENT = ("permute", "unpermute")
 def _range_factory(sync: bool):
     def stage(name: str):
         stack = contextlib.ExitStack()
-        stack.enter_context(moe_mod.nvtx.annotate(name, domain="compass"))
+        stack.enter_context(ranges.nvtx.annotate(name, domain="compass"))
         stack.enter_context(record_function(name))
         if sync:
             stack.callback(torch.cuda.synchronize)                       # runs before the ranges close
@@ -72,12 +73,12 @@ def _range_factory(sync: bool):
 @contextlib.contextmanager
 def mirrored_ranges(sync: bool = False):
     """While open, moe.py's stage ranges are NVTX + ``record_function`` ranges of the same name."""
-    saved = moe_mod.nvtx_range
-    moe_mod.nvtx_range = _range_factory(sync)
+    saved = ranges.nvtx_range
+    ranges.nvtx_range = _range_factory(sync)
     try:
-        yield moe_mod.nvtx_range
+        yield ranges.nvtx_range
     finally:
-        moe_mod.nvtx_range = saved
+        ranges.nvtx_range = saved
 
 
 def build(args):

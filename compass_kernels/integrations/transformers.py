@@ -8,7 +8,7 @@ looked up by name in ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``. ``
     AutoModelForCausalLM.from_config(cfg, experts_implementation="compass")
     model.set_experts_implementation("compass")      # or model.config._experts_implementation = "compass"
 
-run the model's experts through the same parts as ``compass_model.MoE``: the ``TokenDispatcher``
+run the model's experts through the same parts as ``compass_model.MoE`` (``compass_kernels.moe_blocks``): the ``TokenDispatcher``
 (``ck.route`` + ``ck.permute``, then ``ck.unpermute`` with the routing weights: gather and weighted
 sum in one pass, fp32 accumulation) and ``grouped_mlp`` (two ``ck.grouped_gemm``, expert biases,
 the module's own gate). The model's router is left as it is.
@@ -29,7 +29,7 @@ import inspect
 
 import torch
 
-from compass_model.moe import TokenDispatcher, grouped_mlp
+from compass_kernels.moe_blocks import TokenDispatcher, grouped_mlp
 
 __all__ = ["MIN_TRANSFORMERS", "experts_forward", "register"]
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import compass_kernels as ck
+from compass_kernels import ranges
 from compass_model import CompassConfig, aux_loss_coefficient
 from compass_model import moe as moe_mod
 from compass_model.moe import MoE, load_balancing_loss, router_stats, router_z_loss
@@ -215,6 +216,6 @@ def test_nvtx_ranges(monkeypatch):
         def __exit__(self, *exc):
             return False
 
-    monkeypatch.setattr(moe_mod.nvtx, "annotate", _Range)
+    monkeypatch.setattr(ranges.nvtx, "annotate", _Range)
     make_moe(dtype=torch.float32)(torch.randn(6, 24))
     assert names == ["router", "permute", "expert_fc1", "activation", "expert_fc2", "unpermute"]

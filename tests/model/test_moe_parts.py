@@ -8,14 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from compass_model import CompassConfig
+from compass_kernels.moe_blocks import TokenDispatcher, grouped_mlp, row_experts
 from compass_model.moe import (
     MoE,
-    TokenDispatcher,
     assignment_counts,
-    grouped_mlp,
     load_balancing_loss,
     router_z_loss,
-    row_experts,
 )
 
 

@@ -26,3 +26,12 @@ try:
     import nvtx  # noqa: F401
 except ImportError:
     nvtx = _TorchNvtx()
+
+
+def nvtx_range(name: str):
+    """The NVTX range of one MoE stage (``domain="compass"``); none inside a compiled graph, since
+    dynamo cannot trace the nvtx C calls (profile eager runs). Profilers may replace this function
+    (``profiling/moe_breakdown.py`` mirrors each range as a ``record_function``)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return nvtx.annotate(name, domain="compass")
