@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from compass_model import CompassConfig, CompassForCausalLM
+from compass_model.checkpoint import has_sharded_weights, load_config
 from compass_model.train import parallel, rundir
+from compass_model.train.dcp_checkpoint import load_model_shards
 from compass_model.train.data import StageData, check_stage_data, data_files_for
 from compass_model.train.metrics import MetricsWriter, read_metrics
 from compass_model.train.stages import STAGES, stage_kind
@@ -57,6 +59,23 @@ def _start_model(config: CompassConfig, prev_dir, seed: int, device=None):
     torch.manual_seed(seed)
     model = CompassForCausalLM(config)
     return model if device is None else model.to(device)
+
+
+def _stage_model(ckpt, prev_dir, config: CompassConfig, stage, seed: int, ctx, device=None):
+    """The stage's model laid out for ``ctx``: from its own checkpoint ``ckpt`` (resume), else from
+    ``prev_dir`` (the previous stage), else fresh. Under ``ctx`` a sharded checkpoint is read shard
+    by shard into the laid-out model (DCP reshards); one process consolidates it."""
+    src = ckpt if ckpt is not None else prev_dir
+    if ctx is not None and src is not None and has_sharded_weights(src):
+        model = CompassForCausalLM(load_config(src))
+        model = model if device is None else model.to(device)
+        _apply_stage_rope(model, stage, fresh=ckpt is None)
+        model = parallel.shard(model, ctx, stage)
+        load_model_shards(src, model, ctx)
+        return model
+    model = load_model(ckpt, device) if ckpt is not None else _start_model(config, prev_dir, seed, device)
+    _apply_stage_rope(model, stage, fresh=ckpt is None)
+    return parallel.shard(model, ctx, stage)
 
 
 def _earlier_stage_checkpoint(out: Path, first: str):
@@ -184,9 +203,7 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
             report["alignment"]["sft_weight"] = stage.sft_weight
         else:
             ckpt = usable_checkpoint(sdir, log) if resume else None
-            model = load_model(ckpt, device) if ckpt is not None else _start_model(config, prev_dir, seed, device)
-            _apply_stage_rope(model, stage, fresh=ckpt is None)
-            model = parallel.shard(model, ctx, stage)
+            model = _stage_model(ckpt, prev_dir, config, stage, seed, ctx, device)
             if activation_checkpointing:
                 from compass_model.train.recompute import apply_activation_checkpointing
                 apply_activation_checkpointing(model)
