@@ -70,9 +70,9 @@ def optimizer_state(model, opt, ctx) -> dict:
 
 
 def save_distributed_checkpoint(stage_dir, model, opt, step: int, done: bool, ctx, keep_last: int = 1,
-                                run: dict | None = None) -> None:
-    """Collective: every rank writes its model and optimizer shards, atomically (``keep_last`` and
-    the run fingerprint ``run``: as ``state.save_checkpoint``)."""
+                                run: dict | None = None, extra: dict | None = None) -> None:
+    """Collective: every rank writes its model and optimizer shards, atomically (``keep_last``, the
+    run fingerprint ``run`` and the trainer's ``extra``: as ``state.save_checkpoint``)."""
     import torch.distributed.checkpoint as dcp
 
     stage_dir = Path(stage_dir)
@@ -84,10 +84,34 @@ def save_distributed_checkpoint(stage_dir, model, opt, step: int, done: bool, ct
     dcp.save(optimizer_state(model, opt, ctx), checkpoint_id=str(tmp_opt))
     dist.barrier()
     if ctx.is_main:
-        save_checkpoint(stage_dir, model, None, step, done, extra={"dp": ctx.dp, "ep": ctx.ep},
+        save_checkpoint(stage_dir, model, None, step, done, extra={**(extra or {}), "dp": ctx.dp, "ep": ctx.ep},
                         extra_files={SHARDED_WEIGHTS_DIR: tmp_model, OPTIMIZER_DIR: tmp_opt},
                         keep_last=keep_last, run=run, weights=False)
     dist.barrier()
+
+
+def laid_out_model(src, ctx, *, config=None, stage=None, device=None, prepare=None):
+    """The model of checkpoint ``src`` (None: a fresh ``config`` model; the caller seeded) laid out
+    for ``ctx`` (``parallel.shard``, ``stage`` for its precision). ``prepare(model)`` runs on the
+    dense-shaped model before sharding (e.g. a RoPE extension). Under ``ctx`` a sharded checkpoint is
+    read shard by shard into the laid-out model; otherwise ``from_pretrained`` (which consolidates
+    a sharded one in this process)."""
+    from compass_model.checkpoint import from_pretrained, has_sharded_weights, load_config
+    from compass_model.model import CompassForCausalLM
+    from compass_model.train.parallel import shard
+
+    sharded = ctx is not None and src is not None and has_sharded_weights(src)
+    if src is None or sharded:
+        model = CompassForCausalLM(load_config(src) if sharded else config)
+        model = model if device is None else model.to(device)
+    else:
+        model = from_pretrained(src, device)
+    if prepare is not None:
+        prepare(model)
+    model = shard(model, ctx, stage)
+    if sharded:
+        load_model_shards(src, model, ctx)
+    return model
 
 
 @torch.no_grad()

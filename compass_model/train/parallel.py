@@ -234,6 +234,21 @@ def all_reduce_totals(totals: dict, ctx: EPContext | None) -> dict:
     return {**totals, **dict(zip(keys, t.tolist()))}
 
 
+def reduce_metrics(m: dict, ctx: EPContext | None) -> dict:
+    """The ranks' per-micro-batch metrics combined: shares summed, ``*_min`` / ``*_max`` by min / max."""
+    if ctx is None:
+        return m
+    out = dict(m)
+    for op, keys in ((dist.ReduceOp.SUM, [k for k in m if not k.endswith(("_min", "_max"))]),
+                     (dist.ReduceOp.MIN, [k for k in m if k.endswith("_min")]),
+                     (dist.ReduceOp.MAX, [k for k in m if k.endswith("_max")])):
+        if keys:
+            t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64)
+            dist.all_reduce(t, op=op)
+            out.update(zip(keys, t.tolist()))
+    return out
+
+
 def router_share(ctx: EPContext | None) -> int:
     """How many forwards of one micro-batch split the router's per-forward mean terms (aux, z). With
     global router statistics each rank's terms are already its share of the micro-batch's value; with
