@@ -10,13 +10,18 @@ disk (a flipped bit, NaN words written over a tensor, a truncated copy), naming 
 written before the digest existed load without the check.
 
 One loader for every kind: a directory with ``quant_config.json`` (``compass quantize --save``) is
-rebuilt as the FP8 model it is, any other as the full-precision model.
+rebuilt as the FP8 model it is, any other as the full-precision model. A distributed training
+checkpoint holds its weights as a ``torch.distributed.checkpoint`` directory ``model/`` (each rank
+wrote its own shards) instead of ``model.safetensors``: ``load_weights`` consolidates it into the
+dense state dict in this one process (no process group needed), so ``from_pretrained``, export and
+evaluation read it like any other. DCP stores no digest; such weights load unverified.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +33,7 @@ from compass_model.model import CompassForCausalLM
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+SHARDED_WEIGHTS_DIR = "model"          # a torch.distributed.checkpoint directory (distributed training)
 DIGEST_KEY = "sha256"
 
 
@@ -81,8 +87,50 @@ def read_metadata(directory) -> dict:
         raise CheckpointError(f"{path}: cannot read the weights ({e}); the file is damaged or not safetensors") from e
 
 
+def has_sharded_weights(directory) -> bool:
+    """``directory`` holds its weights as DCP shards (``model/``) rather than ``model.safetensors``."""
+    path = Path(directory)
+    return not (path / WEIGHTS_NAME).is_file() and (path / SHARDED_WEIGHTS_DIR / ".metadata").is_file()
+
+
+def has_weights(directory) -> bool:
+    return (Path(directory) / WEIGHTS_NAME).is_file() or has_sharded_weights(directory)
+
+
+def sharded_metadata(directory):
+    """The DCP metadata of ``directory/model/`` (tensor names, global shapes and dtypes)."""
+    import torch.distributed.checkpoint as dcp
+    path = Path(directory) / SHARDED_WEIGHTS_DIR
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the sharded weights' metadata ({e}); "
+                              "the checkpoint is damaged") from e
+
+
+def load_sharded_weights(directory) -> dict:
+    """The dense state dict of ``directory/model/``: every tensor allocated at its global shape and
+    filled from the ranks' shards by DCP in this process alone (``no_dist``)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    path = Path(directory) / SHARDED_WEIGHTS_DIR
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
+             for k, m in sharded_metadata(directory).state_dict_metadata.items()
+             if isinstance(m, TensorStorageMetadata)}
+    try:
+        with warnings.catch_warnings():          # DCP warns that no process group is up: intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the sharded weights ({e}); the checkpoint is damaged") from e
+    return state
+
+
 def load_weights(directory) -> dict:
-    """The state dict in ``directory/model.safetensors``, verified against its stored digest."""
+    """The state dict in ``directory/model.safetensors``, verified against its stored digest (or
+    consolidated from ``directory/model/``, a distributed checkpoint's shards)."""
+    if has_sharded_weights(directory):
+        return load_sharded_weights(directory)
     path = Path(directory) / WEIGHTS_NAME
     meta = read_metadata(directory)
     try:
@@ -109,7 +157,7 @@ def from_pretrained(directory, device: torch.device | str | None = None, dtype: 
     as the quantized model. ``dtype``: rebuild in that parameter dtype (weights are cast once)."""
     path = Path(directory)
     for name in (WEIGHTS_NAME, CONFIG_NAME):
-        if not (path / name).is_file():
+        if not (path / name).is_file() and not (name == WEIGHTS_NAME and has_sharded_weights(path)):
             raise FileNotFoundError(f"{path / name} not found: not a save_pretrained directory")
     if is_quantized(path):
         from compass_model.quant import load_quantized

@@ -81,9 +81,7 @@ def to_mixtral(config: CompassConfig, state: dict):
 def export_hf(checkpoint, out) -> Path:
     """Read a ``save_pretrained`` Compass checkpoint and write ``out`` as a transformers checkpoint
     (``MixtralForCausalLM.from_pretrained(out)`` loads it). Returns ``out``."""
-    from safetensors.torch import load_file
-
-    from compass_model.checkpoint import WEIGHTS_NAME, load_config
+    from compass_model.checkpoint import load_config, load_weights
 
     try:
         from transformers import MixtralForCausalLM
@@ -91,7 +89,7 @@ def export_hf(checkpoint, out) -> Path:
         raise ImportError("compass export --format hf needs transformers >= 5: pip install 'compass-kernels[hf]'") from e
     path = Path(checkpoint)
     config = load_config(path)
-    state = load_file(path / WEIGHTS_NAME)
+    state = load_weights(path)          # model.safetensors, or a distributed checkpoint's shards
     hf_config, hf_state = to_mixtral(config, state)
     with torch.device("meta"):
         model = MixtralForCausalLM(hf_config)

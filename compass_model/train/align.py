@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from compass_model.checkpoint import WEIGHTS_NAME, from_pretrained
+from compass_model.checkpoint import WEIGHTS_NAME, from_pretrained, load_config
 from compass_model.data import (
     load_preference_jsonl,
     make_tasks,
@@ -58,6 +58,13 @@ from compass_model.train.pairs import (
     reference_logprobs,
     save_reference,
 )
+from compass_model.train import parallel
+from compass_model.train.dcp_checkpoint import (
+    laid_out_model,
+    load_model_shards,
+    load_optimizer,
+    save_distributed_checkpoint,
+)
 from compass_model.train.schedule import lr_at
 from compass_model.train.state import latest_checkpoint, save_checkpoint, trainer_state
 
@@ -75,7 +82,8 @@ def _rewards_metrics(loss, chosen_rewards, rejected_rewards) -> dict:
 
 
 def preference_step_loss(model, batch_slice: PairBatch, ref_slice, method: str, beta: float = 0.1,
-                         eps: float = 1.0, tau: float = 0.2, router_losses: bool = False, sft_weight: float = 0.0):
+                         eps: float = 1.0, tau: float = 0.2, router_losses: bool = False, sft_weight: float = 0.0,
+                         share: float = 1.0, router_share: int = 1, nll_tokens: float | None = None):
     """The preference loss of one micro-batch: ``(loss, metrics)``, one forward on chosen + rejected.
 
     ``ref_slice``: ``(ref_chosen [B, L], ref_rejected [B, L])`` per-token reference log-probs.
@@ -85,7 +93,13 @@ def preference_step_loss(model, batch_slice: PairBatch, ref_slice, method: str, 
     loss; ``metrics["loss"]`` is always the preference loss alone (``ln 2`` when policy == reference).
     ``sft_weight``: add that times the chosen responses' token-mean NLL (RPO, arXiv 2404.19733; Llama
     3): the chosen answers are the data's references, and without it a few hundred pairs pull the
-    policy off its task answers (``compass demo``: SFT accuracy 0.41 -> 0.30 after 100 steps)."""
+    policy off its task answers (``compass demo``: SFT accuracy 0.41 -> 0.30 after 100 steps).
+
+    Data parallelism (``batch_slice`` a rank's pairs of a micro-batch): ``share`` is their fraction
+    of the micro-batch, ``router_share`` how many forwards average the router terms
+    (``parallel.router_share``) and ``nll_tokens`` the micro-batch's chosen-token count, so the ranks'
+    losses and their mean metrics *sum* to the single-process ones (``weight_min`` / ``weight_max``
+    reduce by min / max)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     dev = model_device(model)
@@ -104,11 +118,14 @@ def preference_step_loss(model, batch_slice: PairBatch, ref_slice, method: str, 
         metrics = _rewards_metrics(loss, cr, rr)
         metrics["weight_min"] = float(w_c[b.chosen_mask].min()) if b.chosen_mask.any() else 0.0
         metrics["weight_max"] = float(w_c[b.chosen_mask].max()) if b.chosen_mask.any() else 0.0
+    for k in ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"):
+        metrics[k] *= share
+    router = router / router_share
     metrics["router_loss"] = float(router.detach())
-    total = loss + router if router_losses else loss
+    total = loss * share + router if router_losses else loss * share
     if sft_weight:
         m = b.chosen_mask.float()
-        nll = -(lp_c * m).sum() / m.sum().clamp(min=1)
+        nll = -(lp_c * m).sum() / (m.sum().clamp(min=1) if nll_tokens is None else max(nll_tokens, 1.0))
         metrics["sft_nll"] = float(nll.detach())
         total = total + sft_weight * nll
     return total, metrics
@@ -128,15 +145,28 @@ def step_indices(n: int, step: int, per_step: int, seed: int) -> list:
     return out
 
 
-def _load_weights(model, checkpoint_dir) -> None:
+def _load_weights(model, checkpoint_dir, ctx=None) -> None:
+    if ctx is not None:
+        load_model_shards(checkpoint_dir, model, ctx)
+        return
     state = load_file(str(Path(checkpoint_dir) / WEIGHTS_NAME), device=str(model_device(model)))
     model.load_state_dict(state, strict=True)
+
+
+def _check_split(micro_batch: int, per_step: int, ctx) -> None:
+    """Every micro-batch's pairs must split evenly over the ranks (each rank forwards its share)."""
+    sizes = {min(micro_batch, per_step - i) for i in range(0, per_step, micro_batch)}
+    if ctx is not None and any(n % ctx.world for n in sizes):
+        raise ValueError(f"alignment micro-batches of {sorted(sizes)} pairs (micro_batch {micro_batch}, "
+                         f"{per_step} pairs a step) must be divisible by the world size {ctx.world} "
+                         f"(--dp {ctx.dp} x --ep {ctx.ep})")
 
 
 def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, lr: float, micro_batch: int,
                      beta: float = 0.1, eps: float = 1.0, tau: float = 0.2, warmup_steps: int = 0, seed: int = 0,
                      stage_dir=None, metrics=None, resume: bool = False, save_every: int = 1, grad_accum: int = 1,
-                     weight_decay: float = 0.0, router_losses: bool = True, sft_weight: float = 0.0) -> list:
+                     weight_decay: float = 0.0, router_losses: bool = True, sft_weight: float = 0.0,
+                     ctx=None) -> list:
     """Train ``model`` in place on preference pairs; returns the per-step records of this call.
 
     Each optimizer step takes ``micro_batch * grad_accum`` pairs (``step_indices``), AdamW at
@@ -148,6 +178,11 @@ def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, l
     end (``done=True``). ``resume=True`` continues from the latest checkpoint there (weights, optimizer
     state and step); if that stage is finished its weights are loaded into ``model`` and nothing runs.
     The checkpoint's ``extra`` keeps ``loss_first``, ``loss_last`` and the cumulative ``seconds``.
+
+    ``ctx`` (``parallel.EPContext``; ``model`` laid out by ``parallel.shard``): as the trainer, every
+    rank forwards its contiguous share of each micro-batch's pairs, gradients are summed over the
+    ranks, clipped by their global norm, router statistics are the layout's (global by default), and
+    checkpoints are DCP shards (``dcp_checkpoint.py``); rank 0 writes the metrics.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -158,19 +193,22 @@ def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, l
     if tuple(ref_c.shape) != tuple(batch.chosen_ids.shape) or tuple(ref_r.shape) != tuple(batch.rejected_ids.shape):
         raise ValueError(f"reference log-probs {tuple(ref_c.shape)} do not match the batch {tuple(batch.chosen_ids.shape)}")
     stage = f"align-{method}"
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    per_step = min(micro_batch * grad_accum, len(batch))
+    _check_split(micro_batch, per_step, ctx)
+    metrics = metrics if ctx is None or ctx.is_main else None
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
+                            foreach=False if ctx is not None and ctx.fsdp else None)
     start, extra = 0, {"loss_first": None, "loss_last": None, "seconds": 0.0}
     if resume and stage_dir is not None and (ckpt := latest_checkpoint(stage_dir)) is not None:
         state = trainer_state(ckpt)
-        _load_weights(model, ckpt)
-        extra.update(state.get("extra") or {})
+        _load_weights(model, ckpt, ctx)
+        extra.update({k: v for k, v in (state.get("extra") or {}).items() if k in extra})
         if state["done"]:
             return []
-        opt.load_state_dict(state["optimizer"])
+        load_optimizer(ckpt, state, model, opt, ctx)
         start = int(state["step"])
     if metrics is not None:
         metrics.truncate_after(stage, start)
-    per_step = micro_batch * grad_accum
     n = len(batch)
     records = []
     model.train()
@@ -184,14 +222,22 @@ def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, l
         agg: dict = {}
         for i in range(0, len(idx), micro_batch):
             sub = torch.tensor(idx[i:i + micro_batch])
-            loss, m = preference_step_loss(model, batch.select(sub), (ref_c[sub], ref_r[sub]), method, beta, eps,
-                                           tau, router_losses=router_losses, sft_weight=sft_weight)
+            mine, dist_kw = sub, {}
+            if ctx is not None:                 # this rank's contiguous share of the micro-batch
+                k = len(sub) // ctx.world
+                mine = sub[ctx.rank * k:(ctx.rank + 1) * k]
+                dist_kw = {"share": k / len(sub), "router_share": parallel.router_share(ctx),
+                           "nll_tokens": float(batch.chosen_mask[sub].sum())}
+            loss, m = preference_step_loss(model, batch.select(mine), (ref_c[mine], ref_r[mine]), method, beta,
+                                           eps, tau, router_losses=router_losses, sft_weight=sft_weight, **dist_kw)
             w = len(sub) / len(idx)             # each micro loss is a mean over its pairs
             (loss * w).backward()
-            for k, v in m.items():
+            for k, v in parallel.reduce_metrics(m, ctx).items():
                 agg[k] = agg.get(k, 0.0) + w * v
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        parallel.reduce_gradients(model, ctx)
+        grad_norm = parallel.clip_grad_norm(model, 1.0, ctx)
         opt.step()
+        parallel.sync_router_load(model, ctx)
         model.after_optimizer_step()
         seconds = time.perf_counter() - t0
         rec = {"stage": stage, "step": step, "loss": agg["loss"], "lr": cur_lr,
@@ -207,8 +253,11 @@ def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, l
         extra["seconds"] = float(extra["seconds"]) + seconds
         done = step + 1 == steps
         if stage_dir is not None and (done or (step + 1) % save_every == 0):
-            save_checkpoint(stage_dir, model, opt, step + 1, done=done,
-                            extra={**extra, "method": method, "steps": steps, "seed": seed})
+            keep = {**extra, "method": method, "steps": steps, "seed": seed}
+            if ctx is None:
+                save_checkpoint(stage_dir, model, opt, step + 1, done=done, extra=keep)
+            else:
+                save_distributed_checkpoint(stage_dir, model, opt, step + 1, done, ctx, extra=keep)
     return records
 
 
@@ -264,31 +313,10 @@ def _stage_summary(stage_dir: Path, records: list) -> dict:
             "steps": trainer_state(ckpt)["step"] if ckpt is not None else len(records)}
 
 
-def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs: int, steps: int, lr: float,
-                  micro_batch: int, max_len: int, beta: float = 0.1, seed: int = 0, metrics=None,
-                  resume: bool = False, pairs_file=None, eps: float = 1.0, tau: float = 0.2,
-                  warmup_steps: int = 0, max_new_tokens: int | None = None, temperature: float = 1.0,
-                  top_p: float = 0.95, tries: int = 2, device=None, sft_weight: float = 0.0) -> dict:
-    """Stage 7: pairs -> reference log-probs -> DPO baseline and OTPO, both from the SFT model.
-
-    Train pairs come from ``make_tasks(n_pairs, seed + 2)``, held-out pairs from
-    ``make_tasks(eval_pairs, seed + 1002)`` (tasks that fit ``max_len``), rejected responses sampled from
-    the SFT model. With ``pairs_file`` (preference JSONL) nothing is sampled: the last ``eval_pairs``
-    records are held out and up to ``n_pairs`` of the others train. Under ``out_dir``: ``pairs.json``
-    and ``reference-{train,eval}.safetensors`` (reused on resume), checkpoints in
-    ``checkpoints/align-dpo`` (DPO) and ``checkpoints/align`` (OTPO).
-
-    Returns ``{"pairs": {"train", "eval", "dropped_correct", ...}, "sft_eval": {...},
-    "dpo": {"loss_first", "loss_last", "seconds", "steps", "eval", "train_eval"}, "otpo": {...}}``
-    (``eval`` / ``sft_eval`` are ``preference_accuracy`` dicts on the held-out pairs).
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    load = lambda: from_pretrained(sft_model_dir, device)
-    sft = load()
-    if max_len > sft.config.max_seq_len:
-        raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {sft.config.max_seq_len}")
-
+def _pairs_and_reference(sft, out_dir: Path, tokenizer, *, n_pairs, eval_pairs, micro_batch, max_len, seed,
+                         resume, pairs_file, max_new_tokens, temperature, top_p, tries):
+    """Steps 1 and 2 of ``run_alignment`` (cached under ``out_dir``) with the SFT model ``sft`` (None:
+    read the caches only): ``(train_b, eval_b, refs, pair counts and stats)``."""
     # 1. pairs (cached)
     pairs_path = out_dir / "pairs.json"
     if resume and pairs_path.is_file():
@@ -331,22 +359,69 @@ def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs
         else:
             refs[name] = reference_logprobs(sft, b, micro_batch)
             save_reference(path, *refs[name], batch=b)
-    result = {"pairs": {"train": len(train_pairs), "eval": len(eval_pairs_), **pstats},
-              "sft_eval": preference_accuracy(sft, eval_b, refs["eval"], beta, micro_batch)}
+    return train_b, eval_b, refs, {"train": len(train_pairs), "eval": len(eval_pairs_), **pstats}
+
+
+def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs: int, steps: int, lr: float,
+                  micro_batch: int, max_len: int, beta: float = 0.1, seed: int = 0, metrics=None,
+                  resume: bool = False, pairs_file=None, eps: float = 1.0, tau: float = 0.2,
+                  warmup_steps: int = 0, max_new_tokens: int | None = None, temperature: float = 1.0,
+                  top_p: float = 0.95, tries: int = 2, device=None, sft_weight: float = 0.0, ctx=None) -> dict:
+    """Stage 7: pairs -> reference log-probs -> DPO baseline and OTPO, both from the SFT model.
+
+    Train pairs come from ``make_tasks(n_pairs, seed + 2)``, held-out pairs from
+    ``make_tasks(eval_pairs, seed + 1002)`` (tasks that fit ``max_len``), rejected responses sampled from
+    the SFT model. With ``pairs_file`` (preference JSONL) nothing is sampled: the last ``eval_pairs``
+    records are held out and up to ``n_pairs`` of the others train. Under ``out_dir``: ``pairs.json``
+    and ``reference-{train,eval}.safetensors`` (reused on resume), checkpoints in
+    ``checkpoints/align-dpo`` (DPO) and ``checkpoints/align`` (OTPO).
+
+    Returns ``{"pairs": {"train", "eval", "dropped_correct", ...}, "sft_eval": {...},
+    "dpo": {"loss_first", "loss_last", "seconds", "steps", "eval", "train_eval"}, "otpo": {...}}``
+    (``eval`` / ``sft_eval`` are ``preference_accuracy`` dicts on the held-out pairs).
+
+    ``ctx`` (``parallel.EPContext``, every rank calls): rank 0 builds the pairs and reference
+    log-probs (the SFT model, dense, in one process), the other ranks read them from its files; DPO
+    and OTPO train on the layout of ``ctx`` (``train_preference``), and rank 0 evaluates the dense
+    model consolidated from each stage's final checkpoint. Ranks other than 0 return ``{}``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    main = ctx is None or ctx.is_main
+    load = lambda: from_pretrained(sft_model_dir, device)
+    max_seq_len = load_config(sft_model_dir).max_seq_len
+    if max_len > max_seq_len:
+        raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {max_seq_len}")
+    kw = {"n_pairs": n_pairs, "eval_pairs": eval_pairs, "micro_batch": micro_batch, "max_len": max_len, "seed": seed,
+          "pairs_file": pairs_file, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+          "tries": tries}
+    sft = load() if main else None
+    if main:
+        train_b, eval_b, refs, pstats = _pairs_and_reference(sft, out_dir, tokenizer, resume=resume, **kw)
+    parallel.barrier(ctx)
+    if not main:                                    # rank 0's files, as a resume reads them
+        train_b, eval_b, refs, pstats = _pairs_and_reference(None, out_dir, tokenizer, resume=True, **kw)
+    result = {"pairs": pstats,
+              "sft_eval": preference_accuracy(sft, eval_b, refs["eval"], beta, micro_batch) if main else None}
     del sft
 
     # 3. DPO baseline, then OTPO, each from the SFT weights
     for method, stage_name in (("dpo", "align-dpo"), ("otpo", "align")):
-        policy = load()
+        policy = load() if ctx is None else laid_out_model(sft_model_dir, ctx, device=device)
         stage_dir = out_dir / "checkpoints" / stage_name
         records = train_preference(policy, train_b, refs["train"], method=method, steps=steps, lr=lr,
                                    micro_batch=micro_batch, beta=beta, eps=eps, tau=tau, warmup_steps=warmup_steps,
                                    seed=seed, stage_dir=stage_dir, metrics=metrics, resume=resume,
-                                   sft_weight=sft_weight)
-        result[method] = {**_stage_summary(stage_dir, records),
-                          "eval": preference_accuracy(policy, eval_b, refs["eval"], beta, micro_batch),
-                          "train_eval": preference_accuracy(policy, train_b, refs["train"], beta, micro_batch)}
+                                   sft_weight=sft_weight, ctx=ctx)
+        if main:
+            final = policy if ctx is None else from_pretrained(latest_checkpoint(stage_dir), device)
+            result[method] = {**_stage_summary(stage_dir, records),
+                              "eval": preference_accuracy(final, eval_b, refs["eval"], beta, micro_batch),
+                              "train_eval": preference_accuracy(final, train_b, refs["train"], beta, micro_batch)}
         del policy
+        parallel.barrier(ctx)
+    if not main:
+        return {}
     _write_json(out_dir / "align-summary.json", result)
     return result
 

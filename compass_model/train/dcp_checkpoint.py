@@ -1,18 +1,20 @@
-"""Distributed checkpoints: the dense model plus the optimizer state with ``torch.distributed.checkpoint``.
+"""Distributed checkpoints: the model and the optimizer state with ``torch.distributed.checkpoint``.
 
-A distributed run's checkpoint directory ``step-NNNNNN`` holds what a single-process one holds
-(``model.safetensors`` with every expert gathered, ``config.json``, ``trainer.pt`` with the step)
-and ``optimizer/``: a DCP directory of the AdamW state keyed by parameter name,
-``<param name>.<exp_avg|exp_avg_sq|step>``, each tensor saved as its global tensor:
+A distributed run's checkpoint directory ``step-NNNNNN`` holds ``config.json``, ``trainer.pt``
+(step, layout, the run's fingerprint) and two DCP directories, each tensor saved as its global
+tensor: ``model/``, the model's state dict under the dense model's names (every parameter and
+persistent buffer), and ``optimizer/``, the AdamW state keyed ``<param name>.<exp_avg|exp_avg_sq|step>``:
 
   FSDP2-sharded parameters     their DTensor states (Shard(0) over the world)
   expert shards (EPMoE)        viewed as DTensors of all E experts on the (dp, ep) mesh:
                                (Shard(1), Shard(0)) under FSDP2, (Replicate(), Shard(0)) without
   replicated parameters        plain tensors (DCP writes one copy)
 
-so every rank writes only its shards, and a resume at another layout (other dp / ep, or one
-process) reads the slices it now owns: DCP reshards. The directory is written under a temporary
-name by all ranks, then moved into the step directory by rank 0 before ``LATEST`` names it
+so every rank writes only its shards (nothing is gathered), and a resume at another layout (other
+dp / ep) reads the slices it now owns: DCP reshards. One process (``from_pretrained``, export,
+evaluation, a single-process resume) consolidates ``model/`` into the dense model
+(``checkpoint.load_sharded_weights``). Both directories are written under temporary names by all
+ranks, then moved into the step directory by rank 0 before ``LATEST`` names it
 (``state.save_checkpoint``), so a kill at any point leaves the previous checkpoint in place.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from compass_model.checkpoint import SHARDED_WEIGHTS_DIR
 from compass_model.distributed import is_expert_param
 from compass_model.train.state import save_checkpoint
 
@@ -52,6 +55,11 @@ def _global_view(t: torch.Tensor, name: str, model, ctx):
                               run_check=False, shape=shape, stride=stride)
 
 
+def model_state(model, ctx) -> dict:
+    """The model's state dict (dense names) as global (DTensor) views of this rank's shards."""
+    return {k: _global_view(v, k, model, ctx) for k, v in model.state_dict().items()}
+
+
 def optimizer_state(model, opt, ctx) -> dict:
     """The optimizer state keyed ``<param>.<field>`` as global (DTensor) views; see the module doc."""
     out = {}
@@ -62,25 +70,62 @@ def optimizer_state(model, opt, ctx) -> dict:
 
 
 def save_distributed_checkpoint(stage_dir, model, opt, step: int, done: bool, ctx, keep_last: int = 1,
-                                run: dict | None = None) -> None:
-    """Collective: every rank writes its optimizer shards, rank 0 the dense model, atomically
-    (``keep_last`` and the run fingerprint ``run``: as ``state.save_checkpoint``)."""
+                                run: dict | None = None, extra: dict | None = None) -> None:
+    """Collective: every rank writes its model and optimizer shards, atomically (``keep_last``, the
+    run fingerprint ``run`` and the trainer's ``extra``: as ``state.save_checkpoint``)."""
     import torch.distributed.checkpoint as dcp
 
-    from compass_model.train.parallel import dense_model
-
     stage_dir = Path(stage_dir)
-    dense = dense_model(model, ctx)
-    tmp = stage_dir / f".opt-{step:06d}"
+    tmp_model, tmp_opt = stage_dir / f".model-{step:06d}", stage_dir / f".opt-{step:06d}"
     if ctx.is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    dcp.save(optimizer_state(model, opt, ctx), checkpoint_id=str(tmp))
+    dcp.save(model_state(model, ctx), checkpoint_id=str(tmp_model))
+    dcp.save(optimizer_state(model, opt, ctx), checkpoint_id=str(tmp_opt))
     dist.barrier()
     if ctx.is_main:
-        save_checkpoint(stage_dir, dense, None, step, done, extra={"dp": ctx.dp, "ep": ctx.ep},
-                        extra_files={OPTIMIZER_DIR: tmp}, keep_last=keep_last, run=run)
+        save_checkpoint(stage_dir, model, None, step, done, extra={**(extra or {}), "dp": ctx.dp, "ep": ctx.ep},
+                        extra_files={SHARDED_WEIGHTS_DIR: tmp_model, OPTIMIZER_DIR: tmp_opt},
+                        keep_last=keep_last, run=run, weights=False)
     dist.barrier()
+
+
+def laid_out_model(src, ctx, *, config=None, stage=None, device=None, prepare=None):
+    """The model of checkpoint ``src`` (None: a fresh ``config`` model; the caller seeded) laid out
+    for ``ctx`` (``parallel.shard``, ``stage`` for its precision). ``prepare(model)`` runs on the
+    dense-shaped model before sharding (e.g. a RoPE extension). Under ``ctx`` a sharded checkpoint is
+    read shard by shard into the laid-out model; otherwise ``from_pretrained`` (which consolidates
+    a sharded one in this process)."""
+    from compass_model.checkpoint import from_pretrained, has_sharded_weights, load_config
+    from compass_model.model import CompassForCausalLM
+    from compass_model.train.parallel import shard
+
+    sharded = ctx is not None and src is not None and has_sharded_weights(src)
+    if src is None or sharded:
+        model = CompassForCausalLM(load_config(src) if sharded else config)
+        model = model if device is None else model.to(device)
+    else:
+        model = from_pretrained(src, device)
+    if prepare is not None:
+        prepare(model)
+    model = shard(model, ctx, stage)
+    if sharded:
+        load_model_shards(src, model, ctx)
+    return model
+
+
+@torch.no_grad()
+def load_model_shards(ckpt_dir, model, ctx) -> None:
+    """Fill ``model`` (already laid out for ``ctx``) from a distributed checkpoint's ``model/``:
+    each rank reads only the slices it owns, whatever layout wrote them."""
+    import torch.distributed.checkpoint as dcp
+
+    own = model.state_dict()
+    targets = model_state(model, ctx)
+    dcp.load(targets, checkpoint_id=str(Path(ckpt_dir) / SHARDED_WEIGHTS_DIR))
+    for k, t in targets.items():
+        if t is not own[k]:                 # an expert shard's view: copy its local part back
+            _local(own[k]).copy_(_local(t))
 
 
 def load_optimizer(ckpt_dir, trainer: dict, model, opt, ctx) -> None:

@@ -21,8 +21,9 @@ loss, and every gradient reduction is a SUM:
                          would; "local": each rank's own rows (the Megatron default), the bias
                          update's load still summed over the world so the ranks keep one bias
 
-Checkpoints: the dense model (experts gathered, loadable anywhere) plus the optimizer state as a
-``torch.distributed.checkpoint`` directory (``dcp_checkpoint.py``), which resumes at any layout.
+Checkpoints: the model and the optimizer state as ``torch.distributed.checkpoint`` shards written
+by every rank (``dcp_checkpoint.py``); they resume at any layout, and one process reads them as the
+dense model (``from_pretrained`` consolidates).
 """
 
 from __future__ import annotations
@@ -233,6 +234,21 @@ def all_reduce_totals(totals: dict, ctx: EPContext | None) -> dict:
     return {**totals, **dict(zip(keys, t.tolist()))}
 
 
+def reduce_metrics(m: dict, ctx: EPContext | None) -> dict:
+    """The ranks' per-micro-batch metrics combined: shares summed, ``*_min`` / ``*_max`` by min / max."""
+    if ctx is None:
+        return m
+    out = dict(m)
+    for op, keys in ((dist.ReduceOp.SUM, [k for k in m if not k.endswith(("_min", "_max"))]),
+                     (dist.ReduceOp.MIN, [k for k in m if k.endswith("_min")]),
+                     (dist.ReduceOp.MAX, [k for k in m if k.endswith("_max")])):
+        if keys:
+            t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64)
+            dist.all_reduce(t, op=op)
+            out.update(zip(keys, t.tolist()))
+    return out
+
+
 def router_share(ctx: EPContext | None) -> int:
     """How many forwards of one micro-batch split the router's per-forward mean terms (aux, z). With
     global router statistics each rank's terms are already its share of the micro-batch's value; with
@@ -251,27 +267,6 @@ def sync_router_load(model, ctx: EPContext | None) -> None:
         return
     loads = [m.router.load for m in model.moe_layers() if m.router.bias_rate > 0]
     _all_reduce_flat(loads)
-
-
-@torch.no_grad()
-def dense_model(model_ep, ctx: EPContext | None):
-    """The single-process model with every FSDP shard and expert gathered (collective: all ranks)."""
-    if ctx is None:
-        return model_ep
-    from compass_model.distributed import EPMoE
-    from compass_model.model import CompassForCausalLM
-
-    dense = CompassForCausalLM(model_ep.config)
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model_ep.state_dict().items()}
-    for name, mod in model_ep.named_modules():
-        if isinstance(mod, EPMoE):
-            for leaf in ("w13_EDF", "w2_EFD"):
-                shard_ = state[f"{name}.{leaf}"].detach().contiguous()      # gathered over dp above
-                parts = [torch.empty_like(shard_) for _ in range(ctx.ep)]
-                dist.all_gather(parts, shard_, group=ctx.group("ep"))
-                state[f"{name}.{leaf}"] = torch.cat(parts)
-    dense.load_state_dict(state, strict=True)
-    return dense
 
 
 def finish_ep(ctx: EPContext | None) -> None:

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from compass_model import CompassConfig, CompassForCausalLM
+from compass_model import CompassConfig
 from compass_model.train import parallel, rundir
+from compass_model.train.dcp_checkpoint import laid_out_model
 from compass_model.train.data import StageData, check_stage_data, data_files_for
 from compass_model.train.metrics import MetricsWriter, read_metrics
 from compass_model.train.stages import STAGES, stage_kind
@@ -51,12 +52,14 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _start_model(config: CompassConfig, prev_dir, seed: int, device=None):
-    if prev_dir is not None:
-        return load_model(prev_dir, device)
-    torch.manual_seed(seed)
-    model = CompassForCausalLM(config)
-    return model if device is None else model.to(device)
+def _stage_model(ckpt, prev_dir, config: CompassConfig, stage, seed: int, ctx, device=None):
+    """The stage's model laid out for ``ctx``: from its own checkpoint ``ckpt`` (resume), else from
+    ``prev_dir`` (the previous stage), else fresh (``dcp_checkpoint.laid_out_model``)."""
+    src = ckpt if ckpt is not None else prev_dir
+    if src is None:
+        torch.manual_seed(seed)
+    return laid_out_model(src, ctx, config=config, stage=stage, device=device,
+                          prepare=lambda m: _apply_stage_rope(m, stage, fresh=ckpt is None))
 
 
 def _earlier_stage_checkpoint(out: Path, first: str):
@@ -120,7 +123,7 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
     ``["FILE", "STAGE=FILE", ...]`` (``data.data_files_for``). ``device``: where the model, its
     batches and the evaluation run (None: where the model is built, the CPU).
     ``ctx``: expert parallelism (``parallel.init_ep``): every rank trains the pretraining and SFT
-    stages on its expert shard; rank 0 alone aligns, evaluates and writes files (others return {}).
+    stages (alignment included) on its shards; rank 0 alone evaluates and writes files (others return {}).
     ``stop_after``: leave after that many optimizer steps of this call (a time-sliced job; the next
     call with ``resume=True`` continues); the report then has ``"complete": False``.
     ``keep_last``: checkpoints kept per stage (the newest). ``activation_checkpointing``: recompute
@@ -172,21 +175,17 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
         elif stop_after is not None and stop_after <= 0:
             log(f"[{stage.name}] not started: the requested steps are done; continue with resume")
             return {"complete": False, "stopped_in": stage.name} if main else {}
-        elif stage.name == "align" and not main:
-            continue                                # alignment runs on rank 0 alone
         elif stage.name == "align":
             from compass_model.train.align import run_alignment
             report["alignment"] = run_alignment(
                 prev_dir, out, tokenizer, n_pairs=stage.n_pairs, eval_pairs=stage.eval_pairs, steps=stage.steps,
                 lr=stage.lr, micro_batch=stage.rows, max_len=stage.seq_len, beta=stage.beta, seed=seed,
                 warmup_steps=stage.warmup_steps, sft_weight=stage.sft_weight,
-                metrics=metrics, resume=resume, pairs_file=files.get("align"), device=device)
+                metrics=metrics, resume=resume, pairs_file=files.get("align"), device=device, ctx=ctx)
             report["alignment"]["sft_weight"] = stage.sft_weight
         else:
             ckpt = usable_checkpoint(sdir, log) if resume else None
-            model = load_model(ckpt, device) if ckpt is not None else _start_model(config, prev_dir, seed, device)
-            _apply_stage_rope(model, stage, fresh=ckpt is None)
-            model = parallel.shard(model, ctx, stage)
+            model = _stage_model(ckpt, prev_dir, config, stage, seed, ctx, device)
             if activation_checkpointing:
                 from compass_model.train.recompute import apply_activation_checkpointing
                 apply_activation_checkpointing(model)

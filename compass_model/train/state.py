@@ -3,13 +3,16 @@
 A stage's checkpoints live in ``<out>/checkpoints/<stage>/``: each one is a directory ``step-NNNNNN``
 holding ``model.safetensors`` + ``config.json`` (``save_pretrained``, loadable on its own) and
 ``trainer.pt`` (optimizer state, step, whether the stage finished, anything else the trainer keeps).
+A distributed run's checkpoint holds ``model/`` and ``optimizer/`` (DCP shards, ``dcp_checkpoint.py``)
+in place of ``model.safetensors`` and the optimizer state; ``from_pretrained`` consolidates it.
 It is written under a temporary name and renamed, then the ``LATEST`` file is replaced (write, then
 ``os.replace``), then step directories older than the newest ``keep_last`` are removed. A kill at
 any point leaves ``LATEST`` naming a complete checkpoint.
 
 A failed write (disk full, quota) removes the partial temporary directory and raises
 ``CheckpointWriteError`` ("no space left on DIR"); ``LATEST`` and the previous checkpoints are untouched.
-The weights' safetensors header also stores the run's fingerprint (``run_of``; ``rundir.py``).
+The weights' safetensors header (a sharded checkpoint: ``trainer.pt``) also stores the run's
+fingerprint (``run_of``; ``rundir.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ from pathlib import Path
 
 import torch
 
-from compass_model.checkpoint import CheckpointError, from_pretrained, load_weights, read_metadata, save_pretrained
+from compass_model.checkpoint import (
+    CheckpointError,
+    from_pretrained,
+    has_sharded_weights,
+    has_weights,
+    load_weights,
+    read_metadata,
+    save_pretrained,
+    sharded_metadata,
+)
 
 LATEST = "LATEST"
 TRAINER_NAME = "trainer.pt"
@@ -47,20 +59,27 @@ def _disk_full(e: BaseException, where: Path) -> bool:
     return False
 
 
-def _write_files(tmp: Path, model, state: dict, extra_files: dict | None, run: dict | None) -> None:
-    save_pretrained(model, tmp, metadata={"run": json.dumps(run)} if run is not None else None)
+def _write_files(tmp: Path, model, state: dict, extra_files: dict | None, run: dict | None, weights: bool) -> None:
+    if weights:
+        save_pretrained(model, tmp, metadata={"run": json.dumps(run)} if run is not None else None)
+    else:                                   # the weights are among extra_files (DCP shards)
+        from compass_model.checkpoint import CONFIG_NAME
+        tmp.mkdir(parents=True)
+        (tmp / CONFIG_NAME).write_text(model.config.to_json())
     torch.save(state, tmp / TRAINER_NAME)
     for fname, src in (extra_files or {}).items():
         os.replace(src, tmp / fname)
 
 
 def save_checkpoint(stage_dir, model, optimizer, step: int, done: bool = False, extra: dict | None = None,
-                    extra_files: dict | None = None, keep_last: int = 1, run: dict | None = None) -> Path:
+                    extra_files: dict | None = None, keep_last: int = 1, run: dict | None = None,
+                    weights: bool = True) -> Path:
     """Write the checkpoint of ``step`` finished optimizer steps; returns its directory.
     ``extra_files``: ``{name: path}`` of files already written (other ranks' optimizer states) that
     are moved into the checkpoint before it becomes visible. ``keep_last``: how many of the newest
     step directories stay (older ones are removed). ``run``: the run's fingerprint (stored in
-    the weights' header, ``run_of``)."""
+    the weights' header, ``run_of``). ``weights=False``: write only ``model.config`` (the weights
+    come in ``extra_files``, already written as shards by every rank)."""
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     stage_dir = Path(stage_dir)
@@ -71,8 +90,10 @@ def save_checkpoint(stage_dir, model, optimizer, step: int, done: bool = False, 
         shutil.rmtree(tmp)
     state = {"step": step, "done": done, "optimizer": optimizer.state_dict() if optimizer is not None else None,
              "extra": extra or {}}
+    if not weights:
+        state["run"] = run
     try:
-        _write_files(tmp, model, state, extra_files, run)
+        _write_files(tmp, model, state, extra_files, run, weights)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -122,6 +143,8 @@ def trainer_state(checkpoint_dir) -> dict:
 
 def run_of(checkpoint_dir) -> dict | None:
     """The run fingerprint stored with a checkpoint (None for one saved outside a run)."""
+    if has_sharded_weights(checkpoint_dir):
+        return trainer_state(checkpoint_dir).get("run")
     text = read_metadata(checkpoint_dir).get("run")
     return json.loads(text) if text else None
 
@@ -138,7 +161,10 @@ def usable_checkpoint(stage_dir, log=None) -> Path | None:
     steps = sorted(stage_dir.glob("step-*"), reverse=True)
     for path in ([latest] if latest is not None else []) + [p for p in steps if p != latest]:
         try:
-            load_weights(path)
+            if has_sharded_weights(path):
+                sharded_metadata(path)      # the shards are read where they are needed
+            else:
+                load_weights(path)
             trainer_state(path)
         except (CheckpointError, FileNotFoundError) as e:
             if log is not None:
@@ -169,12 +195,12 @@ def resolve_checkpoint(path, stages=None) -> Path:
     """What ``--checkpoint`` may name: a model directory (``model.safetensors`` + ``config.json``), a
     stage directory (its ``LATEST``), or a run directory (``--out`` of ``compass train``: the final
     checkpoint in ``report.json``, else the latest of its last trained stage in recipe order)."""
-    from compass_model.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+    from compass_model.checkpoint import CONFIG_NAME
     from compass_model.train.stages import STAGES
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {p} does not exist")
-    if (p / WEIGHTS_NAME).is_file() or (p / CONFIG_NAME).is_file():
+    if has_weights(p) or (p / CONFIG_NAME).is_file():
         return p
     if (p / LATEST).is_file():
         return latest_checkpoint(p)
@@ -185,7 +211,7 @@ def resolve_checkpoint(path, stages=None) -> Path:
             final = json.loads(report.read_text()).get("final_checkpoint")
         except (ValueError, AttributeError):
             final = None
-        if final and (Path(final) / WEIGHTS_NAME).is_file():
+        if final and has_weights(final):
             return Path(final)
     ckpts = p / "checkpoints"
     for name in reversed(stages or STAGES):

@@ -2,7 +2,8 @@
 the aux-loss-free bias update switched on; two micro-batches per step): the single-process losses
 (1e-4) at --ep 2 and --dp 2 --ep 2, dense checkpoints equal to the single-process ones, and
 resharding resumes: a --dp 2 --ep 2 run stopped after 2 steps continues at --ep 2 (and, slow, in one
-process and at --ep 1 under torchrun) with the uninterrupted run's losses."""
+process and at --ep 1 under torchrun) with the uninterrupted run's losses. A distributed checkpoint's
+weights are DCP shards written by every rank; one process reads them as the dense model."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from train_runs import CFG, STEPS, launch
+
+from compass_model.checkpoint import WEIGHTS_NAME, from_pretrained, load_weights
+from compass_model.train.state import resolve_checkpoint, run_of, usable_checkpoint
 
 
 def _train(tmp_path, name, world, *extra, **kw):
@@ -20,8 +23,20 @@ def _train(tmp_path, name, world, *extra, **kw):
     return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
 
+def _step_dir(tmp_path, name, step=STEPS):
+    return tmp_path / name / "checkpoints" / "general" / f"step-{step:06d}"
+
+
 def _weights(tmp_path, name):
-    return load_file(tmp_path / name / "checkpoints" / "general" / f"step-{STEPS:06d}" / "model.safetensors")
+    return load_weights(_step_dir(tmp_path, name))      # a distributed run's shards: consolidated here
+
+
+def _assert_sharded(step_dir, world):
+    """Weights and optimizer state are DCP directories with one shard file per rank, no gathered copy."""
+    assert not (step_dir / WEIGHTS_NAME).exists()
+    for sub in ("model", "optimizer"):
+        assert (step_dir / sub / ".metadata").is_file()
+        assert len(list((step_dir / sub).glob("*.distcp"))) == world, sub
 
 
 def _same_losses(one, many, steps=range(STEPS), tol=1e-4):
@@ -42,10 +57,19 @@ def runs(tmp_path_factory):
 def test_ep2_matches_one_process(runs):
     tmp, one = runs
     _same_losses(one, _train(tmp, "ep2", 2, "--ep", "2"))
+    _assert_sharded(_step_dir(tmp, "ep2"), 2)
+    assert (_step_dir(tmp, "one") / WEIGHTS_NAME).is_file()   # one process: model.safetensors as before
     w1, w2 = _weights(tmp, "one"), _weights(tmp, "ep2")
-    assert set(w1) == set(w2)                               # the EP checkpoint is the dense model
+    assert set(w1) == set(w2)                               # the shards consolidate to the dense model
     for k in w1:                                            # router biases included: one bias update
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5, msg=k)
+    final = resolve_checkpoint(tmp / "ep2")                 # what compass eval / generate load
+    assert final == _step_dir(tmp, "ep2")
+    dense = from_pretrained(final).state_dict()
+    for k in w1:
+        torch.testing.assert_close(dense[k], w2[k], rtol=0, atol=0, msg=k)
+    assert run_of(final) == run_of(_step_dir(tmp, "one"))   # the fingerprint travels in trainer.pt
+    assert usable_checkpoint(final.parent) == final
 
 
 def test_dp2_ep2_stop_then_resume_at_ep2(runs):
@@ -53,8 +77,7 @@ def test_dp2_ep2_stop_then_resume_at_ep2(runs):
     process's losses), then --ep 2 --resume reshards its checkpoint and continues with them."""
     tmp, one = runs
     _same_losses(one, _train(tmp, "sliced", 4, "--dp", "2", "--ep", "2", "--stop-after", "2"), range(2))
-    saved = tmp / "sliced" / "checkpoints" / "general" / "step-000002"
-    assert (saved / "optimizer" / ".metadata").is_file()    # the optimizer state is a DCP directory
+    _assert_sharded(_step_dir(tmp, "sliced", 2), 4)
     shutil.copytree(tmp / "sliced", tmp / "sliced-copy")
     _same_losses(one, _train(tmp, "sliced", 2, "--ep", "2", "--resume"))
 
