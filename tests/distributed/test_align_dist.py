@@ -59,14 +59,22 @@ def _same(tmp, name, many):
             assert abs(a[k] - b[k]) < 1e-4, (a["stage"], a["step"], k, a[k], b[k])
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
         if "weight_min" in a:
-            assert abs(a["weight_min"] - b["weight_min"]) < 1e-4 and abs(a["weight_max"] - b["weight_max"]) < 1e-4
+            # OTPO weights come out of an fp32 Sinkhorn solve on hidden states that differ by ~1e-7
+            # between layouts (other reduction orders); the solve amplifies that to ~1e-4 (1.2e-4
+            # measured on weights of ~1.19), so the bound is relative, like the gradient norm's.
+            for k in ("weight_min", "weight_max"):
+                assert abs(a[k] - b[k]) < 1e-3 * abs(a[k]), (a["stage"], a["step"], k, a[k], b[k])
     for stage in ("align-dpo", "align"):
         mine = latest_checkpoint(tmp / name / "checkpoints" / stage)
         assert not (mine / WEIGHTS_NAME).exists() and (mine / "model" / ".metadata").is_file()
         w1, w2 = load_weights(latest_checkpoint(tmp / "one" / "checkpoints" / stage)), load_weights(mine)
         assert set(w1) == set(w2)
         for k in w1:                                    # router biases included: one bias update
-            torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5, msg=k)
+            # Adam's first steps move each weight by about lr * sign(g): where a gradient is ~0, a
+            # 1e-9 difference between the layouts' reduction orders can flip single elements by
+            # ~lr, so compare whole tensors (a relative norm), not elements.
+            err = (w2[k].double() - w1[k].double()).norm() / w1[k].double().norm().clamp(min=1e-12)
+            assert err < 1e-3, (k, float(err))
 
 
 def test_align_ep2_matches_one_process(one):
