@@ -2,7 +2,7 @@
 
 Each case records the bytes it must move (extra_info["bytes"]); bench/report.py turns the JSON into
 GB/s, fractions of the copy ceiling and ratios to the peers, and checks them against the baseline.
-COMPASS_BENCH_QUICK=1 shrinks the shapes of the suites that adopt bench/quick.py (CI: tests/test_bench_quick.py).
+COMPASS_BENCH_QUICK=1 shrinks the shapes of the suites that adopt bench/quick.py (CI: tests/bench/test_bench_quick.py).
 """
 
 from __future__ import annotations

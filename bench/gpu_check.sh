@@ -13,7 +13,7 @@
 #   import     compass_kernels must come from $SITE (not the source tree) with _cpu and _cuda
 #   smoke      bench/gpu_smoke.py: one PASS / FAIL / SKIP line per CUDA and Triton entry point
 #   bench      bench/gpu_bench.py: the timing table, each row printed as measured
-#   tests      tests/gpu and tests/triton compiled (TRITON_INTERPRET=0, COMPASS_POISON=1), -n 8 with
+#   tests      tests/kernels/gpu and tests/kernels/triton compiled (TRITON_INTERPRET=0, COMPASS_POISON=1), -n 8 with
 #              pytest-xdist, else serial; no -x
 #   sanitizer  compute-sanitizer memcheck over the smoke's CUDA checks (tiny shapes)
 # Every Python step runs from $OUT with `python -P`, so the source tree never shadows the built
@@ -143,10 +143,10 @@ fi
 XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n 8" || echo "")
 if [ "$DRY" = 1 ]; then  # the interpreter suite runs in CI's test step; here the GPU files and the launch table
   step tests 300 env COMPASS_POISON=1 "$PY" -P -m pytest --rootdir "$REPO" -c "$REPO/pyproject.toml" -q \
-    -p no:cacheprovider $XDIST "$REPO/tests/gpu" "$REPO/tests/triton/test_launch_options.py"
+    -p no:cacheprovider $XDIST "$REPO/tests/kernels/gpu" "$REPO/tests/kernels/triton/test_launch_options.py"
 else
   step tests 150 env COMPASS_POISON=1 "$PY" -P -m pytest --rootdir "$REPO" -c "$REPO/pyproject.toml" -q \
-    -p no:cacheprovider $XDIST "$REPO/tests/gpu" "$REPO/tests/triton"
+    -p no:cacheprovider $XDIST "$REPO/tests/kernels/gpu" "$REPO/tests/kernels/triton"
 fi
 
 if [ "$DRY" = 1 ]; then

@@ -1,11 +1,15 @@
-"""Test helpers: routing patterns and a plain-loop oracle for route."""
+"""Test helpers: the repository root, routing patterns and a plain-loop oracle for route."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from compass_kernels import _backend
+
+REPO_ROOT = Path(__file__).resolve().parents[1]   # the checkout these tests belong to
 
 
 @pytest.fixture(autouse=True, scope="module")

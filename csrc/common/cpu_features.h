@@ -1,6 +1,6 @@
 // Run-time CPU feature checks for the hand-vectorised CPU paths, with one switch to turn them off:
 // COMPASS_CPU_NO_AVX512=1 makes every such path take its portable fallback, which is how the
-// tests exercise those fallbacks on an AVX-512 machine (tests/test_cpu_fallbacks.py). Read once.
+// tests exercise those fallbacks on an AVX-512 machine (tests/kernels/test_cpu_fallbacks.py). Read once.
 #pragma once
 #include <cstdlib>
 #include <cstring>

@@ -7,8 +7,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 def _case(impl, kind, median, nbytes=1000):

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import compass_kernels
+from helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 QUICK_SUITES = ["bench/test_moe_layer_bench.py"]          # suites that read bench/quick.py
 
 

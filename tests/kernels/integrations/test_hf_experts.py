@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers", minversion="5")
 
 import compass_kernels.integrations.transformers as hf
-from integrations.hf_families import experts_classes, hidden_dim, tiny_experts
+from kernels.integrations.hf_families import experts_classes, hidden_dim, tiny_experts
 
 NAME = hf.register()
 FAMILIES = sorted(experts_classes())

@@ -20,8 +20,9 @@ import textwrap
 
 import pytest
 import torch
+from helpers import REPO_ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 def _run(args, timeout=300, **kw):

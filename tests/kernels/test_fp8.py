@@ -111,7 +111,7 @@ def test_quantize_bitexact(kernel_backend, shape, granularity, in_dtype):
     cases = [(dtype, bs) for dtype in FP8_DTYPES for bs in (128, 16)]
     if kernel_backend == "triton":
         # The interpreter runs a Python pass per program (~50x the CPU kernel's time here): one
-        # format and block size per input dtype; tests/triton/test_fp8_triton.py goes deeper.
+        # format and block size per input dtype; tests/kernels/triton/test_fp8_triton.py goes deeper.
         cases = [cases[IN_DTYPES.index(in_dtype)]]
     for dtype, bs in cases:
         q = ck.quantize_fp8(x, granularity=granularity, block_size=bs, dtype=dtype)

@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 import compass_kernels
+from helpers import REPO_ROOT
 
 pytest.importorskip("transformers", minversion="5")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 
 
 def test_hf_bench_runs_in_quick_mode():

@@ -15,8 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from compass_model.plan import chunk_rows, choose_layout, format_plan, make_plan, rank_bytes
+from helpers import REPO_ROOT
 
-_ROOT = str(Path(__file__).resolve().parents[2])
+_ROOT = str(REPO_ROOT)
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 

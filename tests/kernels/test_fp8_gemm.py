@@ -13,7 +13,7 @@ from compass_kernels.fp8_ref import grouped_gemm_fp8_ref
 from compass_kernels.grouped_gemm_ref import grouped_gemm_ref
 from compass_kernels.routing_ref import permute_ref
 from helpers import cpu_backends, make_ids
-from test_fp8 import bits, skip_missing_triton
+from kernels.test_fp8 import bits, skip_missing_triton
 
 fp8 = importlib.import_module("compass_kernels.fp8")
 
@@ -82,7 +82,7 @@ def assert_faithful(y, q_x, q_w, offsets, bs):
 def test_grouped_gemm_fp8_vs_dequantized_fp64(backend_all, M, K, N, sizes, start, grans, out_dtype):
     if backend_all == "triton" and out_dtype != (torch.float32, torch.bfloat16)[GRANS.index(grans) % 2]:
         pytest.skip("interpreter time: triton runs one output dtype per granularity pair here "
-                    "(tests/triton/test_fp8_triton.py covers the rest)")
+                    "(tests/kernels/triton/test_fp8_triton.py covers the rest)")
     bs = 32
     x, w, q_x, q_w, offsets = _operands(M, K, N, sizes, start, grans, bs)
     y = ck.grouped_gemm_fp8(q_x, q_w, offsets, out_dtype=out_dtype)

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 STAGES = ["router", "permute", "expert_fc1", "activation", "expert_fc2", "unpermute", "other"]
 
 

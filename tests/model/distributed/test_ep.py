@@ -20,10 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import REPO_ROOT
 
 # Spawned workers unpickle this module's functions by name: make the repository root importable,
 # behind site-packages so that the workers use the installed compass_kernels (with its _cpu).
-_ROOT = str(Path(__file__).resolve().parents[2])
+_ROOT = str(REPO_ROOT)
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 

@@ -17,8 +17,9 @@ import pytest
 
 from compass_kernels.triton import aot
 from compass_kernels.triton.launch import LAUNCH, Launch, launch
+from helpers import REPO_ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT
 TRITON_DIR = ROOT / "compass_kernels" / "triton"
 
 

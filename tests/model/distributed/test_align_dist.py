@@ -22,6 +22,7 @@ from compass_model.data import write_jsonl
 from compass_model.model import CompassForCausalLM
 from compass_model.train.metrics import read_metrics
 from compass_model.train.state import latest_checkpoint
+from helpers import REPO_ROOT
 
 PAIRS = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in [
     ("Color of sky?", "blue", "grass"), ("2+2=", "4", "five"), ("Capital of France?", "Paris", "Rome it is"),
@@ -44,7 +45,7 @@ def _run(tmp, name, dp, ep):
     worker = Path(__file__).with_name("align_worker.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(dp * ep), "--master-port",
            str(free_port()), str(worker), str(tmp / "sft"), str(tmp / name), str(tmp / "pairs.jsonl"), str(dp), str(ep)]
-    root = str(Path(__file__).resolve().parents[2])     # this source tree, not an installed copy
+    root = str(REPO_ROOT)     # this source tree, not an installed copy
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]

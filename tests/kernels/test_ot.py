@@ -1,7 +1,7 @@
 """sinkhorn and otpo_weights: against POT, across backends, edge cases, bad inputs, opcheck, compile.
 
 The torch and cpu backends run here; the Triton kernel has its own interpreter tests
-(tests/triton/test_ot_triton.py) on smaller problems. Plans are compared with POT run to a tight
+(tests/kernels/triton/test_ot_triton.py) on smaller problems. Plans are compared with POT run to a tight
 tolerance (stopThr 1e-12), so both sides are converged and "1e-5 relative on the plan" measures the
 solvers, not where each one stopped.
 """
