@@ -22,10 +22,20 @@ class _TorchNvtx:
         return torch.cuda.nvtx.range(f"{domain}/{message}" if domain else message)
 
 
-try:
-    import nvtx  # noqa: F401
-except ImportError:
-    nvtx = _TorchNvtx()
+def _load_nvtx():
+    try:
+        import nvtx
+    except ImportError:
+        return _TorchNvtx()
+    return nvtx
+
+
+def __getattr__(name: str):
+    # ``ranges.nvtx`` is resolved on first use, so that ``import compass_kernels`` loads no nvtx
+    if name == "nvtx":
+        globals()["nvtx"] = _load_nvtx()
+        return globals()["nvtx"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def nvtx_range(name: str):
@@ -34,4 +44,5 @@ def nvtx_range(name: str):
     (``profiling/moe_breakdown.py`` mirrors each range as a ``record_function``)."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    return nvtx.annotate(name, domain="compass")
+    module = globals().get("nvtx") or __getattr__("nvtx")
+    return module.annotate(name, domain="compass")

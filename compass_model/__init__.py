@@ -6,6 +6,10 @@
 checkpoints. The MoE path uses compass_kernels' public API only.
 """
 
+from compass_model._deps import check_installed
+
+check_installed("safetensors", "model", "compass_model (checkpoints)")
+
 from compass_model.checkpoint import from_pretrained, save_pretrained
 from compass_model.config import PRESETS, CompassConfig
 from compass_model.generate import GenerationOutput, generate, sample

@@ -45,11 +45,10 @@ class HFTokenizer:
     ``<bos>``/``[BOS]``/``<|begin_of_text|>``, ``</s>``/``<eos>``/``[EOS]``/``<|end_of_text|>``)."""
 
     def __init__(self, path):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError as e:
-            raise ImportError(f"loading tokenizer file {path} needs the 'tokenizers' package "
-                              "(pip install tokenizers); without a file the byte tokenizer is used") from e
+        from compass_model._deps import require
+
+        Tokenizer = require("tokenizers", "model", f"loading tokenizer file {path} (without a file the byte "
+                            "tokenizer is used)").Tokenizer
         if not Path(path).is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         self._tok = Tokenizer.from_file(str(path))

@@ -62,9 +62,9 @@ def finish(out_dir, name: str, result: dict, plot, *, quick: bool, t0: float, lo
     result["seconds"] = round(time.perf_counter() - t0, 3)
     result = _jsonable(result)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from compass_model.train.plots import pyplot
+
+    plt = pyplot()
     png = out / f"{name}.png"
     try:
         plot(plt, result, png)

@@ -261,9 +261,12 @@ def _router_report(ev: dict, records: list) -> dict:
 
 
 def _plots(out: Path, records: list, ev) -> None:
+    from compass_model.train import plots
+
     try:
-        from compass_model.train import plots
-    except ImportError:                               # matplotlib missing: the report still lands
+        plots.pyplot()
+    except ImportError as e:                          # matplotlib missing: the report still lands
+        logging.getLogger("compass").warning("no plots: %s", e)
         return
     d = out / "plots"
     d.mkdir(exist_ok=True)

@@ -12,9 +12,11 @@ import math
 from pathlib import Path
 
 
-def _pyplot():
-    import matplotlib
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend, or an ImportError naming the ``[plots]`` extra."""
+    from compass_model._deps import require
 
+    matplotlib = require("matplotlib", "plots", "plotting")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -26,12 +28,12 @@ def _save(fig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=100)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def _no_data(path, title: str) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.text(0.5, 0.5, "no data", ha="center", va="center", fontsize=16, transform=ax.transAxes)
     ax.set_title(title)
@@ -55,7 +57,7 @@ def plot_losses(records, path) -> Path:
     points = [(s, v) for s, v in points if v is not None]
     if not points:
         return _no_data(path, "training loss")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     series: dict = {}
     for i, (stage, loss) in enumerate(points):
@@ -84,7 +86,7 @@ def plot_expert_load(records, path) -> Path:
     E = max(len(x) for x in loads)
     grid = [[(_number(x[e]) if e < len(x) else None) for x in loads] for e in range(E)]
     grid = [[float("nan") if v is None else v for v in row] for row in grid]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * E + 1)))
     im = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis", origin="lower")
     fig.colorbar(im, ax=ax, label="fraction of routing decisions")
@@ -103,7 +105,7 @@ def plot_load_balance(records, path) -> Path:
     rows = [x for x in rows if x[1] is not None]
     if not rows:
         return _no_data(path, "load balance")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot(range(len(rows)), [h for _, h, _ in rows], color="tab:blue", linewidth=1.0, label="load entropy")
     ax.set_ylim(0, 1.05)
@@ -128,7 +130,7 @@ def plot_accuracy(per_language: dict, path) -> Path:
              if isinstance(v, dict) and _number(v.get("accuracy")) is not None]
     if not items:
         return _no_data(path, "accuracy per language")
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(items) + 2), 3.5))
     langs = [k for k, _ in items]
     acc = [_number(v["accuracy"]) for _, v in items]

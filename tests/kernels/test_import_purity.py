@@ -1,0 +1,37 @@
+"""``import compass_kernels`` needs torch alone: it loads none of the model layer's packages."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import REPO_ROOT
+
+# packages that only extras install; none may load with `import compass_kernels`
+EXTRAS_ONLY = ("matplotlib", "tqdm", "safetensors", "nvtx", "numpy", "transformers", "tokenizers", "ot",
+               "compass_model")
+
+
+def _run(code: str) -> str:
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_import_compass_kernels_loads_no_extra():
+    # torch itself may load numpy and tqdm when they are installed: count only what compass_kernels adds
+    out = _run(
+        "import sys, json\n"
+        "import torch\n"
+        "before = {m.split('.')[0] for m in sys.modules}\n"
+        "import compass_kernels, compass_kernels.ranges\n"
+        "compass_kernels.backend_info()\n"
+        "after = {m.split('.')[0] for m in sys.modules}\n"
+        "print(json.dumps({'before': sorted(before), 'added': sorted(after - before)}))\n")
+    res = json.loads(out.strip().splitlines()[-1])
+    added = [m for m in EXTRAS_ONLY if m in res["added"]]
+    assert not added, f"import compass_kernels loaded {added}"
+    # these are never loaded by torch itself either
+    assert not [m for m in ("matplotlib", "safetensors", "nvtx", "transformers", "compass_model")
+                if m in res["before"] + res["added"]]
