@@ -9,6 +9,7 @@ checks the result against the PyTorch reference, and times it against the Megatr
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -38,10 +39,12 @@ def _megatron(x, ids, probs, E):
     return x.new_zeros(x.shape).index_add_(0, order // k, w)
 
 
-def demo(tokens: int, hidden: int, reps: int) -> int:
+def demo(tokens: int, hidden: int, reps: int, malloc: str = "system") -> int:
+    """Route, permute and unpermute two batch shapes; compare with the reference, time against the
+    Megatron-style path; 1 on a mismatch. ``malloc``: what ``keep_freed_memory`` returned."""
     info = ck.backend_info()
     print(f"compass-kernels {ck.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+          f"malloc: {malloc} (GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')})")
     print("backend for CPU tensors:", info["chosen"].get("permute@cpu"))
     print(f"{'shape':16} {'routing':8} {'compass ms':>10} {'megatron ms':>11} {'speed-up':>8} {'GB/s':>6}  check")
     ok = True
@@ -73,18 +76,32 @@ def demo(tokens: int, hidden: int, reps: int) -> int:
     return 0 if ok else 1
 
 
-# glibc maps allocations above 32 MiB fresh and unmaps them on free: each new [8192, 2048] fp32
-# output then costs ~35 ms of page faults here, 6x the permute kernel. The demo keeps freed memory
-# in the heap (as jemalloc/tcmalloc would) unless the user set GLIBC_TUNABLES; peers run alike.
-_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+# glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh pages and unmaps
+# them on free: each new [8192, 2048] fp32 output then costs ~35 ms of page faults here, 6x the
+# permute kernel. jemalloc and tcmalloc keep freed memory instead; keep_freed_memory() asks glibc
+# for the same in this process, so the demo's kernels and its peers are timed alike.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4     # mallopt parameters (malloc.h)
+_TRIM_THRESHOLD = 2**31 - 1                 # mallopt takes a C int: 2 GiB
 
 
-def reexec_with_malloc_tunables(argv: list[str], module: str = "compass_kernels.cli") -> None:
-    """Run ``python -m module argv`` again with the tunables, unless the user set GLIBC_TUNABLES."""
-    if "GLIBC_TUNABLES" in os.environ or sys.platform != "linux":
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=_MALLOC_TUNABLES)
-    os.execve(sys.executable, [sys.executable, "-m", module, *argv], env)
+def keep_freed_memory() -> str:
+    """Make glibc keep freed memory in the heap for the rest of this process (``mallopt``: no mmap
+    for large blocks, no trimming below 2 GiB). The environment's ``GLIBC_TUNABLES`` wins when set
+    (``glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736`` is what ``bench/run_cpu.sh``
+    uses; a larger trim threshold than 2 GiB can only be set that way, at start-up). Returns what
+    holds: ``"GLIBC_TUNABLES"``, ``"mallopt"`` or ``"system"`` (not glibc, or mallopt refused)."""
+    if os.environ.get("GLIBC_TUNABLES"):
+        return "GLIBC_TUNABLES"
+    if sys.platform != "linux" or not hasattr(os, "confstr"):
+        return "system"
+    try:
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+            return "system"
+        libc = ctypes.CDLL(None)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+    except (OSError, ValueError, AttributeError):
+        return "system"
+    return "mallopt" if ok else "system"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,12 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--system-malloc", action="store_true",
                    help="keep glibc's default malloc settings (fresh pages for every large tensor)")
     args = ap.parse_args(argv)
-    if args.cmd == "demo" and not args.system_malloc:
-        reexec_with_malloc_tunables(argv)
     if args.cmd == "info":
         print(json.dumps(ck.backend_info(), indent=1))
         return 0
-    return demo(args.tokens, args.hidden, args.reps)
+    malloc = "system" if args.system_malloc else keep_freed_memory()
+    return demo(args.tokens, args.hidden, args.reps, malloc)
 
 
 if __name__ == "__main__":

@@ -176,8 +176,8 @@ def _dispatch(args, argv: list) -> int:
         print(f"transformers checkpoint (MixtralForCausalLM) written to {export_hf(args.checkpoint, args.out)}")
         return 0
     if args.cmd == "experiment":
-        from compass_kernels.cli import reexec_with_malloc_tunables
-        reexec_with_malloc_tunables(argv, "compass_model.cli")   # timings: large buffers stay in the heap
+        from compass_kernels.cli import keep_freed_memory
+        keep_freed_memory()                           # timings: large buffers stay in the heap
         from compass_model.experiments import EXPERIMENTS
         names = list(EXPERIMENTS) if args.name == "all" else [args.name]
         for n in names:
