@@ -105,6 +105,7 @@ def keep_freed_memory() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m compass_kernels.cli info|demo``; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="compass", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -70,9 +70,7 @@ def _check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
 
 
-def _check_scalar(name: str, v, *, allow_none=False, allow_inf=False) -> float | None:
-    if v is None and allow_none:
-        return None
+def _check_scalar(name: str, v, *, allow_inf=False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a positive float, got {v!r}")
     v = float(v)
@@ -340,7 +338,7 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, eps: float
     gets an all-NaN plan and iters 0 on every backend.
     """
     eps = _check_scalar("eps", eps)
-    tau = _check_scalar("tau", tau, allow_none=True, allow_inf=True)
+    tau = None if tau is None else _check_scalar("tau", tau, allow_inf=True)
     if tau is not None and math.isinf(tau):
         tau = None
     max_iter, tol, check_every = _check_solver_args(max_iter, tol, check_every)

@@ -15,6 +15,7 @@ import torch
 
 
 def round_up(n, multiple: int):
+    """``n`` rounded up to a multiple of ``multiple``."""
     return (n + multiple - 1) // multiple * multiple
 
 

@@ -64,6 +64,7 @@ def save_pretrained(model: CompassForCausalLM, directory, metadata: dict | None 
 
 
 def load_config(directory) -> CompassConfig:
+    """The ``CompassConfig`` saved in ``directory``; a ``CheckpointError`` naming the file if it is unreadable."""
     path = Path(directory) / CONFIG_NAME
     try:
         obj = json.loads(path.read_text())
@@ -94,6 +95,7 @@ def has_sharded_weights(directory) -> bool:
 
 
 def has_weights(directory) -> bool:
+    """Whether ``directory`` holds model weights (one safetensors file or DCP shards)."""
     return (Path(directory) / WEIGHTS_NAME).is_file() or has_sharded_weights(directory)
 
 

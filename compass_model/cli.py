@@ -59,6 +59,7 @@ def _checkpoint_command(sub, name: str, help_: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``compass`` command's argument parser (every subcommand and its options)."""
     ap = argparse.ArgumentParser(prog="compass", description="Compass: MoE kernels and the Compass-v3 recipe")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -218,6 +219,7 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``compass`` console script; returns the exit code (errors as one line unless ``--debug``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("COMPASS_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]

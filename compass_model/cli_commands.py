@@ -39,6 +39,7 @@ def resolve_device(name: str | None):
 
 
 def resolve_dtype(name: str | None):
+    """``--dtype NAME`` -> the torch dtype (``None`` keeps the checkpoint's)."""
     from compass_model.config import DTYPES
     return None if name is None else DTYPES[name]
 
@@ -74,6 +75,7 @@ def check_output_dir(path, flag: str) -> None:
 
 
 def tokenizer_for(path):
+    """The tokenizer of ``--tokenizer PATH``; the byte tokenizer when no path is given."""
     from compass_model.data import load_tokenizer
     if path is not None and not Path(path).is_file():
         raise UsageError(f"--tokenizer {path}: no such file (leave --tokenizer out for the byte tokenizer)")
@@ -95,6 +97,7 @@ def load_checkpoint(args):
 # ---- train / demo -------------------------------------------------------------------------------
 
 def print_summary(report: dict) -> None:
+    """Print a run's report: loss per stage, then the FP8, evaluation and alignment results."""
     print("\nstage          steps   loss first -> last   seconds")
     for s in report["stages"]:
         if s["steps"]:
@@ -123,6 +126,7 @@ def print_summary(report: dict) -> None:
 
 
 def train(args, demo: bool) -> int:
+    """``compass train`` / ``compass demo``: run the stages, evaluate, write the report; returns the exit code."""
     from compass_model.train.parallel import exit_ep, finish_ep, init_ep
     from compass_model.train.pipeline import run_pipeline
     if demo:
@@ -161,6 +165,7 @@ def train(args, demo: bool) -> int:
 # ---- quantize / eval / generate -------------------------------------------------------------------
 
 def print_fp8(r: dict) -> None:
+    """Print the FP8 comparison (full precision, naive, expert-aware) of an FP8 report."""
     print("\nFP8 (W8A8)      logit rel err   top-1   ppl      accuracy  worst language drop (points)")
     ref = r["reference"]
     print(f"{'full precision':<15} {'-':>13}   {'-':>5}   {ref['perplexity']:<8.3f} {ref['accuracy']:.3f}")
@@ -176,6 +181,7 @@ def print_fp8(r: dict) -> None:
 
 
 def quantize(args) -> int:
+    """``compass quantize``: the naive vs expert-aware FP8 report of a checkpoint, optionally saving the FP8 model."""
     from compass_model.checkpoint import is_quantized
     from compass_model.train.fp8_report import fp8_report
     check_output_file(args.out, "--out")
@@ -203,6 +209,7 @@ def quantize(args) -> int:
 
 
 def evaluate(args) -> int:
+    """``compass eval``: evaluate a checkpoint and print (and optionally write) the results as JSON."""
     from compass_model.train.evaluate import evaluate_model
     check_output_file(args.out, "--out")
     tok = tokenizer_for(args.tokenizer)
@@ -216,6 +223,7 @@ def evaluate(args) -> int:
 
 
 def generate(args) -> int:
+    """``compass generate``: decode from a prompt, greedy or with MTP speculative decoding."""
     import torch
 
     from compass_model.generate import generate as decode

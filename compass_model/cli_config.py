@@ -58,6 +58,7 @@ def check_fields(cls, obj, where: str) -> dict:
 
 
 def read_config_file(path) -> dict:
+    """Read a ``--config`` JSON file into a dict; a ``UsageError`` naming the file when it is missing or invalid."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--config {p}: no such file")

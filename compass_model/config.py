@@ -28,6 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class CompassConfig:
+    """Hyper-parameters of a Compass model (trunk, MoE, RoPE scaling, MTP, router losses), with presets
+    (``from_preset``) and the cost model (parameters, FLOPs, bytes) derived from them."""
     # trunk
     vocab_size: int = 256
     d_model: int = 64
@@ -131,18 +133,22 @@ class CompassConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
+        """The config as indented JSON (every field)."""
         return json.dumps(dataclasses.asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> CompassConfig:
+        """The config from ``to_json``'s text."""
         return cls(**json.loads(text))
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """``dtype`` as a ``torch.dtype``."""
         return DTYPES[self.dtype]
 
     @property
     def n_moe_layers(self) -> int:
+        """The number of MoE blocks in the trunk (layers after the dense ones)."""
         return self.n_layers - self.n_dense_layers
 
     # ---------------------------------------------------------------------------------------------
@@ -194,6 +200,7 @@ class CompassConfig:
         return 3 * fwd if training else fwd
 
     def bytes_per_param(self) -> int:
+        """Bytes per element of the model dtype."""
         return torch.empty((), dtype=self.torch_dtype).element_size()
 
     def kv_cache_bytes(self, seq_len: int, batch: int = 1) -> int:

@@ -146,12 +146,14 @@ class EPDispatcher(TokenDispatcher):
         return y_back
 
     def dispatch(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, capacity: int | None = None) -> Dispatched:
+        """Route and permute the local tokens, then send each row to the rank that owns its expert."""
         plan, xp_ND = self.permute(x_TD, ids_TK, capacity)
         with ranges.nvtx_range("dispatch"):
             rows, offsets, state = self.exchange(xp_ND, plan.tokens_per_expert)
         return Dispatched(rows, offsets, plan, state)
 
     def combine(self, y_MD: torch.Tensor, d: Dispatched, probs_TK: torch.Tensor | None) -> torch.Tensor:
+        """Send the expert outputs back to the tokens' ranks and combine them with the gate weights."""
         with ranges.nvtx_range("combine"):
             y_ND = self.exchange_back(y_MD, d.state)
         return self.unpermute(y_ND, d.plan, probs_TK)
@@ -183,6 +185,7 @@ class EPMoE(MoE):
 
     @property
     def expert_start(self) -> int:
+        """The global index of this rank's first expert."""
         return self.dispatcher.expert_start
 
     @classmethod
@@ -216,6 +219,7 @@ def is_expert_param(name: str, model: nn.Module) -> bool:
 
 
 def expert_params(model: nn.Module) -> list[nn.Parameter]:
+    """The expert-sharded parameters of ``model`` (those ``is_expert_param`` names)."""
     return [p for name, p in model.named_parameters() if is_expert_param(name, model)]
 
 

@@ -22,6 +22,7 @@ import torch
 
 @dataclass
 class GenerationOutput:
+    """What ``generate`` returns: the tokens and, for speculative decoding, the acceptance statistics."""
     tokens: torch.Tensor                 # [B, S0 + n]: prompt then generated tokens; n = max_new_tokens
                                          # unless stop_id ended decoding early (see the module docstring)
     acceptance_rate: float | None        # accepted / proposed drafts (speculative only)

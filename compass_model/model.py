@@ -21,12 +21,14 @@ from compass_model.rope import apply_rope, rope_cache
 
 
 class RMSNorm(nn.Module):
+    """Root-mean-square layer norm with fp32 statistics and a learned scale."""
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x / rms(x) * weight`` in fp32, returned in ``x``'s dtype."""
         xf = x.float()                                  # fp32 statistics: bf16 sums of squares lose ~3 digits
         y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -44,6 +46,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor):
+        """Write K / V of new tokens at ``input_pos``; return the whole buffers."""
         self.k.index_copy_(2, input_pos, k_BKSD.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v_BKSD.to(self.v.dtype))
         return self.k, self.v
@@ -92,6 +95,7 @@ class Block(nn.Module):
         self.ffn = MoE(config) if moe else SwiGLU(config.d_model, config.dense_ffn_dim)
 
     def forward(self, x_BSD, cos_SR, sin_SR, input_pos=None, attn_mask_BSS=None):
+        """Pre-norm attention then FFN (dense or MoE), residual around each; returns (hidden, router output or None)."""
         h = x_BSD + self.attn(self.attn_norm(x_BSD), cos_SR, sin_SR, input_pos, attn_mask_BSS)
         if isinstance(self.ffn, MoE):
             f, router = self.ffn(self.ffn_norm(h))
@@ -112,12 +116,15 @@ class MTPModule(nn.Module):
         self.block = Block(config, moe=config.n_moe_layers > 0)
 
     def forward(self, h_BSD, emb_BSD, cos_SR, sin_SR, input_pos=None, attn_mask_BSS=None):
+        """Predict one more token ahead: the normed embedding of the next token and the trunk's hidden
+        state, projected and run through a transformer block."""
         x = self.proj(torch.cat([self.emb_norm(emb_BSD), self.hidden_norm(h_BSD)], dim=-1))
         return self.block(x, cos_SR, sin_SR, input_pos, attn_mask_BSS)
 
 
 @dataclass
 class CompassOutput:
+    """What ``CompassForCausalLM.forward`` returns: logits, the total and per-term losses, router statistics."""
     logits: torch.Tensor                       # [B, S, V], the model dtype
     loss: torch.Tensor | None = None           # fp32 total: lm + lambda mtp + alpha_t aux + z_coef z
     losses: dict[str, torch.Tensor] = field(default_factory=dict)   # lm, mtp (with labels), aux, z
@@ -126,6 +133,9 @@ class CompassOutput:
 
 
 class CompassForCausalLM(nn.Module):
+    """The Compass-v3 decoder: embedding, dense then MoE transformer blocks (GQA attention with RoPE /
+    YaRN, top-k routed SwiGLU experts through ``compass_kernels``), final norm, LM head and optional
+    MTP modules that share the embedding and the head."""
     def __init__(self, config: CompassConfig):
         super().__init__()
         self.config = config
@@ -175,6 +185,7 @@ class CompassForCausalLM(nn.Module):
     # forward
 
     def moe_layers(self) -> list[MoE]:
+        """The MoE blocks of the model, trunk first, then the MTP modules'."""
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def _rope(self, S: int, input_pos, position_ids=None):
@@ -266,12 +277,14 @@ class CompassForCausalLM(nn.Module):
     # cached decoding (used by compass_model.generate)
 
     def setup_caches(self, batch: int, max_len: int) -> None:
+        """Allocate static KV caches for ``batch`` sequences of up to ``max_len`` tokens (decoding)."""
         dtype, device = self.config.torch_dtype, self.embed.weight.device
         for m in self.modules():
             if isinstance(m, Attention):
                 m.kv_cache = KVCache(batch, m.n_kv_heads, max_len, m.head_dim, dtype, device)
 
     def clear_caches(self) -> None:
+        """Drop the KV caches (back to uncached forwards)."""
         for m in self.modules():
             if isinstance(m, Attention):
                 m.kv_cache = None
@@ -299,21 +312,26 @@ class CompassForCausalLM(nn.Module):
     # checkpoints and cost model
 
     def save_pretrained(self, directory) -> None:
+        """Write config and weights to ``directory`` (see ``compass_model.save_pretrained``)."""
         from compass_model.checkpoint import save_pretrained
 
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, device=None) -> CompassForCausalLM:
+        """Load a model that ``save_pretrained`` (or a training run) wrote (see ``compass_model.from_pretrained``)."""
         from compass_model.checkpoint import from_pretrained
 
         return from_pretrained(directory, device=device)
 
     def num_parameters(self, include_mtp: bool = False) -> int:
+        """Total parameters of the config (MTP modules optionally included)."""
         return self.config.num_parameters(include_mtp)
 
     def active_parameters(self, include_mtp: bool = False) -> int:
+        """Parameters used per token (shared parts plus top-k routed experts)."""
         return self.config.active_parameters(include_mtp)
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> int:
+        """Model FLOPs per token at ``seq_len`` (forward, or forward + backward when ``training``)."""
         return self.config.flops_per_token(seq_len, training, include_mtp=training and self.config.mtp_depth > 0)

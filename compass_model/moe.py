@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import compass_kernels as ck
 from compass_kernels import ranges
 from compass_kernels.moe_blocks import TokenDispatcher, grouped_mlp
 from compass_model.config import CompassConfig
@@ -46,6 +45,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(ffn_dim, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``w2(silu(w1 x) * w3 x)``."""
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -255,6 +255,7 @@ class MoE(nn.Module):
         self.shared = SwiGLU(D, config.shared_expert_dim) if config.shared_expert_dim else None
 
     def capacity(self, num_tokens: int) -> int | None:
+        """Rows per expert kept for ``num_tokens`` tokens while training with a capacity factor; ``None``: no limit."""
         if self.capacity_factor is None or not self.training:
             return None
         return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
@@ -268,6 +269,7 @@ class MoE(nn.Module):
         return grouped_mlp(x_MD, offsets, w13, w2)
 
     def forward(self, x: torch.Tensor):
+        """Route, dispatch, run the experts, combine: ``x [..., D]`` -> (output like ``x``, router output)."""
         x_TD = x.reshape(-1, x.shape[-1])
         T = x_TD.shape[0]
         with ranges.nvtx_range("router"):

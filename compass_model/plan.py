@@ -68,6 +68,7 @@ def local_numel(name: str, shape: tuple[int, ...], dp: int, ep: int, rank: int) 
 
 @dataclass
 class Plan:
+    """A parallel layout's per-GPU memory and communication (what ``compass plan`` prints)."""
     preset: str
     gpus: int
     dp: int
@@ -88,10 +89,12 @@ class Plan:
     fits_with_checkpointing: bool
 
     def total_bytes(self, checkpointing: bool) -> int:
+        """Bytes per GPU: parameters, gradients, optimizer state, gathers and activations (checkpointed or not)."""
         act = self.activation_bytes_checkpointed if checkpointing else self.activation_bytes
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes + self.gather_bytes + act
 
     def to_dict(self) -> dict:
+        """The plan's fields as a dict (JSON-ready)."""
         return asdict(self)
 
 
@@ -188,6 +191,7 @@ def _largest_unit_bytes(shapes, ep: int) -> int:
 
 
 def format_plan(p: Plan) -> str:
+    """The plan as the text table ``compass plan`` prints."""
     g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
     lines = [
         f"{p.preset} on {p.gpus} GPUs: dp {p.dp} x ep {p.ep} (experts {p.ep}-way, each slice FSDP over dp; "

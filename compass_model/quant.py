@@ -95,6 +95,7 @@ AUTO_ALPHAS = (None, 0.25, 0.5, 0.75)      # smooth_alpha="auto": the grid searc
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """How ``quantize_model`` converts the experts: method, activation scales, weight granularity, smoothing."""
     method: str = "expert_aware"
     activation: str = "dynamic_row"
     weight_granularity: str = "row"

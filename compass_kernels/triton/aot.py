@@ -53,6 +53,7 @@ MODULES = [
 
 
 def collect_cases(modules=MODULES):
+    """The ahead-of-time compile cases (``AOT_CASES``) of the kernel modules."""
     cases = []
     for mod_name in modules:
         mod = importlib.import_module(mod_name)
@@ -139,6 +140,7 @@ def _compile_index(args):
 
 
 def main(argv=None) -> int:
+    """Compile every case for ``--arch``; returns the exit code (1 when a case fails, spills or misses an expected instruction)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 or 80")
     p.add_argument("--filter", default="", help="only cases whose name contains this")

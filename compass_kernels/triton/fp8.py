@@ -342,6 +342,7 @@ FP8_GEMM_CONFIGS = {
 
 @functools.lru_cache(maxsize=256)
 def fp8_gemm_config(m_per_group: int, N: int, K: int) -> GemmConfig:
+    """The tile configuration of the FP8 grouped GEMM for ``m_per_group`` rows per group and an ``N x K`` weight."""
     if N <= 64:
         return FP8_GEMM_CONFIGS["narrow"]
     if m_per_group <= 96:

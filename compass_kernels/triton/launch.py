@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Launch:
+    """Compile options a kernel is launched with (FMA contraction, warps, stages, bit-exactness)."""
     enable_fp_fusion: bool
     num_warps: int | None = None  # None: the launcher passes it per shape
     num_stages: int | None = None

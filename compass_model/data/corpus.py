@@ -21,6 +21,7 @@ DOC_KINDS = ("listing", "review", "query", "dialogue", "general")
 
 @dataclass(frozen=True)
 class Currency:
+    """How one currency is written: symbol, decimals, separators and a fixed synthetic rate to USD."""
     code: str
     symbol: str
     decimals: int        # shown in prices: 0 for Rp and ₫ (no cents in practice), 2 elsewhere
@@ -125,6 +126,7 @@ class Product:
 
     @property
     def noun(self) -> str:
+        """The product's category noun in its listing language."""
         return CATEGORIES[self.category][1][self.lang]
 
 
@@ -139,6 +141,7 @@ def format_amount(amount: float, currency: str) -> str:
 
 
 def round_price(amount: float, currency: str) -> float:
+    """``amount`` rounded to the decimals the currency shows."""
     return round(amount, CURRENCIES[currency].decimals)
 
 
@@ -154,6 +157,7 @@ def format_size(rng: random.Random, size: int, unit: str) -> str:
 
 
 def make_product(rng: random.Random, lang: str, idx: int = 0) -> Product:
+    """A random product for a listing in ``lang`` (category, price in the local currency, size, brand, id)."""
     if lang not in LANGS:
         raise ValueError(f"unknown language {lang!r}; expected one of {LANGS}")
     category = rng.choice(tuple(CATEGORIES))
@@ -203,6 +207,7 @@ def listing_title(rng: random.Random, p: Product, noise: float) -> str:
 
 
 def listing_text(rng: random.Random, p: Product, noise: float) -> str:
+    """A marketplace listing: the (noisy) title, then the price and the product id."""
     title = listing_title(rng, p, noise)
     return f"{title}\n{format_amount(p.price, p.currency)} | {p.pid}"
 
@@ -230,6 +235,7 @@ class CorpusConfig:
 
 
 def make_document(rng: random.Random, lang: str, kind: str, noise: float, idx: int = 0) -> str:
+    """One corpus document of ``kind`` (general text, listing, review, ...) in ``lang``."""
     if kind == "general":
         return " ".join(rng.sample(GENERAL[lang], k=rng.randint(1, len(GENERAL[lang]))))
     p = make_product(rng, lang, idx)

@@ -24,12 +24,14 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class TextRecord:
+    """One pretraining text from a JSONL file."""
     text: str
     source: str          # "path:line", to trace a sample back to its record
 
 
 @dataclass(frozen=True)
 class SFTRecord:
+    """One SFT sample: prompt, response and its domain (selects the mixed loss's weighting)."""
     prompt: str
     response: str
     domain: str
@@ -38,6 +40,7 @@ class SFTRecord:
 
 @dataclass(frozen=True)
 class PreferenceRecord:
+    """One preference pair: a prompt with a chosen and a rejected response."""
     prompt: str
     chosen: str
     rejected: str

@@ -29,6 +29,7 @@ PROMPT, RESPONSE, OTHER = 1, 2, 0          # per-token roles
 
 @dataclass(frozen=True)
 class PackedBatch:
+    """Packed rows of documents with labels, positions, document ids and loss masks (``[R, S]`` each)."""
     input_ids: torch.Tensor       # [R, S] int64, pad_id on padding
     labels: torch.Tensor          # [R, S] int64, -100 where nothing is predicted
     position_ids: torch.Tensor    # [R, S] int64, restarting at 0 per document, 0 on padding
@@ -42,6 +43,7 @@ class PackedBatch:
         return self.response_mask.float() + self.prompt_weight * self.prompt_mask.float()
 
     def attention_mask(self) -> torch.Tensor:
+        """``[R, S, S]`` bool: causal attention within each document (``document_causal_mask``)."""
         return document_causal_mask(self.doc_ids)
 
 

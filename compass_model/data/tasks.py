@@ -44,6 +44,7 @@ _ANSWER_RE = re.compile(r"answer\s*:\s*(-?[0-9][0-9,]*(?:\.[0-9]+)?)", re.IGNORE
 
 @dataclass(frozen=True)
 class Task:
+    """An evaluation / SFT task: a prompt in one language, its gold answer and what the family's checker needs."""
     family: str
     lang: str
     prompt: str

@@ -16,11 +16,13 @@ from pathlib import Path
 
 
 class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0-255) plus PAD, BOS and EOS: no file, no training."""
     PAD, BOS, EOS = 256, 257, 258
     vocab_size = 259
     pad_id, bos_id, eos_id = PAD, BOS, EOS
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list:
+        """``text`` -> its UTF-8 bytes, with BOS / EOS when asked."""
         if not isinstance(text, str):
             raise TypeError(f"text must be str, got {type(text).__name__}")
         ids = list(text.encode("utf-8"))
@@ -62,12 +64,14 @@ class HFTokenizer:
             self.pad_id = self.eos_id   # padding is masked out of every loss, so EOS can stand in
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list:
+        """``text`` -> token ids (no special tokens of the file), with BOS / EOS when asked."""
         if bos and self.bos_id is None:
             raise ValueError("this tokenizer has no BOS token")
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
+        """Token ids -> text, special tokens dropped."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import compass_kernels as ck
-gg = importlib.import_module("compass_kernels.grouped_gemm")  # the module; ck.grouped_gemm is the function
 from compass_kernels.grouped_gemm_ref import grouped_gemm_ref, grouped_gemm_wgrad_ref
+
+gg = importlib.import_module("compass_kernels.grouped_gemm")  # the module; ck.grouped_gemm is the function
 
 
 def _offsets(sizes, start=0):

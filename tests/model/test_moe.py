@@ -12,7 +12,6 @@ import torch.nn.functional as F
 import compass_kernels as ck
 from compass_kernels import ranges
 from compass_model import CompassConfig, aux_loss_coefficient
-from compass_model import moe as moe_mod
 from compass_model.moe import MoE, load_balancing_loss, router_stats, router_z_loss
 from helpers import cpu_backends
 

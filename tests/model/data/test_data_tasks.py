@@ -63,7 +63,7 @@ def test_checkers_accept_equivalent_forms():
 def test_retrieve_length_scales_and_answer_is_in_catalogue():
     short = T.make_tasks(7, seed=0, families=("retrieve",), n_items=10)
     long = T.make_tasks(7, seed=0, families=("retrieve",), n_items=40)
-    assert all(len(l.prompt) > 3 * len(s.prompt) for s, l in zip(short, long))
+    assert all(len(lt.prompt) > 3 * len(st.prompt) for st, lt in zip(short, long))
     for t in long:
         pid = t.prompt.rsplit("Price of ", 1)[1].rstrip("?")
         assert sum(line.startswith(pid) for line in t.prompt.splitlines()) == 1
