@@ -17,7 +17,7 @@ SOURCE_SUFFIXES = (".py", ".c", ".cpp", ".h", ".hpp", ".cu", ".cuh", ".sh")
 OUTSIDE = re.compile("|".join([
     re.escape("../" + "shared"),
     *(re.escape(n + ".md") for n in ("DESIGN", "REFERENCE", "STYLE")),
-    r"\b[Ii]ssues? " + "#" + r"\d+",           # "issue #12"
+    r"\b[Ii]ssues? " + "#" + r"\d+",           # an issue number
     r"(?<![\w&/#'\"])" + "#" + r"\d+\b",       # a bare "#12" (not a colour, an anchor or an entity)
     re.escape("/" + "work/"),                   # this machine's checkouts
 ]))
@@ -111,3 +111,12 @@ def test_public_definitions_have_docstrings(package):
             missing += [f"{f}:{line} {name}" for f, name, line in _public_without_docstring(path)
                         if name not in PENDING.get(f, ())]
     assert not missing, f"{len(missing)} public definitions without a docstring:\n" + "\n".join(missing)
+
+
+def test_ci_runs_the_readmes_test_command():
+    readme = (REPO_ROOT / "README.md").read_text()
+    commands = re.findall(r"```bash\n(python3 -m venv .*)\n```", readme)
+    assert len(commands) == 2, commands                      # the demo, then the tests
+    assert '".[test]"' in commands[1] and commands[1].endswith("pytest -q")
+    ci = (REPO_ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci, "the test line of .ci/run differs from the README's"
