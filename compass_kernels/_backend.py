@@ -32,7 +32,7 @@ def _triton_status() -> tuple[bool, str]:
     try:
         import triton  # noqa: F401
     except ImportError as e:
-        return False, f"triton not importable: {e}"
+        return False, f"triton not importable: {e} (pip install 'compass-kernels[triton]')"
     return True, "triton " + triton.__version__
 
 

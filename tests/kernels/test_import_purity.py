@@ -35,3 +35,11 @@ def test_import_compass_kernels_loads_no_extra():
     # these are never loaded by torch itself either
     assert not [m for m in ("matplotlib", "safetensors", "nvtx", "transformers", "compass_model")
                 if m in res["before"] + res["added"]]
+
+
+def test_missing_triton_names_its_extra():
+    out = _run("import sys\n"
+               "sys.modules['triton'] = None\n"
+               "from compass_kernels import _backend\n"
+               "print(_backend._triton_status())\n")
+    assert "False" in out and "pip install 'compass-kernels[triton]'" in out, out
