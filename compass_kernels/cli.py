@@ -4,6 +4,9 @@
 The routing demo routes a Compass-v3 shaped batch
 (16 experts, top-2) and a fine-grained one (128 experts, top-8) through route -> permute -> unpermute,
 checks the result against the PyTorch reference, and times it against the Megatron-style path.
+It first asks glibc to keep freed memory in the heap (``keep_freed_memory``, in this process;
+``--system-malloc`` skips it). Settings that only exist at start-up, such as a trim threshold above
+2 GiB, go through the environment: ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=N``.
 """
 
 from __future__ import annotations
