@@ -12,7 +12,7 @@ states; eps 1 (OTPO's 8B setting) and 0.1 (3B), tau = 0.2. Peers, in the same ru
   It is balanced only (no marginal relaxation), so it is compared on the balanced problem.
 
 extra_info carries what bench/report.py reads (impl, shape, kind, pass_ = "ot", bytes: inputs read
-plus outputs written once) and the iterations each solver ran (iters_mean / iters_max; POT's
+plus outputs written once, compass_kernels.benchmarking.models) and the iterations each solver ran (iters_mean / iters_max; POT's
 stabilised solver checks every 10 iterations, its count is read from its error log).
 Our convergence test (relative change of the scalings < 1e-6) is at least as strict as POT's.
 """
@@ -26,6 +26,7 @@ import pytest
 import torch
 
 import compass_kernels as ck
+from compass_kernels.benchmarking.models import otpo_weights_bytes, sinkhorn_bytes
 
 ot = pytest.importorskip("ot")
 
@@ -108,7 +109,7 @@ def test_otpo_weights(benchmark, impl, eps):
     h_c, h_r, mc, mr = _batch()
     kind = f"eps{eps:g}"
     benchmark.group = f"otpo-{kind}"
-    nbytes = 2 * B * L * D * 4 + 2 * B * L * 4
+    nbytes = otpo_weights_bytes(B, L, L, D)
     iters = []
     if impl == "compass":
         # iterations: the same solve through sinkhorn on the cost otpo_weights builds
@@ -171,7 +172,7 @@ def test_sinkhorn_unbalanced(benchmark, impl, eps):
 
         loop(iters)
         benchmark.pedantic(loop, rounds=3, warmup_rounds=0)
-    _info(benchmark, impl, f"B{B}L{L}", kind, 2 * B * L * L * 4, iters)
+    _info(benchmark, impl, f"B{B}L{L}", kind, sinkhorn_bytes(B, L, L), iters)
 
 
 @pytest.mark.parametrize("eps", EPS)
@@ -204,4 +205,4 @@ def test_sinkhorn_balanced(benchmark, impl, eps):
         iters = [res.log["n_iter"]] * B
         benchmark.pedantic(ot.batch.solve_batch, args=(Cb, eps, ab, ab),
                            kwargs=dict(method="log_sinkhorn", tol=1e-6), rounds=3, warmup_rounds=0)
-    _info(benchmark, impl, f"B{B}L{L}", kind, 2 * B * L * L * 4, iters)
+    _info(benchmark, impl, f"B{B}L{L}", kind, sinkhorn_bytes(B, L, L), iters)
