@@ -115,7 +115,7 @@ def test_otpo_weights(benchmark, impl, eps):
         # iterations: the same solve through sinkhorn on the cost otpo_weights builds
         from compass_kernels.ot import _otpo_cost
 
-        C = _otpo_cost(h_c, h_r, mc, mr)
+        C = _otpo_cost(h_c, h_r, mc, mr, "official")               # otpo_weights' default cost_scale
         _, it = ck.sinkhorn(C, mc.float(), mr.float(), eps=eps, tau=TAU, return_iters=True)
         iters = it.tolist()
         out = benchmark.pedantic(ck.otpo_weights, args=(h_c, h_r, mc, mr), kwargs=dict(eps=eps, tau=TAU),
@@ -138,7 +138,7 @@ def _cost():
 
     h_c, h_r, mc, mr = _batch()
     full = torch.ones(B, L, dtype=torch.bool)
-    return _otpo_cost(h_c, h_r, full, full)                          # [B, L, L] fp32 in [0, 1]
+    return _otpo_cost(h_c, h_r, full, full, "official")              # [B, L, L] fp32 in [0, 1]
 
 
 @pytest.mark.parametrize("eps", EPS)
