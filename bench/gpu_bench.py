@@ -41,8 +41,8 @@ import torch  # noqa: E402
 import compass_kernels as ck  # noqa: E402
 from compass_kernels import _backend  # noqa: E402
 from compass_kernels.benchmarking.inputs import group_sizes, offsets_of, topk_ids  # noqa: E402
-from compass_kernels.benchmarking.models import (  # noqa: E402
-    H200_BF16_TFLOPS, H200_HBM_TBPS, copy_bytes, gemm_flops, permute_bytes, unpermute_bytes)
+from compass_kernels.benchmarking.models import H200_BF16_TFLOPS, H200_HBM_TBPS, copy_bytes, gemm_flops  # noqa: E402
+from compass_kernels.benchmarking.models import permute_bytes, unpermute_bytes  # noqa: E402
 from compass_kernels.benchmarking.peers import megatron_moe_routing  # noqa: E402
 from compass_kernels.benchmarking.timers import DeviceTimer  # noqa: E402
 

@@ -12,8 +12,9 @@ states; eps 1 (OTPO's 8B setting) and 0.1 (3B), tau = 0.2. Peers, in the same ru
   It is balanced only (no marginal relaxation), so it is compared on the balanced problem.
 
 extra_info carries what bench/report.py reads (impl, shape, kind, pass_ = "ot", bytes: inputs read
-plus outputs written once, compass_kernels.benchmarking.models) and the iterations each solver ran (iters_mean / iters_max; POT's
-stabilised solver checks every 10 iterations, its count is read from its error log).
+plus outputs written once, compass_kernels.benchmarking.models) and the iterations each solver ran
+(iters_mean / iters_max; POT's stabilised solver checks every 10 iterations, its count is read from
+its error log).
 Our convergence test (relative change of the scalings < 1e-6) is at least as strict as POT's.
 """
 

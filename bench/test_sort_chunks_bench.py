@@ -31,7 +31,8 @@ def test_sort_chunks(benchmark, impl, kind):
     x = torch.randn(R, H)
     sizes, order = _chunks(kind)
     benchmark.group = f"sort_chunks-{kind}"
-    benchmark.extra_info.update(bytes=sort_chunks_bytes(R, H, 4, S), impl=impl, shape=f"R{R}H{H}S{S}", kind=kind, pass_="op")
+    benchmark.extra_info.update(bytes=sort_chunks_bytes(R, H, 4, S), impl=impl, shape=f"R{R}H{H}S{S}", kind=kind,
+                                pass_="op")
     if impl == "copy":
         dst = torch.empty_like(x)
         benchmark.pedantic(dst.copy_, args=(x,), rounds=7, warmup_rounds=1)

@@ -16,10 +16,10 @@ were kept.
 from __future__ import annotations
 
 __all__ = [
-    "GATE_BYTES", "H200_BF16_TFLOPS", "H200_HBM_TBPS", "INDEX_BYTES", "NIC_GBPS", "NVLINK_GBPS", "copy_bytes", "expert_flops", "gemm_flops", "moe_layer_flops",
-    "otpo_weights_bytes", "permute_backward_bytes", "permute_bytes", "quantize_fp8_bytes", "route_bytes",
-    "router_flops", "routing_bytes", "sinkhorn_bytes", "sort_chunks_bytes", "unpermute_backward_bytes",
-    "unpermute_bytes",
+    "GATE_BYTES", "H200_BF16_TFLOPS", "H200_HBM_TBPS", "INDEX_BYTES", "NIC_GBPS", "NVLINK_GBPS",
+    "copy_bytes", "expert_flops", "gemm_flops", "moe_layer_flops", "otpo_weights_bytes",
+    "permute_backward_bytes", "permute_bytes", "quantize_fp8_bytes", "route_bytes", "router_flops",
+    "routing_bytes", "sinkhorn_bytes", "sort_chunks_bytes", "unpermute_backward_bytes", "unpermute_bytes",
 ]
 
 INDEX_BYTES = 8   # int64: topk ids, the row map, expert offsets and counts, chunk sizes
