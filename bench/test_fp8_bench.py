@@ -18,7 +18,7 @@ extra_info carries what bench/report.py reads: pass_ = "quant", shape, kind, imp
 granularity must move (compass_kernels.benchmarking.models.quantize_fp8_bytes: x read once and codes
 and scales written once, and for "tensor" a second read of x, the global amax being needed before the
 first code). Its fraction of the copy is against those bytes; at one read it would be about 0.6 of the
-figure.
+figure. COMPASS_BENCH_QUICK=1: tiny shapes.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from compass_kernels import _ext
 from compass_kernels.benchmarking.models import copy_bytes, quantize_fp8_bytes
 from compass_kernels.benchmarking.peers import eager_quantize_fp8
 from compass_kernels.fp8 import GRANULARITY_CODES
+from quick import pick
 
-M, K = 8192, 4096
+M, K = pick(8192, 64), pick(4096, 256)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KINDS = ["row", "block", "tensor"]
 eager_quantize = eager_quantize_fp8    # the eager-PyTorch peer: the same codes and scales as ck.quantize_fp8

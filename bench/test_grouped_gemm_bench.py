@@ -3,6 +3,7 @@ GEMM with the same FLOPs (the ceiling). efficiency = dense time / grouped time (
 
 Shapes: the Compass expert (E=16, M=16384, K=2048, N=1408) and its transpose (K=1408, N=2048, the
 down projection), and a fine-grained one (E=128, M=16384, K=1024, N=256); uniform and skewed groups.
+COMPASS_BENCH_QUICK=1: tiny shapes.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import compass_kernels as ck
 from compass_kernels.benchmarking.inputs import group_sizes, offsets_of
 from compass_kernels.benchmarking.models import gemm_flops
 from compass_kernels.benchmarking.peers import mm_cat
+from quick import pick
 
-SHAPES = {"compass_up": (16, 16384, 2048, 1408), "compass_down": (16, 16384, 1408, 2048),
-          "fine": (128, 16384, 1024, 256)}
+SHAPES = {"compass_up": pick((16, 16384, 2048, 1408), (16, 256, 32, 24)),
+          "compass_down": pick((16, 16384, 1408, 2048), (16, 256, 24, 32)),
+          "fine": pick((128, 16384, 1024, 256), (128, 512, 16, 8))}
 
 
 def _inputs(shape, kind):

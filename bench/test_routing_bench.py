@@ -2,6 +2,7 @@
 
 Shapes: Compass-v3 (E=16, k=2) and fine-grained (E=128, k=8), T=8192 tokens, H=2048; uniform and
 skewed (Zipf 1.5) routing. Peers, inputs and byte counts come from compass_kernels.benchmarking.
+COMPASS_BENCH_QUICK=1: tiny shapes.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import compass_kernels as ck
 from compass_kernels.benchmarking.inputs import topk_ids
 from compass_kernels.benchmarking.models import copy_bytes, permute_bytes, routing_bytes, unpermute_bytes
 from compass_kernels.benchmarking.peers import megatron_moe_routing
+from quick import pick
 
-T, H = 8192, 2048
+T, H = pick(8192, 64), pick(2048, 32)
 SHAPES = {"E16k2": (16, 2), "E128k8": (128, 8)}
 
 

@@ -95,7 +95,11 @@ def time_moe_layers(moe_fp: MoE, moe_q: Fp8MoE, num_tokens: int = 4096, iters: i
     p = moe_fp.w13_EDF
     x = torch.randn(num_tokens, moe_fp.w13_EDF.shape[1],
                     device=p.device, dtype=moe_fp.w13_EDF.dtype)
-    fp_ms, q_ms = (1e3 * median_time(lambda: m(x), iters, warmup, p.device) for m in (moe_fp, moe_q))
+
+    def ms(layer) -> float:
+        return 1e3 * median_time(lambda: layer(x), iters, warmup, p.device)
+
+    fp_ms, q_ms = ms(moe_fp), ms(moe_q)
     return {"fp_ms": fp_ms, "fp8_ms": q_ms, "speedup": fp_ms / q_ms}
 
 

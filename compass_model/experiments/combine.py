@@ -29,9 +29,6 @@ from compass_kernels.benchmarking.models import unpermute_bytes
 from compass_kernels.benchmarking.peers import hf_combine, hf_lists, megatron_combine, megatron_dispatch
 from compass_model.experiments.common import finish, median_times
 
-__all__ = ["NAME", "bench_shape", "hf_combine", "hf_lists", "megatron_combine", "megatron_dispatch", "run",
-           "shapes"]
-
 NAME = "combine"
 
 
