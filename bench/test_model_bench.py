@@ -46,7 +46,7 @@ def test_train_step(benchmark, name, backend):
     benchmark.extra_info.update(
         impl=backend, shape=name, kind="train", pass_="model",
         flops=cfg.flops_per_token(seq_len=S, training=True) * tokens,
-        bytes=routing_bytes(tokens, cfg.d_model, cfg.top_k, cfg.num_experts, cfg.bytes_per_param(),
+        bytes=routing_bytes(tokens, cfg.d_model, cfg.top_k, cfg.bytes_per_param(), num_experts=cfg.num_experts,
                             backward=True) * cfg.n_moe_layers,
         tokens=tokens,
     )

@@ -67,7 +67,7 @@ def _record(benchmark, cfg, layer, x, provider, shape, kind, pass_):
     benchmark.extra_info.update(
         impl=provider, shape=shape, kind=kind, pass_=pass_, tokens=T,
         flops=moe_layer_flops(cfg, T, training=training),
-        bytes=routing_bytes(T, D, cfg.top_k, cfg.num_experts, x.element_size(), backward=training),
+        bytes=routing_bytes(T, D, cfg.top_k, x.element_size(), num_experts=cfg.num_experts, backward=training),
         max_load=float(load_E.max()),
     )
 

@@ -42,7 +42,8 @@ def test_forward(benchmark, impl, shape, kind):
     x, ids, probs, E, k = _inputs(shape, kind)
     fn = IMPLS[impl]
     benchmark.group = f"fwd-{shape}-{kind}"
-    benchmark.extra_info.update(bytes=routing_bytes(T, H, k, E, 4), impl=impl, shape=shape, kind=kind, pass_="fwd")
+    benchmark.extra_info.update(bytes=routing_bytes(T, H, k, 4, num_experts=E), impl=impl, shape=shape, kind=kind,
+                                pass_="fwd")
     # Three warm-up rounds: the heap takes a few calls to settle into reusing the freed 64-128 MiB
     # buffers (until then each round pays page faults, 7 -> 19-32 ms here), for every impl alike.
     out = benchmark.pedantic(fn, args=(x, ids, probs, E), rounds=5, warmup_rounds=3)
@@ -62,8 +63,8 @@ def test_forward_backward(benchmark, impl, shape, kind):
         return torch.autograd.grad(out, (x, probs), g)
 
     benchmark.group = f"fwdbwd-{shape}-{kind}"
-    benchmark.extra_info.update(bytes=routing_bytes(T, H, k, E, 4, backward=True), impl=impl, shape=shape, kind=kind,
-                                pass_="fwdbwd")
+    benchmark.extra_info.update(bytes=routing_bytes(T, H, k, 4, num_experts=E, backward=True), impl=impl,
+                                shape=shape, kind=kind, pass_="fwdbwd")
     benchmark.pedantic(step, rounds=3, warmup_rounds=2)
 
 

@@ -48,7 +48,7 @@ def demo(tokens: int, hidden: int, reps: int) -> int:
             ok &= good
             t_ours = median_time(ours, reps)
             t_meg = median_time(lambda: megatron_moe_routing(x, ids, probs, E), reps)
-            gbps = routing_bytes(tokens, hidden, k, E, x.element_size()) / t_ours / 1e9
+            gbps = routing_bytes(tokens, hidden, k, x.element_size(), num_experts=E) / t_ours / 1e9
             print(f"E={E:<3} k={k:<9} {kind:8} {t_ours * 1e3:10.2f} {t_meg * 1e3:11.2f} {t_meg / t_ours:8.2f} "
                   f"{gbps:6.2f}  {'ok' if good else 'MISMATCH'}")
     return 0 if ok else 1

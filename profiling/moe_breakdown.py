@@ -173,7 +173,8 @@ def run(args) -> dict:
         device=args.device, threads=torch.get_num_threads(), glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
         iters=args.iters, max_rel_diff=err,
         profiled_wall_s=wall, flops_fwd=moe_layer_flops(cfg, args.tokens),
-        dispatch_bytes=routing_bytes(args.tokens, args.d_model, args.top_k, args.experts, x.element_size()),
+        dispatch_bytes=routing_bytes(args.tokens, args.d_model, args.top_k, x.element_size(),
+                                     num_experts=args.experts),
         backend=__import__("compass_kernels").backend_info()["chosen"].get(f"grouped_gemm@{x.device.type}"),
     )
     if args.trace:

@@ -84,7 +84,7 @@ def unpermute_backward_bytes(tokens: int, hidden: int, top_k: int, elem_size: in
     return (tokens + 2 * tk) * hidden * elem_size + tk * (INDEX_BYTES + 2 * GATE_BYTES)
 
 
-def routing_bytes(tokens: int, hidden: int, top_k: int, num_experts: int, elem_size: int,
+def routing_bytes(tokens: int, hidden: int, top_k: int, elem_size: int, *, num_experts: int,
                   backward: bool = False) -> int:
     """route + permute + unpermute with probs (the MoE layer's dispatch and combine); with
     ``backward`` also the gradients of ``x`` and ``probs`` (forward + backward, as timed)."""

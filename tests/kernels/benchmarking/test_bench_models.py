@@ -21,11 +21,11 @@ def test_routing_bytes_by_hand():
     assert m.unpermute_bytes(T, H, k, b, probs=False) == (T + tk) * H * b + tk * 8
     assert m.route_bytes(T, k, E) == tk * 16 + (2 * E + 1) * 8
     fwd = m.route_bytes(T, k, E) + 2 * (T + tk) * H * b + tk * 20
-    assert m.routing_bytes(T, H, k, E, b) == fwd
+    assert m.routing_bytes(T, H, k, b, num_experts=E) == fwd
     # backward: grad_out and y read, grad_y written, probs read, grad_probs written (unpermute);
     # grad rows read, grad_x written (permute); each with the row map
     bwd = (T + 2 * tk) * H * b + tk * (8 + 8) + (tk + T) * H * b + tk * 8
-    assert m.routing_bytes(T, H, k, E, b, backward=True) == fwd + bwd
+    assert m.routing_bytes(T, H, k, b, num_experts=E, backward=True) == fwd + bwd
 
 
 def test_routing_activations_agree_with_the_earlier_activation_only_count():
@@ -34,9 +34,10 @@ def test_routing_activations_agree_with_the_earlier_activation_only_count():
     T, H, k, E, b = 1000, 512, 8, 128, 2
     meta_fwd = m.route_bytes(T, k, E) + T * k * (8 + 8 + 4)
     act_fwd = 2 * (T + T * k) * H * b
-    assert m.routing_bytes(T, H, k, E, b) - meta_fwd == act_fwd
+    assert m.routing_bytes(T, H, k, b, num_experts=E) - meta_fwd == act_fwd
     meta_bwd = T * k * (8 + 8 + 8)
-    assert m.routing_bytes(T, H, k, E, b, backward=True) - meta_fwd - meta_bwd == 2 * act_fwd + T * k * H * b
+    both = m.routing_bytes(T, H, k, b, num_experts=E, backward=True)
+    assert both - meta_fwd - meta_bwd == 2 * act_fwd + T * k * H * b
 
 
 def test_routing_bytes_are_the_tensors_the_ops_touch():
