@@ -37,7 +37,12 @@ from compass_model.train import parallel
 from compass_model.train.data import catalogue_items
 from compass_model.train.dcp_checkpoint import laid_out_model
 from compass_model.train.loop import LoopConfig, train_loop
-from compass_model.train.objectives import METHODS, PreferenceObjective, preference_step_loss, step_indices
+from compass_model.train.objectives import (
+    METHODS,
+    PreferenceObjective,
+    preference_step_loss,
+    step_indices,
+)
 from compass_model.train.pairs import (
     PairBatch,
     build_pairs,
