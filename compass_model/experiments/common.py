@@ -7,6 +7,7 @@ Every experiment writes ``<out_dir>/<name>.json`` (its result dict, with ``"mach
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -18,8 +19,11 @@ import torch
 
 from compass_model.config import CompassConfig
 
+logger = logging.getLogger(__name__)
+
 
 def machine_info() -> dict:
+    """The machine, threads, library versions and CPU kernel backends a result was measured with."""
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -53,7 +57,7 @@ def _jsonable(obj):
     return obj
 
 
-def finish(out_dir, name: str, result: dict, plot, *, quick: bool, t0: float, log=print) -> dict:
+def finish(out_dir, name: str, result: dict, plot, *, quick: bool, t0: float) -> dict:
     """Add ``machine``/``quick``/``seconds`` to ``result``, write ``name.json`` and ``name.png``
     (``plot(fig_module, result, path)`` draws and saves it) and return the dict."""
     out = Path(out_dir)
@@ -70,7 +74,7 @@ def finish(out_dir, name: str, result: dict, plot, *, quick: bool, t0: float, lo
         plot(plt, result, png)
     finally:
         plt.close("all")
-    log(f"[{name}] wrote {out / (name + '.json')} and {png} ({result['seconds']:.1f} s)")
+    logger.info(f"[{name}] wrote {out / (name + '.json')} and {png} ({result['seconds']:.1f} s)")
     return result
 
 
@@ -143,5 +147,6 @@ def train_lm(config: CompassConfig, data, steps: int, *, lr: float = 3e-3, warmu
 
 
 def mean(xs):
+    """The mean of ``xs`` (NaN if empty)."""
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")

@@ -117,13 +117,15 @@ def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, l
 
 # ---- 5. evaluation -------------------------------------------------------------------------------
 
-def preference_accuracy(model, batch: PairBatch, ref, beta: float = 0.1, micro_batch: int = 16) -> dict:
+def preference_accuracy(model, batch: PairBatch, ref, beta: float = 0.1, micro_batch: int = 16,
+                        desc: str | None = None) -> dict:
     """Held-out preference metrics (eval mode, no grad), from sequence sums over the response:
     ``reward_accuracy``: fraction of pairs with ``beta ((pi_c - ref_c) - (pi_r - ref_r)) > 0``;
     ``logp_accuracy``: fraction whose mean per-token log-prob is higher on the chosen side;
     ``margin``: the mean reward margin; ``n``: pairs. (For the reference model itself every margin is
-    0, so its ``reward_accuracy`` is 0 and only ``logp_accuracy`` is informative.)"""
-    lp_c, lp_r = pair_logprobs(model, batch, micro_batch)
+    0, so its ``reward_accuracy`` is 0 and only ``logp_accuracy`` is informative.) ``desc``: report
+    progress under that label (``pairs.pair_logprobs``)."""
+    lp_c, lp_r = pair_logprobs(model, batch, micro_batch, desc)
     ref_c, ref_r = (t.to(lp_c.device) for t in ref)
     mc, mr = batch.chosen_mask.to(lp_c.device), batch.rejected_mask.to(lp_c.device)
     margin = beta * ((sequence_logprobs(lp_c, mc) - sequence_logprobs(ref_c, mc))
@@ -168,7 +170,7 @@ def _stage_summary(stage_dir: Path, records: list) -> dict:
 
 
 def _pairs_and_reference(sft, out_dir: Path, tokenizer, *, n_pairs, eval_pairs, micro_batch, max_len, seed,
-                         resume, pairs_file, max_new_tokens, temperature, top_p, tries):
+                         resume, pairs_file, max_new_tokens, temperature, top_p, tries, progress=False):
     """Steps 1 and 2 of ``run_alignment`` (cached under ``out_dir``) with the SFT model ``sft`` (None:
     read the caches only): ``(train_b, eval_b, refs, pair counts and stats)``."""
     # 1. pairs (cached)
@@ -211,7 +213,8 @@ def _pairs_and_reference(sft, out_dir: Path, tokenizer, *, n_pairs, eval_pairs, 
         if resume and path.is_file():
             refs[name] = load_reference(path, b)
         else:
-            refs[name] = reference_logprobs(sft, b, micro_batch)
+            refs[name] = reference_logprobs(sft, b, micro_batch, desc=f"reference log-probs ({name} pairs)"
+                                            if progress else None)
             save_reference(path, *refs[name], batch=b)
     return train_b, eval_b, refs, {"train": len(train_pairs), "eval": len(eval_pairs_), **pstats}
 
@@ -220,7 +223,8 @@ def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs
                   micro_batch: int, max_len: int, beta: float = 0.1, seed: int = 0, metrics=None,
                   resume: bool = False, pairs_file=None, eps: float = 1.0, tau: float = 0.2,
                   warmup_steps: int = 0, max_new_tokens: int | None = None, temperature: float = 1.0,
-                  top_p: float = 0.95, tries: int = 2, device=None, sft_weight: float = 0.0, ctx=None) -> dict:
+                  top_p: float = 0.95, tries: int = 2, device=None, sft_weight: float = 0.0, ctx=None,
+                  progress: bool = False) -> dict:
     """Stage 7: pairs -> reference log-probs -> DPO baseline and OTPO, both from the SFT model.
 
     Train pairs come from ``make_tasks(n_pairs, seed + 2)``, held-out pairs from
@@ -251,12 +255,18 @@ def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs
           "tries": tries}
     sft = load() if main else None
     if main:
-        train_b, eval_b, refs, pstats = _pairs_and_reference(sft, out_dir, tokenizer, resume=resume, **kw)
+        train_b, eval_b, refs, pstats = _pairs_and_reference(sft, out_dir, tokenizer, resume=resume,
+                                                             progress=progress, **kw)
     parallel.barrier(ctx)
     if not main:                                    # rank 0's files, as a resume reads them
         train_b, eval_b, refs, pstats = _pairs_and_reference(None, out_dir, tokenizer, resume=True, **kw)
+
+    def desc(label: str) -> str | None:
+        return f"preference accuracy ({label})" if progress else None
+
     result = {"pairs": pstats,
-              "sft_eval": preference_accuracy(sft, eval_b, refs["eval"], beta, micro_batch) if main else None}
+              "sft_eval": preference_accuracy(sft, eval_b, refs["eval"], beta, micro_batch, desc("SFT, held-out"))
+              if main else None}
     del sft
 
     # 3. DPO baseline, then OTPO, each from the SFT weights
@@ -266,12 +276,14 @@ def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs
         records = train_preference(policy, train_b, refs["train"], method=method, steps=steps, lr=lr,
                                    micro_batch=micro_batch, beta=beta, eps=eps, tau=tau, warmup_steps=warmup_steps,
                                    seed=seed, stage_dir=stage_dir, metrics=metrics, resume=resume,
-                                   sft_weight=sft_weight, ctx=ctx)
+                                   sft_weight=sft_weight, ctx=ctx, progress=progress)
         if main:
             final = policy if ctx is None else from_pretrained(latest_checkpoint(stage_dir), device)
             result[method] = {**_stage_summary(stage_dir, records),
-                              "eval": preference_accuracy(final, eval_b, refs["eval"], beta, micro_batch),
-                              "train_eval": preference_accuracy(final, train_b, refs["train"], beta, micro_batch)}
+                              "eval": preference_accuracy(final, eval_b, refs["eval"], beta, micro_batch,
+                                                          desc(f"{method}, held-out")),
+                              "train_eval": preference_accuracy(final, train_b, refs["train"], beta, micro_batch,
+                                                                desc(f"{method}, train"))}
         del policy
         parallel.barrier(ctx)
     if not main:
