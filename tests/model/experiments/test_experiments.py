@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 
@@ -145,8 +146,14 @@ def test_combine_peers_match_fused():
     torch.testing.assert_close(ref, (x[:, None] * probs[..., None]).sum(1))
 
 
-def test_combine_quick(tmp_path):
-    res = _check_outputs(tmp_path, "combine", combine.run(tmp_path, quick=True))
+def test_combine_quick(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="compass"), caplog.at_level(logging.INFO, logger="compass_model"):
+        res = _check_outputs(tmp_path, "combine", combine.run(tmp_path, quick=True))
+    msgs = [r.getMessage() for r in caplog.records]          # progress, the per-shape lines, the files
+    n = len(combine.shapes(True))
+    assert any(m.startswith(f"[combine] shapes: {n}/{n}") for m in msgs), msgs
+    assert sum(m.startswith("[combine] T=") for m in msgs) == n
+    assert any(m.startswith("[combine] wrote ") for m in msgs), msgs
     assert len(res["shapes"]) == len(combine.shapes(True))
     for r in res["shapes"]:
         for key in ("fused_dispatch_ms", "megatron_dispatch_ms", "fused_combine_ms", "megatron_combine_ms",
