@@ -51,6 +51,7 @@ def save_pretrained(model, directory, metadata: dict | None = None) -> None:
 
 
 def load_config(directory) -> CompassConfig:
+    """The ``CompassConfig`` in ``directory/config.json`` (CheckpointError naming the file if unusable)."""
     path = Path(directory) / CONFIG_NAME
     try:
         obj = json.loads(path.read_text())
@@ -81,6 +82,7 @@ def has_sharded_weights(directory) -> bool:
 
 
 def has_weights(directory) -> bool:
+    """``directory`` holds weights, as ``model.safetensors`` or as DCP shards."""
     return (Path(directory) / WEIGHTS_NAME).is_file() or has_sharded_weights(directory)
 
 

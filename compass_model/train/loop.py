@@ -30,9 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
+from compass_model.checkpoint import load_weights
 from compass_model.train import parallel
+from compass_model.train.dcp_checkpoint import load_model_shards, load_optimizer, save_distributed_checkpoint
 from compass_model.train.progress import progress as counter_for
 from compass_model.train.schedule import lr_at
+from compass_model.train.state import latest_checkpoint, save_checkpoint, trainer_state
 
 ADAMW_BETAS = (0.9, 0.95)
 
@@ -71,8 +74,6 @@ class LoopConfig:
 
 def _load_weights(model, checkpoint_dir, ctx) -> None:
     """Load a checkpoint's weights into ``model`` (already laid out for ``ctx``)."""
-    from compass_model.checkpoint import load_weights
-    from compass_model.train.dcp_checkpoint import load_model_shards
     if ctx is not None:
         load_model_shards(checkpoint_dir, model, ctx)
     else:
@@ -81,13 +82,24 @@ def _load_weights(model, checkpoint_dir, ctx) -> None:
 
 
 def _save(stage_dir, model, opt, step: int, done: bool, ctx, keep_last: int, run, extra) -> None:
-    from compass_model.train.dcp_checkpoint import save_distributed_checkpoint
-    from compass_model.train.state import save_checkpoint
     if ctx is None:
         save_checkpoint(stage_dir, model, opt, step, done=done, keep_last=keep_last, run=run, extra=extra)
     else:
         save_distributed_checkpoint(stage_dir, model, opt, step, done, ctx, keep_last=keep_last, run=run,
                                     extra=extra)
+
+
+def accumulate(model, objective, micro: list, step: int) -> dict:
+    """Forward + backward of optimizer step ``step``'s micro-batches ``micro`` into ``.grad``;
+    returns ``objective``'s metrics summed over them."""
+    objective.begin_step(model, micro, step)
+    sums: dict = {}
+    for b in micro:
+        loss, m = objective.loss(model, b)
+        loss.backward()
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return sums
 
 
 def train_loop(model, objective, cfg: LoopConfig, *, stage_dir=None, metrics=None, resume: bool = False,
@@ -106,8 +118,6 @@ def train_loop(model, objective, cfg: LoopConfig, *, stage_dir=None, metrics=Non
     shared by several runs). ``summary_extra``: keep ``loss_first``, ``loss_last`` and the
     cumulative ``seconds`` in every checkpoint's ``extra`` (with these entries added), so a resumed
     run can report its whole stage."""
-    from compass_model.train.dcp_checkpoint import load_optimizer
-    from compass_model.train.state import latest_checkpoint, trainer_state
     main = ctx is None or ctx.is_main
     metrics = metrics if main else None
     opt = make_optimizer(model, cfg.lr, cfg.weight_decay, foreach=False if ctx is not None and ctx.fsdp else None,
@@ -136,14 +146,7 @@ def train_loop(model, objective, cfg: LoopConfig, *, stage_dir=None, metrics=Non
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = objective.micro_batches(step)
-        objective.begin_step(model, micro, step)
-        sums: dict = {}
-        for b in micro:
-            loss, m = objective.loss(model, b)
-            loss.backward()
-            for k, v in m.items():
-                sums[k] = sums.get(k, 0.0) + v
+        sums = accumulate(model, objective, objective.micro_batches(step), step)
         parallel.reduce_gradients(model, ctx)
         grad_norm = parallel.clip_grad_norm(model, cfg.clip, ctx)
         fields = objective.end_step(sums)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compass_model.train.loop import LoopConfig, make_optimizer, train_loop
+from compass_model.train.loop import LoopConfig, accumulate, make_optimizer, train_loop
 from compass_model.train.metrics import MetricsWriter, read_metrics
 from compass_model.train.objectives import LMObjective
 
@@ -21,13 +21,7 @@ def accumulate_gradients(model, micro: list, stage, step: int, ctx=None):
     fractions, per-micro load entropies). ``ctx`` (expert parallelism, ``parallel.EPContext``):
     this rank runs its rows of every micro-batch."""
     objective = LMObjective.for_stage(stage, None, model.config, ctx)
-    objective.begin_step(model, micro, step)
-    sums: dict = {}
-    for b in micro:
-        loss, m = objective.loss(model, b)
-        loss.backward()
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v
+    sums = accumulate(model, objective, micro, step)
     totals = {**sums, "tokens": objective.n_tokens, "aux_coef": objective.alpha, "mtp_weight": objective.w_mtp}
     return totals, objective.loads, objective.entropies
 
