@@ -152,3 +152,17 @@ def test_alignment_training_reports_progress(caplog):
     msgs = [r.getMessage().strip() for r in caplog.records]
     assert any(m.startswith("align-otpo: 2/2") and "loss=" in m for m in msgs), msgs
     assert any(m.startswith("preference accuracy: 4/4") for m in msgs), msgs
+
+
+def test_resuming_a_one_group_optimizer_state_names_the_checkpoint(tmp_path):
+    """Alignment once kept one AdamW group; such a checkpoint cannot resume into the shared groups."""
+    from compass_model.train.state import save_checkpoint
+    batch = align.encode_pairs(PAIRS, TOK, 64)
+    model = _model()
+    ref = align.reference_logprobs(model, batch)
+    old = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_checkpoint(tmp_path, model, old, 1)
+    with pytest.raises(ValueError, match="1 parameter group.*start the stage afresh") as e:
+        align.train_preference(model, batch, ref, method="dpo", steps=2, lr=1e-3, micro_batch=4,
+                               stage_dir=tmp_path, resume=True)
+    assert str(tmp_path) in str(e.value)
