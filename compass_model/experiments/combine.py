@@ -117,10 +117,10 @@ def run(out_dir, *, quick: bool = False, seed: int = 0) -> dict:
     for T, H, E, k in todo:
         r = bench_shape(T, H, E, k, reps, seed)
         rows.append(r)
-        bar.update(1)
         logger.info(f"[{NAME}] T={T} H={H} E={E} k={k}: combine fused {r['fused_combine_ms']:.2f} ms, megatron "
                    f"{r['megatron_combine_ms']:.2f} ms (x{r['speedup_combine_megatron']:.2f}), hf {r['hf_combine_ms']:.2f} ms "
                    f"(x{r['speedup_combine_hf']:.2f}); dispatch x{r['speedup_dispatch']:.2f}")
+        bar.update(1)
     bar.close()
     geo = lambda xs: float(torch.tensor(xs).log().mean().exp())
     result = {

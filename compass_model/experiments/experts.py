@@ -119,9 +119,9 @@ def run(out_dir, *, quick: bool = False, seed: int = 0) -> dict:
                "final_entropy": mean(mean(x["entropy"] for x in r["records"][-lm["last"]:]) for r in runs),
                "seconds": round(time.perf_counter() - t, 2)}
         rows.append(row)
-        bar.update(1)
         logger.info(f"[{NAME}] {row['label']:>7}: gemm eff {row['gemm_eff']:.2f}  layer {row['tokens_per_s']:.0f} tok/s  "
                    f"eval lm {row['eval_lm']:.3f}  ({row['seconds']} s)")
+        bar.update(1)
     bar.close()
     result = {
         "setup": {"f0_lm": f0_lm, "active_ffn_width_lm": 2 * f0_lm, "bench": bench, "lm": lm, "seed": seed,
