@@ -436,22 +436,3 @@ def smooth_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: floa
         raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
     return smooth_scales_ref(act_amax, weight_amax, float(alpha))
 
-
-def permute_fp8(q: Fp8Tensor, plan, probs, permute):
-    """``routing.permute`` of an Fp8Tensor ``[T, K]``: the codes and the per-token scales (``[T]``
-    for "row", ``[T, ceil(K/bs)]`` for "block") move together, bit-exact; padding rows get zero
-    codes and zero scales. A "tensor" scale applies to every row and is kept. ``permute`` is
-    ``routing.permute`` (passed in: routing imports this module)."""
-    if q.data.dim() != 2 or q.granularity not in ("row", "block", "tensor"):
-        raise ValueError(f"permute needs an Fp8Tensor [T, K] with per-token scales (granularity 'row' or "
-                         f"'block'), got shape {tuple(q.shape)} with granularity {q.granularity!r}")
-    out = permute(q.data, plan, probs)
-    data, pp = out if probs is not None else (out, None)
-    if q.granularity == "tensor":
-        scale = q.scale
-    elif q.granularity == "row":
-        scale = permute(q.scale[:, None], plan).reshape(data.shape[0])
-    else:
-        scale = permute(q.scale, plan)
-    qp = Fp8Tensor(data, scale, q.granularity, q.block_size)
-    return qp if probs is None else (qp, pp)

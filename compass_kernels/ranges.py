@@ -35,3 +35,18 @@ def nvtx_range(name: str):
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
     return nvtx.annotate(name, domain="compass")
+
+
+def op_range(name: str, record: bool = False):
+    """The range of one op call (``compass::permute``, ...): NVTX in domain ``compass`` and, with
+    ``record`` while torch.profiler runs, a ``record_function`` of the same name (the eager fast path
+    skips the dispatcher, which otherwise shows the op in the profile). Host-side only: no device sync;
+    none inside a compiled graph's tracing (the custom op's kernel opens it when the graph runs)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    if record and torch.autograd.profiler._is_profiler_enabled:
+        stack = contextlib.ExitStack()
+        stack.enter_context(nvtx.annotate(name, domain="compass"))
+        stack.enter_context(torch.profiler.record_function(name))
+        return stack
+    return nvtx.annotate(name, domain="compass")
