@@ -57,13 +57,19 @@ class OpDef:
 
     def _dispatched(self, *args):
         """The custom op's kernel (every device): the launcher inside the op's range."""
-        with ranges.op_range(self.qualname):
+        rng = ranges.op_range(self.qualname)
+        if rng is None:
+            return self.impl(*args)
+        with rng:
             return self.impl(*args)
 
     def __call__(self, *args):
         tensors = [args[i] for i in self._tensors]
         if _ext.eager(*tensors):
-            with ranges.op_range(self.qualname, record=True):
+            rng = ranges.op_range(self.qualname, record=True)
+            if rng is None:
+                return self.impl(*args)
+            with rng:
                 return self.impl(*args)
         if self.differentiable:
             _ext.reject_func_grad(self.name, *tensors)
