@@ -5,8 +5,8 @@ per row, per 1 x 128 block (activations, DeepSeek-V3) or per 128 x 128 tile (wei
 ``grouped_gemm_fp8`` runs the experts on FP8 operands: ``y = (s_x s_w) * (X_q W_q^T)`` per group,
 fp32 accumulation, bf16 out. Definitions and exact semantics: ``fp8_ref``.
 
-Stack (docs/design.md, op anatomy): references in ``fp8_ref`` -> backend launchers here -> ``torch.library`` custom
-ops with fake tensors (no autograd: FP8 is the inference path, and codes carry no gradient) ->
+Stack (docs/design.md, op anatomy): references in ``fp8_ref`` -> backend launchers here -> the ops declared with
+``_opdef.define`` (custom op and fake tensors; no autograd: FP8 is the inference path, and codes carry no gradient) ->
 the public functions, which wrap the op's ``(data, scale)`` outputs in an ``Fp8Tensor``.
 
 Backends: quantize_fp8 -> torch, cpu (fused C++: amax and cast in one pass over memory per row or
@@ -336,8 +336,8 @@ def _quantize_op(x: torch.Tensor, granularity: str, block_size: int, dtype: torc
             x.new_empty(scale_shape(x.shape, granularity, block_size), dtype=torch.float32))
 
 
-_CUTLASS_DECLINES = "the CUTLASS sm_90a kernel does not serve the operands (not e4m3, a block size other than " \
-    "128, a GPU other than sm_90, a shape it does not support, or operands not 16-byte aligned)"
+_CUTLASS_DECLINES = ("the CUTLASS sm_90a kernel does not serve the operands (not e4m3, a block size other than "
+                     "128, a GPU other than sm_90, a shape it does not support, or operands not 16-byte aligned)")
 
 
 @define("grouped_gemm_fp8", impl=_gemm_impl, backends=("torch", "cpu", *_TRITON, "cuda"),

@@ -309,8 +309,9 @@ def _wgrad_backward(ctx, g):
     return dx, ddy, None, None, None
 
 
-_CUTLASS_DECLINES = (("cuda", "triton", "the CUTLASS sm_90a kernels do not serve the call: a dtype other than bf16/fp16, "
-                      "a GPU other than sm_90, a K or N they do not support, or operands not 16-byte aligned"),)
+_CUTLASS_DECLINES = (("cuda", "triton", ("the CUTLASS sm_90a kernels do not serve the call: a dtype other than "
+                                          "bf16/fp16, a GPU other than sm_90, a K or N they do not support, or "
+                                          "operands not 16-byte aligned")),)
 
 
 @define("grouped_gemm", impl=_gemm_impl, backends=_ALL, backward=_backward, setup_context=_setup,

@@ -14,8 +14,8 @@ Semantics (every backend, bit for bit, any dtype: rows move as raw bits)::
 
 Autograd: the backward is the inverse chunk permutation (``sort_chunks`` of the gradient with sizes
 ``split_sizes[sorted_idxs]`` and order ``argsort(sorted_idxs)``), itself differentiable.
-Stack (docs/design.md, op anatomy): reference ``sort_chunks_ref`` -> launchers -> ``compass::sort_chunks`` custom op
-with fake tensor and autograd -> the public ``sort_chunks``.
+Stack (docs/design.md, op anatomy): reference ``sort_chunks_ref`` -> launchers -> ``compass::sort_chunks`` declared with
+``_opdef.define`` (custom op, fake tensor, autograd) -> the public ``sort_chunks``.
 """
 
 from __future__ import annotations
