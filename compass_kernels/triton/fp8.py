@@ -54,8 +54,8 @@ import triton.language as tl
 
 from compass_kernels.triton.launch import launch
 
-from compass_kernels.triton.grouped_gemm import (GemmConfig, _group_chunk, _load_groups,
-                                                 _num_programs)
+from compass_kernels.triton.grouped_gemm import (GemmConfig, _group_chunk, _load_groups, _next_chunk,
+                                                 _num_programs, _tile_group)
 
 _MODE = {"row": 0, "block": 0, "block2d": 1, "tensor": 2}  # scale modes of _quantize_kernel
 _TILE = 8192          # elements per quantization program: 32 per thread at 8 warps
@@ -361,9 +361,7 @@ def _grouped_gemm_fp8_kernel(x_ptr, stride_xm, sx_ptr, w_ptr, sw_ptr, offsets_pt
     # SW_SCALAR: block_size is a multiple of BLOCK_N, so a tile's columns share one w block
     # and each K step loads one sw value (a [BLOCK_N] vector spread over the wgmma layout costs
     # ~40 registers of values and addresses).
-    G = E + 2
     n_tiles = tl.cdiv(N, BLOCK_N)
-    idx = tl.arange(0, G_CHUNK)
     cbase = tl.program_id(0) * 0
     tbase = cbase
     start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M, G_CHUNK)
@@ -372,20 +370,10 @@ def _grouped_gemm_fp8_kernel(x_ptr, stride_xm, sx_ptr, w_ptr, sw_ptr, offsets_pt
         mt = tile // n_tiles
         nt = tile % n_tiles
         if MULTI_CHUNK:
-            while (mt >= tbase + ctotal) & (cbase + G_CHUNK < G):
-                tbase += ctotal
-                cbase += G_CHUNK
-                start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M,
-                                                        G_CHUNK)
-                ctotal = tl.sum(cnt, axis=0)
-        rel = mt - tbase
-        live = rel < ctotal
-        g_local = tl.sum((cum <= rel).to(tl.int32), axis=0)
-        hit = idx == g_local
-        first_tile = tl.sum(tl.where(hit, cum - cnt, 0), axis=0)
-        row0 = tl.sum(tl.where(hit, start_v, 0), axis=0)
-        row_end = tl.where(live, tl.sum(tl.where(hit, end_v, 0), axis=0), 0)
-        g = cbase + g_local
+            tbase, cbase, ctotal, start_v, end_v, cnt, cum = _next_chunk(
+                mt, tbase, cbase, ctotal, start_v, end_v, cnt, cum, offsets_ptr, E, M, BLOCK_M, G_CHUNK)
+        rel, live, first_tile, row0, row_end, g = _tile_group(mt, tbase, cbase, ctotal, start_v, end_v, cnt,
+                                                              cum, G_CHUNK)
         expert = tl.maximum(g - 1, 0)
         is_expert = live & (g >= 1) & (g <= E)
         k_end = tl.where(is_expert, K, 0)  # head and tail groups: zeros, no loads

@@ -169,15 +169,41 @@ def _load_groups(offsets_ptr, cbase, E, M, BLOCK_M: tl.constexpr, G_CHUNK: tl.co
 
 
 @triton.jit
+def _next_chunk(mt, tbase, cbase, ctotal, start_v, end_v, cnt, cum, offsets_ptr, E, M,
+                BLOCK_M: tl.constexpr, G_CHUNK: tl.constexpr):
+    """Advance to the chunk of groups holding m-tile mt (mt never decreases): tbase (m-tiles of the
+    groups before the chunk), cbase (its first group), its tile total and ``_load_groups``."""
+    while (mt >= tbase + ctotal) & (cbase + G_CHUNK < E + 2):
+        tbase += ctotal
+        cbase += G_CHUNK
+        start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M, G_CHUNK)
+        ctotal = tl.sum(cnt, axis=0)
+    return tbase, cbase, ctotal, start_v, end_v, cnt, cum
+
+
+@triton.jit
+def _tile_group(mt, tbase, cbase, ctotal, start_v, end_v, cnt, cum, G_CHUNK: tl.constexpr):
+    """Where m-tile mt lies in the chunk: (rel, its tile index in the chunk; live, false past the real
+    tile count: no loads, nothing stored; first_tile, the chunk tile where its group starts; row0 and
+    row_end, the group's rows (row_end 0 when not live); g, the group: 0 head, 1..E experts, E + 1 tail)."""
+    rel = mt - tbase
+    live = rel < ctotal
+    g_local = tl.sum((cum <= rel).to(tl.int32), axis=0)  # first group with cum > rel
+    hit = tl.arange(0, G_CHUNK) == g_local
+    first_tile = tl.sum(tl.where(hit, cum - cnt, 0), axis=0)
+    row0 = tl.sum(tl.where(hit, start_v, 0), axis=0)
+    row_end = tl.where(live, tl.sum(tl.where(hit, end_v, 0), axis=0), 0)
+    return rel, live, first_tile, row0, row_end, cbase + g_local
+
+
+@triton.jit
 def _grouped_gemm_kernel(x_ptr, stride_xm, w_ptr, offsets_ptr, out_ptr, stride_om,
                          M, N, K, E, max_tiles,
                          TRANS_B: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          G_CHUNK: tl.constexpr, MULTI_CHUNK: tl.constexpr):
     # grid (P,): persistent; see the module docstring for the tile schedule.
-    G = E + 2
     n_tiles = tl.cdiv(N, BLOCK_N)
-    idx = tl.arange(0, G_CHUNK)
     cbase = tl.program_id(0) * 0  # first group of the chunk in registers (an int32 tensor)
     tbase = cbase  # m-tiles of the groups before the chunk
     start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M, G_CHUNK)
@@ -191,21 +217,11 @@ def _grouped_gemm_kernel(x_ptr, stride_xm, w_ptr, offsets_ptr, out_ptr, stride_o
     for tile in range(tl.program_id(0), max_tiles, tl.num_programs(0)):
         mt = tile // n_tiles
         nt = tile % n_tiles
-        if MULTI_CHUNK:  # advance to the chunk holding m-tile mt (mt never decreases)
-            while (mt >= tbase + ctotal) & (cbase + G_CHUNK < G):
-                tbase += ctotal
-                cbase += G_CHUNK
-                start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M,
-                                                        G_CHUNK)
-                ctotal = tl.sum(cnt, axis=0)
-        rel = mt - tbase
-        live = rel < ctotal  # false past the real tile count: no loads, nothing stored
-        g_local = tl.sum((cum <= rel).to(tl.int32), axis=0)  # first group with cum > rel
-        hit = idx == g_local
-        first_tile = tl.sum(tl.where(hit, cum - cnt, 0), axis=0)
-        row0 = tl.sum(tl.where(hit, start_v, 0), axis=0)
-        row_end = tl.where(live, tl.sum(tl.where(hit, end_v, 0), axis=0), 0)
-        g = cbase + g_local
+        if MULTI_CHUNK:
+            tbase, cbase, ctotal, start_v, end_v, cnt, cum = _next_chunk(
+                mt, tbase, cbase, ctotal, start_v, end_v, cnt, cum, offsets_ptr, E, M, BLOCK_M, G_CHUNK)
+        rel, live, first_tile, row0, row_end, g = _tile_group(mt, tbase, cbase, ctotal, start_v, end_v, cnt,
+                                                              cum, G_CHUNK)
         expert = tl.maximum(g - 1, 0)
         k_end = tl.where(live & (g >= 1) & (g <= E), K, 0)  # head and tail groups: zeros
 
