@@ -38,18 +38,25 @@ class OpDef:
 
     def __init__(self, name: str, fake: Callable, impl: Callable, backends: Iterable[str],
                  backward: Callable | None = None, setup_context: Callable | None = None,
-                 fallbacks: Iterable[tuple[str, str, str]] = ()):
+                 fallbacks: Iterable[tuple[str, str, str]] = (), eager_on: Iterable[str] | None = None):
         self.name = name
         self.qualname = f"compass::{name}"
         self.impl = impl
         schema = torch.library.infer_schema(fake, mutates_args=())
+        args = torch._C.parse_schema(self.qualname + schema).arguments
+        tensors = [i for i, a in enumerate(args) if a.type.isSubtypeOf(_OPT_TENSOR)]
+        if eager_on is not None:
+            names = [a.name for a in args]
+            unknown = [n for n in eager_on if n not in names or names.index(n) not in tensors]
+            if unknown:
+                raise ValueError(f"{self.qualname}: eager_on names {unknown}, which are not tensor arguments")
+            tensors = [names.index(n) for n in eager_on]
+        self._tensors = tuple(tensors)  # the arguments _ext.eager checks (each check costs ~0.5-1 us)
         self.op = torch.library.custom_op(self.qualname, self._dispatched, mutates_args=(), schema=schema)
         self.op.register_fake(fake)
         if backward is not None:
             self.op.register_autograd(backward, setup_context=setup_context)
         self.differentiable = backward is not None
-        args = torch._C.parse_schema(self.qualname + schema).arguments
-        self._tensors = tuple(i for i, a in enumerate(args) if a.type.isSubtypeOf(_OPT_TENSOR))
         _backend.register(name, *backends)
         for frm, to, when in fallbacks:
             _backend.declare_fallback(name, frm, to, when)
@@ -80,8 +87,8 @@ class OpDef:
 
 
 def define(name: str, *, impl: Callable, backends: Iterable[str], backward: Callable | None = None,
-           setup_context: Callable | None = None,
-           fallbacks: Iterable[tuple[str, str, str]] = ()) -> Callable[[Callable], OpDef]:
+           setup_context: Callable | None = None, fallbacks: Iterable[tuple[str, str, str]] = (),
+           eager_on: Iterable[str] | None = None) -> Callable[[Callable], OpDef]:
     """Declare the op ``compass::<name>`` on the decorated signature-and-fake function.
 
     impl            the launcher: takes the op's arguments, returns its outputs
@@ -90,9 +97,12 @@ def define(name: str, *, impl: Callable, backends: Iterable[str], backward: Call
                     ``register_autograd``; None for an op without a gradient
     fallbacks       ``(from, to, when)``: the run-time hand-overs ``impl`` may make
                     (``_backend.record_fallback`` records the one it takes)
+    eager_on        the tensor arguments whose state decides the eager fast path (default: all);
+                    leave out only tensors that come from another compass op and never need a
+                    gradient (a RoutingPlan's maps)
     """
 
     def declare(fake: Callable) -> OpDef:
-        return OpDef(name, fake, impl, backends, backward, setup_context, fallbacks)
+        return OpDef(name, fake, impl, backends, backward, setup_context, fallbacks, eager_on)
 
     return declare

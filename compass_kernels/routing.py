@@ -306,7 +306,8 @@ def _route_op(topk_ids: torch.Tensor, num_experts: int, capacity: int, align: in
             torch.empty(num_experts + 1, **i64))
 
 
-@define("permute", impl=_permute_impl, backends=_ALL, backward=_permute_backward, setup_context=_permute_setup)
+@define("permute", impl=_permute_impl, backends=_ALL, backward=_permute_backward, setup_context=_permute_setup,
+        eager_on=("x",))
 def _permute_op(x: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Tensor,
                 tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tensor:
     return x.new_empty(num_rows, x.shape[1])
@@ -318,14 +319,14 @@ def _unpermute_launch(y, row_id_map, expert_offsets, tokens_per_expert, probs):
 
 
 @define("unpermute", impl=_unpermute_launch, backends=_ALL, backward=_unpermute_backward,
-        setup_context=_unpermute_setup)
+        setup_context=_unpermute_setup, eager_on=("y", "probs"))
 def _unpermute_op(y: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Tensor,
                   tokens_per_expert: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
     return y.new_empty(row_id_map.shape[0], y.shape[1])
 
 
 @define("unpermute_bwd", impl=_unpermute_bwd_impl, backends=_ALL, backward=_unpermute_bwd_backward,
-        setup_context=_unpermute_bwd_setup)
+        setup_context=_unpermute_bwd_setup, eager_on=("grad_out", "y", "probs"))
 def _unpermute_bwd_op(grad_out: torch.Tensor, y: torch.Tensor, row_id_map: torch.Tensor,
                       expert_offsets: torch.Tensor, tokens_per_expert: torch.Tensor,
                       probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 
 import compass_kernels as ck
 from compass_kernels import _backend, fp8, ranges, routing
+from compass_kernels._opdef import define
 from compass_kernels.fp8_ref import quantize_fp8_ref
 from compass_kernels.grouped_gemm_ref import grouped_gemm_ref, grouped_gemm_wgrad_ref
 from helpers import REPO_ROOT, make_ids
@@ -46,6 +47,15 @@ def test_schemas_come_from_the_type_hints():
     for name, (mod, attr) in OPS.items():
         opdef = getattr(mod, attr)
         assert opdef.qualname == f"compass::{name}" and getattr(torch.ops.compass, name).default is opdef.op._opoverload
+
+
+def test_eager_on_must_name_tensor_arguments():
+    def fake(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.new_empty(x.shape)
+
+    with pytest.raises(ValueError, match=r"compass::_never_registered: eager_on names \['n'\], which are not tensor"):
+        define("_never_registered", impl=lambda x, n: x, backends=("torch",), eager_on=("n",))(fake)
+    assert not hasattr(torch.ops.compass, "_never_registered")
 
 
 def _range_names(monkeypatch) -> list[str]:
