@@ -5,9 +5,9 @@ per row, per 1 x 128 block (activations, DeepSeek-V3) or per 128 x 128 tile (wei
 ``grouped_gemm_fp8`` runs the experts on FP8 operands: ``y = (s_x s_w) * (X_q W_q^T)`` per group,
 fp32 accumulation, bf16 out. Definitions and exact semantics: ``fp8_ref``.
 
-Stack (docs/design.md, op anatomy): references in ``fp8_ref`` -> backend launchers here -> the ops declared with
-``_opdef.define`` (custom op and fake tensors; no autograd: FP8 is the inference path, and codes carry no gradient) ->
-the public functions, which wrap the op's ``(data, scale)`` outputs in an ``Fp8Tensor``.
+Stack (docs/design.md, op anatomy): references in ``fp8_ref`` -> backend launchers here -> the ops
+declared with ``_opdef.define`` (custom op and fake tensors; no autograd: FP8 is the inference path,
+and codes carry no gradient) -> the public functions, which wrap the op's ``(data, scale)`` outputs in an ``Fp8Tensor``.
 
 Backends: quantize_fp8 -> torch, cpu (fused C++: amax and cast in one pass over memory per row or
 block), triton; grouped_gemm_fp8 -> torch, cpu (per group: dequantize to fp32, BLAS into the

@@ -5,9 +5,9 @@ optimal-transport plan between the chosen and the rejected response's hidden sta
 code loops over the pairs in Python and calls POT once per pair; here one call solves the whole
 batch (OpenMP over pairs on CPU, one Triton program per pair on GPU), with no host sync on GPU.
 
-Stack (docs/design.md, op anatomy): references in ``ot_ref`` -> backend launchers here -> the ops declared with
-``_opdef.define`` (custom op and fake tensors; no autograd: the weights carry no gradient) -> the public ``sinkhorn`` and
-``otpo_weights``. Exact semantics, convergence criterion included: the ``ot_ref`` docstring.
+Stack (docs/design.md, op anatomy): references in ``ot_ref`` -> backend launchers here -> the ops
+declared with ``_opdef.define`` (custom op and fake tensors; no autograd: the weights carry no
+gradient) -> the public ``sinkhorn`` and ``otpo_weights``. Exact semantics, convergence criterion included: the ``ot_ref`` docstring.
 
 Backends compute the same function with different algorithms: ``torch`` runs log-domain
 iterations (an exp per plan entry per iteration); ``cpu`` and ``triton`` run the cheaper scaling

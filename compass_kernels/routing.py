@@ -4,9 +4,9 @@ This is Compass-v3's "custom memcpy operator" for the MoE dispatch and combine s
 (unpermute) gathers each token's k expert outputs and sums them with the router weights in one pass,
 fp32 accumulation, no atomics, deterministic, instead of index_select + multiply + index_add.
 
-Stack (docs/design.md, op anatomy): references in ``routing_ref`` -> backend launchers here -> the ops declared
-with ``_opdef.define`` (custom op, fake tensors, autograd, eager fast path) -> the public functions ``route``, ``permute``,
-``unpermute``. No host synchronisation on the fast path: shapes come from arguments, value checks
+Stack (docs/design.md, op anatomy): references in ``routing_ref`` -> backend launchers here -> the
+ops declared with ``_opdef.define`` (custom op, fake tensors, autograd, eager fast path) -> the public
+functions ``route``, ``permute``, ``unpermute``. No host synchronisation on the fast path: shapes come from arguments, value checks
 that read data run eagerly on CPU tensors and on GPU only with ``COMPASS_CHECK=1``.
 """
 

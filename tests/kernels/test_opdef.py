@@ -43,7 +43,8 @@ def test_schemas_come_from_the_type_hints():
                                   "Tensor tokens_per_expert, SymInt num_rows) -> Tensor")
     assert schemas["unpermute"].endswith("Tensor? probs) -> Tensor")
     assert schemas["route"].endswith("-> (Tensor, Tensor, Tensor)")
-    assert schemas["grouped_gemm"] == "compass::grouped_gemm(Tensor x, Tensor w, Tensor offsets, bool trans_b) -> Tensor"
+    assert schemas["grouped_gemm"] == ("compass::grouped_gemm(Tensor x, Tensor w, Tensor offsets, bool trans_b) "
+                                       "-> Tensor")
     for name, (mod, attr) in OPS.items():
         opdef = getattr(mod, attr)
         assert opdef.qualname == f"compass::{name}" and getattr(torch.ops.compass, name).default is opdef.op._opoverload
