@@ -18,17 +18,21 @@ temporaries at T=4096, H=1024 take 13 ms instead of 3.7 ms, inflating its ratio 
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 import compass_kernels as ck
 from compass_model.experiments.common import finish, median_times
+from compass_model.train.progress import progress
 
+logger = logging.getLogger(__name__)
 NAME = "combine"
 
 
 def megatron_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int):
+    """Megatron-style dispatch: rows sorted by expert (stable argsort), their order and counts."""
     k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1)
     sorted_idx = torch.argsort(flat, stable=True)
@@ -37,6 +41,7 @@ def megatron_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int)
 
 
 def megatron_combine(y: torch.Tensor, sorted_idx: torch.Tensor, probs: torch.Tensor, num_tokens: int):
+    """Megatron-style combine: gate-weighted rows scattered back to their tokens (``index_add_``)."""
     k = probs.shape[1]
     weighted = y * probs.reshape(-1)[sorted_idx, None].to(y.dtype)
     out = y.new_zeros(num_tokens, y.shape[1])
@@ -54,6 +59,7 @@ def hf_lists(topk_ids: torch.Tensor, num_experts: int) -> list:
 
 
 def hf_combine(ys: list, lists: list, gates: torch.Tensor, num_tokens: int):
+    """The HF loop's combine: per expert, its gate-weighted rows added to their tokens."""
     out = ys[0].new_zeros(num_tokens, ys[0].shape[1])
     for y_e, (tok, slot) in zip(ys, lists):
         out.index_add_(0, tok, y_e * gates[tok, slot, None])
@@ -61,6 +67,7 @@ def hf_combine(ys: list, lists: list, gates: torch.Tensor, num_tokens: int):
 
 
 def bench_shape(T: int, H: int, E: int, k: int, reps: int, seed: int) -> dict:
+    """Dispatch and combine times (ms) and speed-ups of the fused kernels over the peers at one shape."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=gen)
     ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
@@ -93,22 +100,28 @@ def bench_shape(T: int, H: int, E: int, k: int, reps: int, seed: int) -> dict:
 
 
 def shapes(quick: bool) -> list:
+    """The ``(T, H, E, k)`` shapes measured (two in quick mode)."""
     if quick:
         return [(256, 1024, 16, 2), (256, 1024, 128, 8)]
     return ([(T, H, 16, 2) for T in (1024, 4096) for H in (1024, 2048)]
             + [(T, H, 128, 8) for T in (1024, 2048) for H in (1024, 2048)])
 
 
-def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
+def run(out_dir, *, quick: bool = False, seed: int = 0) -> dict:
+    """Time every shape, write ``combine.json`` and ``combine.png`` under ``out_dir``."""
     t0 = time.perf_counter()
     reps = 3 if quick else 7
     rows = []
-    for T, H, E, k in shapes(quick):
+    todo = shapes(quick)
+    bar = progress(len(todo), f"[{NAME}] shapes")
+    for T, H, E, k in todo:
         r = bench_shape(T, H, E, k, reps, seed)
         rows.append(r)
-        log(f"[{NAME}] T={T} H={H} E={E} k={k}: combine fused {r['fused_combine_ms']:.2f} ms, megatron "
-            f"{r['megatron_combine_ms']:.2f} ms (x{r['speedup_combine_megatron']:.2f}), hf {r['hf_combine_ms']:.2f} ms "
-            f"(x{r['speedup_combine_hf']:.2f}); dispatch x{r['speedup_dispatch']:.2f}")
+        logger.info(f"[{NAME}] T={T} H={H} E={E} k={k}: combine fused {r['fused_combine_ms']:.2f} ms, megatron "
+                   f"{r['megatron_combine_ms']:.2f} ms (x{r['speedup_combine_megatron']:.2f}), hf {r['hf_combine_ms']:.2f} ms "
+                   f"(x{r['speedup_combine_hf']:.2f}); dispatch x{r['speedup_dispatch']:.2f}")
+        bar.update(1)
+    bar.close()
     geo = lambda xs: float(torch.tensor(xs).log().mean().exp())
     result = {
         "setup": {"dtype": "float32", "reps": reps, "routing": "uniform random top-k", "seed": seed,
@@ -117,7 +130,7 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
         "geomean_speedup": {key: geo([r[key] for r in rows])
                             for key in ("speedup_dispatch", "speedup_combine_megatron", "speedup_combine_hf")},
     }
-    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0, log=log)
+    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0)
 
 
 def _plot(plt, result, path):

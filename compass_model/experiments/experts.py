@@ -18,6 +18,7 @@ compare within one run.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -31,13 +32,16 @@ from compass_model.experiments.common import (
     stage_data,
     train_lm,
 )
+from compass_model.train.progress import progress
 
+logger = logging.getLogger(__name__)
 NAME = "experts"
 EXPERTS = (4, 8, 16, 32)
 TOPK = (1, 2, 4)
 
 
 def grid(experts=EXPERTS, topk=TOPK) -> list:
+    """The ``(E, k)`` pairs with ``E >= k``."""
     return [(E, k) for E in experts for k in topk if E >= k]
 
 
@@ -83,7 +87,8 @@ def time_layer(E: int, k: int, d: int, f0: int, T: int, reps: int, seed: int) ->
             "layer_s": t["layer"], "tokens_per_s": T / t["layer"]}
 
 
-def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
+def run(out_dir, *, quick: bool = False, seed: int = 0) -> dict:
+    """Measure every configuration, write ``experts.json`` and ``experts.png`` under ``out_dir``."""
     t0 = time.perf_counter()
     if quick:
         configs = grid((4, 16), (1, 2, 4))
@@ -98,6 +103,7 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
     eval_batches = stage_data("ecommerce", lm["seq_len"], lm["rows"], seed + 1000, lm["pool"]).micro_batches(
         0, lm["eval"])
     rows = []
+    bar = progress(len(configs), f"[{NAME}] configurations")
     for E, k in configs:
         t = time.perf_counter()
         timing = time_layer(E, k, bench["d"], bench["f0"], bench["T"], bench["reps"], seed)
@@ -113,15 +119,17 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
                "final_entropy": mean(mean(x["entropy"] for x in r["records"][-lm["last"]:]) for r in runs),
                "seconds": round(time.perf_counter() - t, 2)}
         rows.append(row)
-        log(f"[{NAME}] {row['label']:>7}: gemm eff {row['gemm_eff']:.2f}  layer {row['tokens_per_s']:.0f} tok/s  "
-            f"eval lm {row['eval_lm']:.3f}  ({row['seconds']} s)")
+        logger.info(f"[{NAME}] {row['label']:>7}: gemm eff {row['gemm_eff']:.2f}  layer {row['tokens_per_s']:.0f} tok/s  "
+                   f"eval lm {row['eval_lm']:.3f}  ({row['seconds']} s)")
+        bar.update(1)
+    bar.close()
     result = {
         "setup": {"f0_lm": f0_lm, "active_ffn_width_lm": 2 * f0_lm, "bench": bench, "lm": lm, "seed": seed,
                   "threads": torch.get_num_threads()},
         "configs": rows,
         "best_eval_lm": min(rows, key=lambda r: r["eval_lm"])["label"],
     }
-    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0, log=log)
+    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0)
 
 
 def _plot(plt, result, path):
