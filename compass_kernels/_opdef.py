@@ -32,7 +32,7 @@ class OpDef:
     autograd). Either way ``impl`` runs inside the op's range (``ranges.op_range``).
 
     name      short name: the backend table's key and ``compass::<name>``
-    op        the ``torch.library`` custom op (``opcheck``, graphs, backward formulas)
+    op        the ``torch.library`` custom op (``opcheck``, graphs; backward formulas call the OpDef)
     impl      the launcher, called with the op's arguments (tests may replace it)
     """
 
