@@ -11,12 +11,12 @@ import logging
 import math
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from compass_kernels.benchmarking.timers import median_times  # noqa: F401 - the experiments' timer
 from compass_model.config import CompassConfig
 
 logger = logging.getLogger(__name__)
@@ -76,21 +76,6 @@ def finish(out_dir, name: str, result: dict, plot, *, quick: bool, t0: float) ->
         plt.close("all")
     logger.info(f"[{name}] wrote {out / (name + '.json')} and {png} ({result['seconds']:.1f} s)")
     return result
-
-
-def median_times(fns: dict, reps: int, warmup: int = 1) -> dict:
-    """Median wall seconds of each callable, the callables *interleaved* (fn1, fn2, ..., fn1, ...) so
-    that load from other processes on a shared machine hits them alike."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ---- a small LM training loop ---------------------------------------------------------------------

@@ -12,8 +12,8 @@ Per configuration:
   * ``eval_lm`` / ``final_lm``: LM loss of the tiny proxy after a fixed step budget (held-out batches /
     mean of the last steps; mean over ``lm["seeds"]`` model seeds, same data), the "fewer but larger
     experts" question; total/active parameters too.
-Timings: medians of interleaved repetitions (``common.median_times``); a shared machine is noisy, so
-compare within one run.
+Timings: medians of interleaved repetitions (``compass_kernels.benchmarking.timers.median_times``); a
+shared machine is noisy, so compare within one run.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import time
 import torch
 
 import compass_kernels as ck
+from compass_kernels.benchmarking.inputs import offsets_of, topk_ids
+from compass_kernels.benchmarking.models import gemm_flops
 from compass_model.experiments.common import (
     finish,
     mean,
@@ -53,9 +55,8 @@ def ffn_dim(f0: int, k: int) -> int:
 
 
 def _random_offsets(T: int, E: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
-    counts = torch.bincount(ids.reshape(-1), minlength=E)
-    return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    counts = torch.bincount(topk_ids(T, k, E, "uniform", generator=gen).reshape(-1), minlength=E)
+    return offsets_of(counts)
 
 
 def time_layer(E: int, k: int, d: int, f0: int, T: int, reps: int, seed: int) -> dict:
@@ -81,7 +82,7 @@ def time_layer(E: int, k: int, d: int, f0: int, T: int, reps: int, seed: int) ->
     t = median_times({"grouped": lambda: ck.grouped_gemm(x_MD, w_EDF, offsets),
                       "dense": lambda: torch.mm(x_MD, w_DF),
                       "layer": layer_fwd}, reps=reps)
-    flops = 2 * T * k * d * 2 * F
+    flops = gemm_flops(T * k, d, 2 * F)                       # the up projection w13 [d, 2F]
     return {"grouped_s": t["grouped"], "dense_s": t["dense"], "gemm_eff": t["dense"] / t["grouped"],
             "grouped_gflops": flops / t["grouped"] / 1e9, "dense_gflops": flops / t["dense"] / 1e9,
             "layer_s": t["layer"], "tokens_per_s": T / t["layer"]}
