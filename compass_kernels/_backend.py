@@ -4,6 +4,9 @@ Order (docs/design.md): a CUDA tensor goes to ``cuda`` if built, else ``triton``
 tensor goes to ``cpu`` if built, else ``torch``. ``COMPASS_BACKEND=<name>`` or
 ``use_backend(name)`` override. An explicitly requested backend that cannot serve raises; an
 automatic fallback to a slower backend warns once (a silent slow path is a bug in a kernel library).
+A backend may also hand a call it cannot serve (a dtype, a shape, an older GPU) to another one at run
+time: each op declares those fallbacks with their condition (``declare_fallback``), the launcher
+records the one it takes (``record_fallback``: warned once, shown by ``backend_info``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ _lock = threading.Lock()
 _cache: dict[tuple[str, str, str | None], str] = {}
 _warned: set[tuple[str, str, str]] = set()
 _last_choice: dict[tuple[str, str], str] = {}
+_taken: dict[tuple[str, str], dict[str, str]] = {}  # (op, device type) -> the last fallback taken at run time
 
 
 def _triton_status() -> tuple[bool, str]:
@@ -70,6 +74,7 @@ def backend_status(name: str, device_type: str) -> tuple[bool, str]:
 @dataclass
 class _Registry:
     impls: dict[str, set[str]] = field(default_factory=dict)  # op -> backends implementing it
+    fallbacks: dict[str, dict[tuple[str, str], str]] = field(default_factory=dict)  # op -> {(from, to): when}
 
 
 _registry = _Registry()
@@ -81,6 +86,46 @@ def register(op: str, *backends: str) -> None:
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r}")
     _registry.impls.setdefault(op, set()).update(backends)
+
+
+def declare_fallback(op: str, frm: str, to: str, when: str) -> None:
+    """Declare that ``op``'s ``frm`` backend hands a call to ``to`` when ``when`` holds."""
+    for b in (frm, to):
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r}")
+    _registry.fallbacks.setdefault(op, {})[(frm, to)] = when
+
+
+def record_fallback(op: str, device: torch.device, frm: str, to: str) -> None:
+    """A launcher of ``op`` handed this call from ``frm`` to ``to`` (a declared fallback): record it as
+    the op's last choice on this device type and warn once. Host-side only, no device sync."""
+    when = _registry.fallbacks.get(op, {}).get((frm, to))
+    if when is None:
+        raise RuntimeError(f"compass: {op} fell back from {frm!r} to {to!r}, a fallback it did not declare")
+    dev = device.type
+    wkey = (op, dev, f"{frm}->{to}")
+    if wkey in _warned and _last_choice.get((op, dev)) == to:
+        return
+    with _lock:
+        _last_choice[(op, dev)] = to
+        _taken[(op, dev)] = {"from": frm, "to": to, "when": when}
+    if wkey not in _warned:
+        _warned.add(wkey)
+        warnings.warn(f"compass: {op} on {dev} falls back from the {frm!r} to the {to!r} backend ({when})",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _declared_fallbacks(op: str) -> list[dict[str, str]]:
+    """The op's declared run-time fallbacks, then the automatic ones of its backend table: a
+    backend of a device's order that the op does not implement hands the op to the next one."""
+    out = [{"from": f, "to": t, "when": w} for (f, t), w in _registry.fallbacks.get(op, {}).items()]
+    impl = _registry.impls.get(op, {"torch"})
+    for order in _AUTO_ORDER.values():
+        for i, name in enumerate(order[:-1]):
+            if name not in impl:
+                to = next((n for n in order[i + 1:] if n in impl), "torch")
+                out.append({"from": name, "to": to, "when": f"always: {op} has no {name} implementation"})
+    return out
 
 
 def requested() -> str | None:
@@ -153,7 +198,11 @@ class use_backend:
 
 
 def backend_info() -> dict:
-    """What is built, what each device would get, and why anything is missing."""
+    """What is built, what each device would get, and why anything is missing.
+
+    ``chosen["op@device"]``: the backend the op's last call used (or would use); ``fallbacks[op]``:
+    every hand-over that can happen (from, to, when); ``fallbacks_taken["op@device"]``: the last
+    one that did."""
     info: dict = {"built": {}, "chosen": {}, "override": requested()}
     for dev in ("cpu", "cuda"):
         for name in BACKENDS:
@@ -166,6 +215,8 @@ def backend_info() -> dict:
                 (n for n in order if n in _registry.impls[op] and backend_status(n, dev)[0]), "torch"
             )
             info["chosen"][f"{op}@{dev}"] = _last_choice.get((op, dev), choice)
+    info["fallbacks"] = {op: _declared_fallbacks(op) for op in sorted(_registry.impls)}
+    info["fallbacks_taken"] = {f"{op}@{dev}": dict(entry) for (op, dev), entry in sorted(_taken.items())}
     if _ext.build_info is not None:
         info["cuda_build"] = {"built": _ext.build_info.CUDA_BUILD, "why": _ext.build_info.CUDA_REASON,
                               "archs": _ext.build_info.CUDA_ARCHS}

@@ -5,9 +5,9 @@ per row, per 1 x 128 block (activations, DeepSeek-V3) or per 128 x 128 tile (wei
 ``grouped_gemm_fp8`` runs the experts on FP8 operands: ``y = (s_x s_w) * (X_q W_q^T)`` per group,
 fp32 accumulation, bf16 out. Definitions and exact semantics: ``fp8_ref``.
 
-Stack (docs/design.md, op anatomy): references in ``fp8_ref`` -> backend launchers here -> ``torch.library`` custom
-ops with fake tensors (no autograd: FP8 is the inference path, and codes carry no gradient) ->
-the public functions, which wrap the op's ``(data, scale)`` outputs in an ``Fp8Tensor``.
+Stack (docs/design.md, op anatomy): references in ``fp8_ref`` -> backend launchers here -> the ops
+declared with ``_opdef.define`` (custom op and fake tensors; no autograd: FP8 is the inference path,
+and codes carry no gradient) -> the public functions, which wrap the op's ``(data, scale)`` outputs in an ``Fp8Tensor``.
 
 Backends: quantize_fp8 -> torch, cpu (fused C++: amax and cast in one pass over memory per row or
 block), triton; grouped_gemm_fp8 -> torch, cpu (per group: dequantize to fp32, BLAS into the
@@ -19,12 +19,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from compass_kernels import _backend, _ext
+from compass_kernels._opdef import define
 from compass_kernels.fp8_ref import (
     FP8_MAX,
     GRANULARITIES,
@@ -59,8 +59,6 @@ def _triton_fp8_built() -> bool:
 # backend does not claim the op and resolve() falls back to torch with its one-time warning.
 _CPU_QUANT = ("cpu",) if _ext.cpu_module is not None and hasattr(_ext.cpu_module, "quantize_fp8") else ()
 _TRITON = ("triton",) if _triton_fp8_built() else ()
-_backend.register("quantize_fp8", "torch", *_CPU_QUANT, *_TRITON)
-_backend.register("grouped_gemm_fp8", "torch", "cpu", *_TRITON, "cuda")
 
 
 @dataclass(frozen=True)
@@ -218,7 +216,7 @@ def _triton_fp8_device(device: torch.device) -> bool:
 def _fp8_backend(op: str, backend: str, device: torch.device) -> str:
     """``backend``, except Triton on a GPU older than sm_89, which runs the torch reference."""
     if backend == "triton" and not _triton_fp8_device(device):
-        _warn_once(f"{op} on {device}: Triton's FP8 kernels need sm_89 or newer; running the torch reference")
+        _backend.record_fallback(op, device, "triton", "torch")
         return "torch"
     return backend
 
@@ -273,11 +271,6 @@ def _gemm_cpu(x_data, x_scale, x_gran, w_data, w_scale, w_gran, offsets, block_s
 
 
 @functools.cache
-def _warn_once(msg: str) -> None:
-    warnings.warn(f"compass: {msg}", RuntimeWarning, stacklevel=4)
-
-
-@functools.cache
 def _hopper(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
@@ -318,10 +311,9 @@ def _gemm_impl(x_data, x_scale, x_gran, w_data, w_scale, w_gran, offsets, block_
         y = _gemm_cuda(*args)
         if y is not None:
             return y
-        backend = _fp8_backend("grouped_gemm_fp8", "triton" if _TRITON else "torch", x_data.device)
-        if not _TRITON:
-            _warn_once("grouped_gemm_fp8 on cuda: the CUTLASS kernel does not serve these operands and "
-                       "compass_kernels.triton.fp8 is missing; running the torch reference")
+        to = "triton" if _TRITON and _triton_fp8_device(x_data.device) else "torch"
+        _backend.record_fallback("grouped_gemm_fp8", x_data.device, "cuda", to)
+        backend = to
     if backend == "triton":
         y = _ext.empty(x_data.shape[0], w_data.shape[1], dtype=out_dtype, device=x_data.device)
         _triton().grouped_gemm_fp8(x_data.contiguous(), x_scale.contiguous(), x_gran, w_data.contiguous(),
@@ -331,32 +323,30 @@ def _gemm_impl(x_data, x_scale, x_gran, w_data, w_scale, w_gran, offsets, block_
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops
+# the op declarations (compass_kernels._opdef; no autograd: codes carry no gradient)
+
+_BELOW_SM89 = ("triton", "torch", "a GPU below sm_89: Triton's FP8 kernels need sm_89 or newer")
 
 
-@torch.library.custom_op("compass::quantize_fp8", mutates_args=())
+@define("quantize_fp8", impl=_quantize_impl, backends=("torch", *_CPU_QUANT, *_TRITON), fallbacks=(_BELOW_SM89,))
 def _quantize_op(x: torch.Tensor, granularity: str, block_size: int, dtype: torch.dtype) -> tuple[
     torch.Tensor, torch.Tensor
 ]:
-    return _quantize_impl(x, granularity, block_size, dtype)
-
-
-@_quantize_op.register_fake
-def _(x, granularity, block_size, dtype):
     return (x.new_empty(x.shape, dtype=dtype),
             x.new_empty(scale_shape(x.shape, granularity, block_size), dtype=torch.float32))
 
 
-@torch.library.custom_op("compass::grouped_gemm_fp8", mutates_args=())
+_CUTLASS_DECLINES = ("the CUTLASS sm_90a kernel does not serve the operands (not e4m3, a block size other than "
+                     "128, a GPU other than sm_90, a shape it does not support, or operands not 16-byte aligned)")
+
+
+@define("grouped_gemm_fp8", impl=_gemm_impl, backends=("torch", "cpu", *_TRITON, "cuda"),
+        fallbacks=(_BELOW_SM89, ("cuda", "triton", _CUTLASS_DECLINES),
+                   ("cuda", "torch", _CUTLASS_DECLINES + " and compass_kernels.triton.fp8 is missing "
+                    "or the GPU is below sm_89")))
 def _gemm_fp8_op(x_data: torch.Tensor, x_scale: torch.Tensor, x_granularity: str, w_data: torch.Tensor,
                  w_scale: torch.Tensor, w_granularity: str, offsets: torch.Tensor, block_size: int,
                  out_dtype: torch.dtype) -> torch.Tensor:
-    return _gemm_impl(x_data, x_scale, x_granularity, w_data, w_scale, w_granularity, offsets, block_size,
-                      out_dtype)
-
-
-@_gemm_fp8_op.register_fake
-def _(x_data, x_scale, x_granularity, w_data, w_scale, w_granularity, offsets, block_size, out_dtype):
     return x_data.new_empty(x_data.shape[0], w_data.shape[1], dtype=out_dtype)
 
 
@@ -384,8 +374,7 @@ def quantize_fp8(x: torch.Tensor, *, granularity: str = "row", block_size: int =
     _check_granularity(granularity)
     _check_block_size(block_size)
     _check_fp8_dtype(dtype)
-    quantize = _quantize_impl if _ext.eager(x) else _quantize_op
-    data, scale = quantize(x, granularity, block_size, dtype)
+    data, scale = _quantize_op(x, granularity, block_size, dtype)
     return Fp8Tensor(data, scale, granularity, block_size)
 
 
@@ -409,8 +398,7 @@ def grouped_gemm_fp8(q_x: Fp8Tensor, q_w: Fp8Tensor, offsets: torch.Tensor, *,
     """
     _check_gemm(q_x, q_w, offsets, out_dtype)
     block_size = _gemm_block_size(q_x, q_w)
-    gemm = _gemm_impl if _ext.eager(q_x.data, q_x.scale, q_w.data, q_w.scale, offsets) else _gemm_fp8_op
-    return gemm(q_x.data, q_x.scale, q_x.granularity, q_w.data, q_w.scale, q_w.granularity, offsets, block_size,
+    return _gemm_fp8_op(q_x.data, q_x.scale, q_x.granularity, q_w.data, q_w.scale, q_w.granularity, offsets, block_size,
                 out_dtype)
 
 
@@ -436,22 +424,3 @@ def smooth_scales(act_amax: torch.Tensor, weight_amax: torch.Tensor, alpha: floa
         raise ValueError(f"alpha must be a float in [0, 1], got {alpha!r}")
     return smooth_scales_ref(act_amax, weight_amax, float(alpha))
 
-
-def permute_fp8(q: Fp8Tensor, plan, probs, permute):
-    """``routing.permute`` of an Fp8Tensor ``[T, K]``: the codes and the per-token scales (``[T]``
-    for "row", ``[T, ceil(K/bs)]`` for "block") move together, bit-exact; padding rows get zero
-    codes and zero scales. A "tensor" scale applies to every row and is kept. ``permute`` is
-    ``routing.permute`` (passed in: routing imports this module)."""
-    if q.data.dim() != 2 or q.granularity not in ("row", "block", "tensor"):
-        raise ValueError(f"permute needs an Fp8Tensor [T, K] with per-token scales (granularity 'row' or "
-                         f"'block'), got shape {tuple(q.shape)} with granularity {q.granularity!r}")
-    out = permute(q.data, plan, probs)
-    data, pp = out if probs is not None else (out, None)
-    if q.granularity == "tensor":
-        scale = q.scale
-    elif q.granularity == "row":
-        scale = permute(q.scale[:, None], plan).reshape(data.shape[0])
-    else:
-        scale = permute(q.scale, plan)
-    qp = Fp8Tensor(data, scale, q.granularity, q.block_size)
-    return qp if probs is None else (qp, pp)

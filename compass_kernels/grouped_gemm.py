@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 
 from compass_kernels import _backend, _ext
+from compass_kernels._opdef import define
 from compass_kernels.grouped_gemm_ref import grouped_gemm_ref, grouped_gemm_wgrad_ref
 
 __all__ = ["grouped_gemm"]
 
-_backend.register("grouped_gemm", "torch", "cpu", "triton", "cuda")
-_backend.register("grouped_gemm_wgrad", "torch", "cpu", "triton", "cuda")
+_ALL = ("torch", "cpu", "triton", "cuda")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HALF = (torch.bfloat16, torch.float16)
@@ -245,6 +245,7 @@ def _gemm_impl(x, w, offsets, trans_b):
         if y is not None:
             return y
         backend = "triton"
+        _backend.record_fallback("grouped_gemm", x.device, "cuda", "triton")
     if backend == "triton":
         y = _ext.empty(x.shape[0], w.shape[1] if trans_b else w.shape[2], dtype=x.dtype, device=x.device)
         _triton().grouped_gemm(_rowmajor(x), w.contiguous(), offsets.contiguous(), trans_b, y)
@@ -261,6 +262,7 @@ def _wgrad_impl(x, dy, offsets, num_groups, trans_b):
         if dw is not None:
             return dw
         backend = "triton"
+        _backend.record_fallback("grouped_gemm_wgrad", x.device, "cuda", "triton")
     if backend == "triton":
         K, N = x.shape[1], dy.shape[1]
         dw = _ext.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype, device=x.device)
@@ -270,29 +272,7 @@ def _wgrad_impl(x, dy, offsets, num_groups, trans_b):
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops
-
-
-@torch.library.custom_op("compass::grouped_gemm", mutates_args=())
-def _gemm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_b: bool) -> torch.Tensor:
-    return _gemm_impl(x, w, offsets, trans_b)
-
-
-@_gemm_op.register_fake
-def _(x, w, offsets, trans_b):
-    return x.new_empty(x.shape[0], w.shape[1] if trans_b else w.shape[2])
-
-
-@torch.library.custom_op("compass::grouped_gemm_wgrad", mutates_args=())
-def _wgrad_op(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, num_groups: int,
-              trans_b: bool) -> torch.Tensor:
-    return _wgrad_impl(x, dy, offsets, num_groups, trans_b)
-
-
-@_wgrad_op.register_fake
-def _(x, dy, offsets, num_groups, trans_b):
-    K, N = x.shape[1], dy.shape[1]
-    return x.new_empty(num_groups, *((N, K) if trans_b else (K, N)))
+# autograd formulas and the op declarations (compass_kernels._opdef)
 
 
 def _setup(ctx, inputs, output):
@@ -309,9 +289,6 @@ def _backward(ctx, dy):
     if ctx.needs_input_grad[1]:
         dw = _wgrad_op(x, dy, offsets, w.shape[0], ctx.trans_b)
     return dx, dw, None, None
-
-
-_gemm_op.register_autograd(_backward, setup_context=_setup)
 
 
 def _wgrad_setup(ctx, inputs, output):
@@ -332,7 +309,23 @@ def _wgrad_backward(ctx, g):
     return dx, ddy, None, None, None
 
 
-_wgrad_op.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
+_CUTLASS_DECLINES = (("cuda", "triton", ("the CUTLASS sm_90a kernels do not serve the call: a dtype other than "
+                                          "bf16/fp16, a GPU other than sm_90, a K or N they do not support, or "
+                                          "operands not 16-byte aligned")),)
+
+
+@define("grouped_gemm", impl=_gemm_impl, backends=_ALL, backward=_backward, setup_context=_setup,
+        fallbacks=_CUTLASS_DECLINES)
+def _gemm_op(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, trans_b: bool) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[1] if trans_b else w.shape[2])
+
+
+@define("grouped_gemm_wgrad", impl=_wgrad_impl, backends=_ALL, backward=_wgrad_backward,
+        setup_context=_wgrad_setup, fallbacks=_CUTLASS_DECLINES)
+def _wgrad_op(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, num_groups: int,
+              trans_b: bool) -> torch.Tensor:
+    K, N = x.shape[1], dy.shape[1]
+    return x.new_empty(num_groups, *((N, K) if trans_b else (K, N)))
 
 
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, trans_b: bool = False) -> torch.Tensor:
@@ -342,5 +335,4 @@ def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, *, tra
     fp32 accumulation for fp32/bf16/fp16 (fp64 for fp64); rows outside the groups are zero.
     """
     _check(x, w, offsets, trans_b)
-    _ext.reject_func_grad("grouped_gemm", x, w)
-    return (_gemm_impl if _ext.eager(x, w, offsets) else _gemm_op)(x, w, offsets, trans_b)
+    return _gemm_op(x, w, offsets, trans_b)

@@ -5,9 +5,9 @@ optimal-transport plan between the chosen and the rejected response's hidden sta
 code loops over the pairs in Python and calls POT once per pair; here one call solves the whole
 batch (OpenMP over pairs on CPU, one Triton program per pair on GPU), with no host sync on GPU.
 
-Stack (docs/design.md, op anatomy): references in ``ot_ref`` -> backend launchers here -> ``torch.library`` custom
-ops with fake tensors (no autograd: the weights carry no gradient) -> the public ``sinkhorn`` and
-``otpo_weights``. Exact semantics, convergence criterion included: the ``ot_ref`` docstring.
+Stack (docs/design.md, op anatomy): references in ``ot_ref`` -> backend launchers here -> the ops
+declared with ``_opdef.define`` (custom op and fake tensors; no autograd: the weights carry no
+gradient) -> the public ``sinkhorn`` and ``otpo_weights``. Exact semantics, convergence criterion included: the ``ot_ref`` docstring.
 
 Backends compute the same function with different algorithms: ``torch`` runs log-domain
 iterations (an exp per plan entry per iteration); ``cpu`` and ``triton`` run the cheaper scaling
@@ -26,6 +26,7 @@ import warnings
 import torch
 
 from compass_kernels import _backend, _ext
+from compass_kernels._opdef import define
 from compass_kernels.ot_ref import (
     COST_SCALES,
     nonfinite_pairs,
@@ -39,8 +40,6 @@ from compass_kernels.ot_ref import (
 
 __all__ = ["sinkhorn", "otpo_weights"]
 
-_backend.register("sinkhorn", "torch", "cpu", "triton")
-_backend.register("otpo_weights", "torch", "cpu", "triton")
 
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Balanced problems need sum(a) == sum(b); beyond this relative gap Sinkhorn oscillates instead of
@@ -273,25 +272,8 @@ def _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_i
     return w_c.to(out), w_r.to(out)
 
 
-# ---------------------------------------------------------------------------------------------
-# custom ops: schema and fake tensors (no autograd: both ops are solvers without a gradient)
-
-
-@torch.library.custom_op("compass::sinkhorn", mutates_args=())
-def _sinkhorn_op(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, tau: float | None,
-                 max_iter: int, tol: float, check_every: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _sinkhorn_impl(cost, a, b, eps, tau, max_iter, tol, check_every)
-
-
-@_sinkhorn_op.register_fake
-def _(cost, a, b, eps, tau, max_iter, tol, check_every):
-    return cost.new_empty(cost.shape), cost.new_empty(cost.shape[0], dtype=torch.int32)
-
-
-@torch.library.custom_op("compass::otpo_weights", mutates_args=())
-def _otpo_op(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,
-             mask_rejected: torch.Tensor, eps: float, tau: float, max_iter: int, tol: float,
-             check_every: int, cost_scale: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
+def _otpo_launch(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every,
+                 cost_scale="official"):
     w_c, w_r = _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every,
                           cost_scale)
     if _backend.resolve("otpo_weights", h_chosen.device) != "triton":  # torch and cpu do it themselves
@@ -300,9 +282,20 @@ def _otpo_op(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torc
     return otpo_mark_nonfinite(w_c, w_r, bad, mask_chosen, mask_rejected)
 
 
-@_otpo_op.register_fake
-def _(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_iter, tol, check_every,
-      cost_scale="official"):
+# ---------------------------------------------------------------------------------------------
+# the op declarations (compass_kernels._opdef; no autograd: both ops are solvers without a gradient)
+
+
+@define("sinkhorn", impl=_sinkhorn_impl, backends=("torch", "cpu", "triton"))
+def _sinkhorn_op(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float, tau: float | None,
+                 max_iter: int, tol: float, check_every: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return cost.new_empty(cost.shape), cost.new_empty(cost.shape[0], dtype=torch.int32)
+
+
+@define("otpo_weights", impl=_otpo_launch, backends=("torch", "cpu", "triton"))
+def _otpo_op(h_chosen: torch.Tensor, h_rejected: torch.Tensor, mask_chosen: torch.Tensor,
+             mask_rejected: torch.Tensor, eps: float, tau: float, max_iter: int, tol: float,
+             check_every: int, cost_scale: str = "official") -> tuple[torch.Tensor, torch.Tensor]:
     out = torch.float64 if h_chosen.dtype == torch.float64 else torch.float32
     shape = mask_chosen.shape
     return h_chosen.new_empty(shape, dtype=out), h_chosen.new_empty(shape, dtype=out)

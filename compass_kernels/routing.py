@@ -4,9 +4,9 @@ This is Compass-v3's "custom memcpy operator" for the MoE dispatch and combine s
 (unpermute) gathers each token's k expert outputs and sums them with the router weights in one pass,
 fp32 accumulation, no atomics, deterministic, instead of index_select + multiply + index_add.
 
-Stack (docs/design.md, op anatomy): references in ``routing_ref`` -> backend launchers here -> ``torch.library``
-custom ops with fake tensors and autograd -> the public functions ``route``, ``permute``,
-``unpermute``. No host synchronisation on the fast path: shapes come from arguments, value checks
+Stack (docs/design.md, op anatomy): references in ``routing_ref`` -> backend launchers here -> the
+ops declared with ``_opdef.define`` (custom op, fake tensors, autograd, eager fast path) -> the public
+functions ``route``, ``permute``, ``unpermute``. No host synchronisation on the fast path: shapes come from arguments, value checks
 that read data run eagerly on CPU tensors and on GPU only with ``COMPASS_CHECK=1``.
 """
 
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from compass_kernels import _backend, _ext
-from compass_kernels.fp8 import Fp8Tensor, permute_fp8
+from compass_kernels._opdef import define
+from compass_kernels.fp8 import Fp8Tensor
 from compass_kernels.routing_ref import (
     num_rows_bound,
     permute_ref,
@@ -29,8 +30,6 @@ from compass_kernels.routing_ref import (
 __all__ = ["RoutingPlan", "route", "permute", "unpermute"]
 
 _ALL = ("torch", "cpu", "triton", "cuda")
-for _op in ("route", "permute", "unpermute", "unpermute_bwd"):
-    _backend.register(_op, *_ALL)
 
 
 @dataclass(frozen=True)
@@ -247,32 +246,7 @@ def _unpermute_bwd_impl(grad_out, y, row_id_map, expert_offsets, tokens_per_expe
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops: schema, fake tensors, autograd
-
-
-@torch.library.custom_op("compass::route", mutates_args=())
-def _route_op(topk_ids: torch.Tensor, num_experts: int, capacity: int, align: int) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]:
-    return _route_impl(topk_ids, num_experts, capacity, align)
-
-
-@_route_op.register_fake
-def _(topk_ids, num_experts, capacity, align):
-    i64 = dict(dtype=torch.int64, device=topk_ids.device)
-    return (topk_ids.new_empty(topk_ids.shape, dtype=torch.int64), torch.empty(num_experts, **i64),
-            torch.empty(num_experts + 1, **i64))
-
-
-@torch.library.custom_op("compass::permute", mutates_args=())
-def _permute_op(x: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Tensor,
-                tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tensor:
-    return _permute_impl(x, row_id_map, expert_offsets, tokens_per_expert, num_rows)
-
-
-@_permute_op.register_fake
-def _(x, row_id_map, expert_offsets, tokens_per_expert, num_rows):
-    return x.new_empty(num_rows, x.shape[1])
+# autograd formulas and the op declarations (compass_kernels._opdef)
 
 
 def _permute_setup(ctx, inputs, output):
@@ -285,31 +259,20 @@ def _permute_backward(ctx, grad):
     return _unpermute_op(grad, row_id_map, expert_offsets, tokens_per_expert, None), None, None, None, None
 
 
-_permute_op.register_autograd(_permute_backward, setup_context=_permute_setup)
+def _unpermute_setup(ctx, inputs, output):
+    y, row_id_map, expert_offsets, tokens_per_expert, probs = inputs
+    ctx.has_probs = probs is not None
+    ctx.num_rows = y.shape[0]
+    ctx.save_for_backward(y if probs is not None else None, row_id_map, expert_offsets, tokens_per_expert, probs)
 
 
-@torch.library.custom_op("compass::unpermute", mutates_args=())
-def _unpermute_op(y: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Tensor,
-                  tokens_per_expert: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
-    # expert_offsets and tokens_per_expert are only read by the backward (to zero padding rows).
-    return _unpermute_impl(y, row_id_map, probs)
-
-
-@_unpermute_op.register_fake
-def _(y, row_id_map, expert_offsets, tokens_per_expert, probs):
-    return y.new_empty(row_id_map.shape[0], y.shape[1])
-
-
-@torch.library.custom_op("compass::unpermute_bwd", mutates_args=())
-def _unpermute_bwd_op(grad_out: torch.Tensor, y: torch.Tensor, row_id_map: torch.Tensor,
-                      expert_offsets: torch.Tensor, tokens_per_expert: torch.Tensor,
-                      probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _unpermute_bwd_impl(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs)
-
-
-@_unpermute_bwd_op.register_fake
-def _(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs):
-    return y.new_empty(y.shape), probs.new_empty(probs.shape)
+def _unpermute_backward(ctx, grad):
+    y, row_id_map, expert_offsets, tokens_per_expert, probs = ctx.saved_tensors
+    if not ctx.has_probs:  # d y[row(t, j)] = grad[t]: a plain dispatch
+        grad_y = _permute_op(grad, row_id_map, expert_offsets, tokens_per_expert, ctx.num_rows)
+        return grad_y, None, None, None, None
+    grad_y, grad_probs = _unpermute_bwd_op(grad, y, row_id_map, expert_offsets, tokens_per_expert, probs)
+    return grad_y, None, None, None, grad_probs
 
 
 def _unpermute_bwd_setup(ctx, inputs, output):
@@ -334,26 +297,40 @@ def _unpermute_bwd_backward(ctx, g_grad_y, g_grad_probs):
     return d_out, d_y, None, None, None, d_probs
 
 
-_unpermute_bwd_op.register_autograd(_unpermute_bwd_backward, setup_context=_unpermute_bwd_setup)
+@define("route", impl=_route_impl, backends=_ALL)
+def _route_op(topk_ids: torch.Tensor, num_experts: int, capacity: int, align: int) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]:
+    i64 = dict(dtype=torch.int64, device=topk_ids.device)
+    return (topk_ids.new_empty(topk_ids.shape, dtype=torch.int64), torch.empty(num_experts, **i64),
+            torch.empty(num_experts + 1, **i64))
 
 
-def _unpermute_setup(ctx, inputs, output):
-    y, row_id_map, expert_offsets, tokens_per_expert, probs = inputs
-    ctx.has_probs = probs is not None
-    ctx.num_rows = y.shape[0]
-    ctx.save_for_backward(y if probs is not None else None, row_id_map, expert_offsets, tokens_per_expert, probs)
+@define("permute", impl=_permute_impl, backends=_ALL, backward=_permute_backward, setup_context=_permute_setup,
+        eager_on=("x",))
+def _permute_op(x: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Tensor,
+                tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tensor:
+    return x.new_empty(num_rows, x.shape[1])
 
 
-def _unpermute_backward(ctx, grad):
-    y, row_id_map, expert_offsets, tokens_per_expert, probs = ctx.saved_tensors
-    if not ctx.has_probs:  # d y[row(t, j)] = grad[t]: a plain dispatch
-        grad_y = _permute_op(grad, row_id_map, expert_offsets, tokens_per_expert, ctx.num_rows)
-        return grad_y, None, None, None, None
-    grad_y, grad_probs = _unpermute_bwd_op(grad, y, row_id_map, expert_offsets, tokens_per_expert, probs)
-    return grad_y, None, None, None, grad_probs
+def _unpermute_launch(y, row_id_map, expert_offsets, tokens_per_expert, probs):
+    # expert_offsets and tokens_per_expert are only read by the backward (to zero padding rows).
+    return _unpermute_impl(y, row_id_map, probs)
 
 
-_unpermute_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+@define("unpermute", impl=_unpermute_launch, backends=_ALL, backward=_unpermute_backward,
+        setup_context=_unpermute_setup, eager_on=("y", "probs"))
+def _unpermute_op(y: torch.Tensor, row_id_map: torch.Tensor, expert_offsets: torch.Tensor,
+                  tokens_per_expert: torch.Tensor, probs: torch.Tensor | None) -> torch.Tensor:
+    return y.new_empty(row_id_map.shape[0], y.shape[1])
+
+
+@define("unpermute_bwd", impl=_unpermute_bwd_impl, backends=_ALL, backward=_unpermute_bwd_backward,
+        setup_context=_unpermute_bwd_setup, eager_on=("grad_out", "y", "probs"))
+def _unpermute_bwd_op(grad_out: torch.Tensor, y: torch.Tensor, row_id_map: torch.Tensor,
+                      expert_offsets: torch.Tensor, tokens_per_expert: torch.Tensor,
+                      probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return y.new_empty(y.shape), probs.new_empty(probs.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,8 +353,7 @@ def route(topk_ids: torch.Tensor, num_experts: int, capacity: int | None = None,
         raise ValueError(f"capacity must be None or an int >= 0, got {capacity!r}")
     _check_topk_ids(topk_ids, num_experts)
     T, k = topk_ids.shape
-    route_fn = _route_impl if _ext.eager(topk_ids) else _route_op
-    row_id_map, tokens_per_expert, expert_offsets = route_fn(
+    row_id_map, tokens_per_expert, expert_offsets = _route_op(
         topk_ids, num_experts, -1 if capacity is None else capacity, align
     )
     return RoutingPlan(
@@ -399,18 +375,16 @@ def permute(x: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = Non
     its codes and scale rows moved together.
     """
     if isinstance(x, Fp8Tensor):
-        return permute_fp8(x, plan, probs, permute)
+        return _permute_fp8(x, plan, probs)
     _check_plan(plan)
     _check_rows("x", x, plan.num_tokens, plan.row_id_map.device)
     _check_probs(probs, plan, x.device)
-    _ext.reject_func_grad("permute", x, probs)
-    permute_fn = _permute_impl if _ext.eager(x, probs) else _permute_op
-    xp = permute_fn(x, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, plan.num_rows)
+    xp = _permute_op(x, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, plan.num_rows)
     if probs is None:
         return xp
     # probs are per (token, slot): permute them as T*k rows of width 1.
     T, k = plan.num_tokens, plan.topk
-    pp = permute_fn(probs.reshape(T * k, 1), plan.row_id_map.reshape(T * k, 1), plan.expert_offsets,
+    pp = _permute_op(probs.reshape(T * k, 1), plan.row_id_map.reshape(T * k, 1), plan.expert_offsets,
                     plan.tokens_per_expert, plan.num_rows)
     return xp, pp.reshape(plan.num_rows)
 
@@ -427,7 +401,23 @@ def unpermute(y: torch.Tensor, plan: RoutingPlan, probs: torch.Tensor | None = N
     if not y.dtype.is_floating_point or y.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise TypeError(f"y must be float32, float64, float16 or bfloat16, got {y.dtype}")
     _check_probs(probs, plan, y.device)
-    _ext.reject_func_grad("unpermute", y, probs)
-    if _ext.eager(y, probs):
-        return _unpermute_impl(y, plan.row_id_map, probs)
     return _unpermute_op(y, plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert, probs)
+
+
+def _permute_fp8(q: Fp8Tensor, plan: RoutingPlan, probs):
+    """``permute`` of an Fp8Tensor ``[T, K]``: the codes and the per-token scales (``[T]`` for "row",
+    ``[T, ceil(K/bs)]`` for "block") move together, bit-exact; padding rows get zero codes and zero
+    scales. A "tensor" scale applies to every row and is kept."""
+    if q.data.dim() != 2 or q.granularity not in ("row", "block", "tensor"):
+        raise ValueError(f"permute needs an Fp8Tensor [T, K] with per-token scales (granularity 'row' or "
+                         f"'block'), got shape {tuple(q.shape)} with granularity {q.granularity!r}")
+    out = permute(q.data, plan, probs)
+    data, pp = out if probs is not None else (out, None)
+    if q.granularity == "tensor":
+        scale = q.scale
+    elif q.granularity == "row":
+        scale = permute(q.scale[:, None], plan).reshape(data.shape[0])
+    else:
+        scale = permute(q.scale, plan)
+    qp = Fp8Tensor(data, scale, q.granularity, q.block_size)
+    return qp if probs is None else (qp, pp)

@@ -14,8 +14,8 @@ Semantics (every backend, bit for bit, any dtype: rows move as raw bits)::
 
 Autograd: the backward is the inverse chunk permutation (``sort_chunks`` of the gradient with sizes
 ``split_sizes[sorted_idxs]`` and order ``argsort(sorted_idxs)``), itself differentiable.
-Stack (docs/design.md, op anatomy): reference ``sort_chunks_ref`` -> launchers -> ``compass::sort_chunks`` custom op
-with fake tensor and autograd -> the public ``sort_chunks``.
+Stack (docs/design.md, op anatomy): reference ``sort_chunks_ref`` -> launchers -> ``compass::sort_chunks`` declared with
+``_opdef.define`` (custom op, fake tensor, autograd) -> the public ``sort_chunks``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from __future__ import annotations
 import torch
 
 from compass_kernels import _backend, _ext
+from compass_kernels._opdef import define
 
 __all__ = ["sort_chunks", "sort_chunks_ref"]
-
-# No C++ kernel yet: CPU tensors get the (sync-free, two-pass) torch reference.
-_backend.register("sort_chunks", "torch", "triton")
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -116,18 +114,7 @@ def _sort_chunks_impl(x, split_sizes, sorted_idxs, num_rows: int) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------
-# custom op: schema, fake tensor, autograd
-
-
-@torch.library.custom_op("compass::sort_chunks", mutates_args=())
-def _sort_chunks_op(x: torch.Tensor, split_sizes: torch.Tensor, sorted_idxs: torch.Tensor,
-                    num_rows: int) -> torch.Tensor:
-    return _sort_chunks_impl(x, split_sizes, sorted_idxs, num_rows)
-
-
-@_sort_chunks_op.register_fake
-def _(x, split_sizes, sorted_idxs, num_rows):
-    return x.new_empty(num_rows, x.shape[1])
+# autograd formula and the op declaration (compass_kernels._opdef)
 
 
 def _setup(ctx, inputs, output):
@@ -146,7 +133,12 @@ def _backward(ctx, grad):
     return grad_x, None, None, None
 
 
-_sort_chunks_op.register_autograd(_backward, setup_context=_setup)
+# No C++ kernel yet: CPU tensors get the (sync-free, two-pass) torch reference.
+@define("sort_chunks", impl=_sort_chunks_impl, backends=("torch", "triton"), backward=_backward,
+        setup_context=_setup)
+def _sort_chunks_op(x: torch.Tensor, split_sizes: torch.Tensor, sorted_idxs: torch.Tensor,
+                    num_rows: int) -> torch.Tensor:
+    return x.new_empty(num_rows, x.shape[1])
 
 
 def sort_chunks(x: torch.Tensor, split_sizes: torch.Tensor, sorted_idxs: torch.Tensor, *,

@@ -54,8 +54,7 @@ import triton.language as tl
 
 from compass_kernels.triton.launch import launch
 
-from compass_kernels.triton.grouped_gemm import (GemmConfig, _group_chunk, _load_groups,
-                                                 _num_programs)
+from compass_kernels.triton.grouped_gemm import GemmConfig, _first_chunk, _group_chunk, _num_programs, _tile
 
 _MODE = {"row": 0, "block": 0, "block2d": 1, "tensor": 2}  # scale modes of _quantize_kernel
 _TILE = 8192          # elements per quantization program: 32 per thread at 8 warps
@@ -362,39 +361,17 @@ def _grouped_gemm_fp8_kernel(x_ptr, stride_xm, sx_ptr, w_ptr, sw_ptr, offsets_pt
     # SW_SCALAR: block_size is a multiple of BLOCK_N, so a tile's columns share one w block
     # and each K step loads one sw value (a [BLOCK_N] vector spread over the wgmma layout costs
     # ~40 registers of values and addresses).
-    G = E + 2
     n_tiles = tl.cdiv(N, BLOCK_N)
-    idx = tl.arange(0, G_CHUNK)
-    cbase = tl.program_id(0) * 0
-    tbase = cbase
-    start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M, G_CHUNK)
-    ctotal = tl.sum(cnt, axis=0)
+    tbase, cbase, ctotal, start_v, end_v, cnt, cum = _first_chunk(offsets_ptr, E, M, BLOCK_M, G_CHUNK)
     for tile in range(tl.program_id(0), max_tiles, tl.num_programs(0)):
-        mt = tile // n_tiles
-        nt = tile % n_tiles
-        if MULTI_CHUNK:
-            while (mt >= tbase + ctotal) & (cbase + G_CHUNK < G):
-                tbase += ctotal
-                cbase += G_CHUNK
-                start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M,
-                                                        G_CHUNK)
-                ctotal = tl.sum(cnt, axis=0)
-        rel = mt - tbase
-        live = rel < ctotal
-        g_local = tl.sum((cum <= rel).to(tl.int32), axis=0)
-        hit = idx == g_local
-        first_tile = tl.sum(tl.where(hit, cum - cnt, 0), axis=0)
-        row0 = tl.sum(tl.where(hit, start_v, 0), axis=0)
-        row_end = tl.where(live, tl.sum(tl.where(hit, end_v, 0), axis=0), 0)
-        g = cbase + g_local
-        expert = tl.maximum(g - 1, 0)
-        is_expert = live & (g >= 1) & (g <= E)
+        tbase, cbase, ctotal, start_v, end_v, cnt, cum, nt, m0, row_end, expert, is_expert = _tile(
+            tile, n_tiles, tbase, cbase, ctotal, start_v, end_v, cnt, cum, offsets_ptr, E, M, BLOCK_M, G_CHUNK,
+            MULTI_CHUNK)
         k_end = tl.where(is_expert, K, 0)  # head and tail groups: zeros, no loads
 
         cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
         rk = tl.arange(0, BLOCK_K)
-        m0 = row0 + (rel - first_tile) * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
         rows_rel = tl.minimum(rows, M - 1) - m0  # rows past the group: computed, not stored
         a_offs = rows_rel[:, None] * stride_xm + rk[None, :]

@@ -169,19 +169,51 @@ def _load_groups(offsets_ptr, cbase, E, M, BLOCK_M: tl.constexpr, G_CHUNK: tl.co
 
 
 @triton.jit
+def _first_chunk(offsets_ptr, E, M, BLOCK_M: tl.constexpr, G_CHUNK: tl.constexpr):
+    """The schedule's state before the first tile: (tbase, m-tiles of the groups before the chunk;
+    cbase, its first group, an int32 tensor so that loops can carry it; ctotal, its m-tiles; and
+    ``_load_groups`` of the chunk)."""
+    cbase = tl.program_id(0) * 0
+    start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M, G_CHUNK)
+    return cbase, cbase, tl.sum(cnt, axis=0), start_v, end_v, cnt, cum
+
+
+@triton.jit
+def _tile(tile, n_tiles, tbase, cbase, ctotal, start_v, end_v, cnt, cum, offsets_ptr, E, M,
+          BLOCK_M: tl.constexpr, G_CHUNK: tl.constexpr, MULTI_CHUNK: tl.constexpr):
+    """Tile ``tile`` of the forward schedule: the state of ``_first_chunk`` advanced to the chunk
+    holding its m-tile (m-tiles never decrease), then nt (its n-tile), m0 (its first row), row_end
+    (its group's end row, 0 past the real tile count: nothing stored), expert (the group's expert,
+    clamped) and is_expert (false for the head and tail groups and past the tile count: no loads)."""
+    mt = tile // n_tiles
+    if MULTI_CHUNK:
+        while (mt >= tbase + ctotal) & (cbase + G_CHUNK < E + 2):
+            tbase += ctotal
+            cbase += G_CHUNK
+            start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M, G_CHUNK)
+            ctotal = tl.sum(cnt, axis=0)
+    rel = mt - tbase
+    live = rel < ctotal
+    g_local = tl.sum((cum <= rel).to(tl.int32), axis=0)  # first group with cum > rel
+    hit = tl.arange(0, G_CHUNK) == g_local
+    first_tile = tl.sum(tl.where(hit, cum - cnt, 0), axis=0)
+    row0 = tl.sum(tl.where(hit, start_v, 0), axis=0)
+    row_end = tl.where(live, tl.sum(tl.where(hit, end_v, 0), axis=0), 0)
+    g = cbase + g_local
+    m0 = row0 + (rel - first_tile) * BLOCK_M
+    return (tbase, cbase, ctotal, start_v, end_v, cnt, cum, tile % n_tiles, m0, row_end, tl.maximum(g - 1, 0),
+            live & (g >= 1) & (g <= E))
+
+
+@triton.jit
 def _grouped_gemm_kernel(x_ptr, stride_xm, w_ptr, offsets_ptr, out_ptr, stride_om,
                          M, N, K, E, max_tiles,
                          TRANS_B: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          G_CHUNK: tl.constexpr, MULTI_CHUNK: tl.constexpr):
     # grid (P,): persistent; see the module docstring for the tile schedule.
-    G = E + 2
     n_tiles = tl.cdiv(N, BLOCK_N)
-    idx = tl.arange(0, G_CHUNK)
-    cbase = tl.program_id(0) * 0  # first group of the chunk in registers (an int32 tensor)
-    tbase = cbase  # m-tiles of the groups before the chunk
-    start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M, G_CHUNK)
-    ctotal = tl.sum(cnt, axis=0)
+    tbase, cbase, ctotal, start_v, end_v, cnt, cum = _first_chunk(offsets_ptr, E, M, BLOCK_M, G_CHUNK)
     if TRANS_B:  # w[e] is [N, K]: b[k, n] = w[e, n, k]
         stride_wk = 1
         stride_wn = K
@@ -189,25 +221,10 @@ def _grouped_gemm_kernel(x_ptr, stride_xm, w_ptr, offsets_ptr, out_ptr, stride_o
         stride_wk = N
         stride_wn = 1
     for tile in range(tl.program_id(0), max_tiles, tl.num_programs(0)):
-        mt = tile // n_tiles
-        nt = tile % n_tiles
-        if MULTI_CHUNK:  # advance to the chunk holding m-tile mt (mt never decreases)
-            while (mt >= tbase + ctotal) & (cbase + G_CHUNK < G):
-                tbase += ctotal
-                cbase += G_CHUNK
-                start_v, end_v, cnt, cum = _load_groups(offsets_ptr, cbase, E, M, BLOCK_M,
-                                                        G_CHUNK)
-                ctotal = tl.sum(cnt, axis=0)
-        rel = mt - tbase
-        live = rel < ctotal  # false past the real tile count: no loads, nothing stored
-        g_local = tl.sum((cum <= rel).to(tl.int32), axis=0)  # first group with cum > rel
-        hit = idx == g_local
-        first_tile = tl.sum(tl.where(hit, cum - cnt, 0), axis=0)
-        row0 = tl.sum(tl.where(hit, start_v, 0), axis=0)
-        row_end = tl.where(live, tl.sum(tl.where(hit, end_v, 0), axis=0), 0)
-        g = cbase + g_local
-        expert = tl.maximum(g - 1, 0)
-        k_end = tl.where(live & (g >= 1) & (g <= E), K, 0)  # head and tail groups: zeros
+        tbase, cbase, ctotal, start_v, end_v, cnt, cum, nt, m0, row_end, expert, is_expert = _tile(
+            tile, n_tiles, tbase, cbase, ctotal, start_v, end_v, cnt, cum, offsets_ptr, E, M, BLOCK_M, G_CHUNK,
+            MULTI_CHUNK)
+        k_end = tl.where(is_expert, K, 0)  # head and tail groups: zeros
 
         cols = nt * BLOCK_N + tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -216,7 +233,6 @@ def _grouped_gemm_kernel(x_ptr, stride_xm, w_ptr, offsets_ptr, out_ptr, stride_o
         # depends only on its own x row), so the A loads need only the K mask. The int64 part
         # of each address is a scalar base; the tile offsets are int32 and loop-invariant
         # (pointer tensors would hold 2 registers per element across the K loop).
-        m0 = row0 + (rel - first_tile) * BLOCK_M
         rows = m0 + tl.arange(0, BLOCK_M)
         a_offs = (tl.minimum(rows, M - 1) - m0)[:, None] * stride_xm + rk[None, :]
         b_offs = rk[:, None] * stride_wk + cols[None, :] * stride_wn  # < K * N < 2^31

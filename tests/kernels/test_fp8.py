@@ -347,5 +347,5 @@ def test_cpu_entry_point_checks():
 @pytest.mark.parametrize("granularity", GRANULARITIES)
 def test_opcheck_quantize(granularity):
     for x in (torch.randn(5, 40), torch.randn(2, 3, 17).to(torch.bfloat16)):
-        torch.library.opcheck(fp8._quantize_op, (x, granularity, 16, torch.float8_e4m3fn))
-    torch.library.opcheck(fp8._quantize_op, (torch.randn(3, 9), granularity, 128, torch.float8_e5m2))
+        torch.library.opcheck(fp8._quantize_op.op, (x, granularity, 16, torch.float8_e4m3fn))
+    torch.library.opcheck(fp8._quantize_op.op, (torch.randn(3, 9), granularity, 128, torch.float8_e5m2))

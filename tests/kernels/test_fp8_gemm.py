@@ -185,7 +185,7 @@ def test_opcheck_grouped_gemm_fp8():
         args = (q_x.data, q_x.scale, grans[0], q_w.data, q_w.scale, grans[1], offsets, 32, torch.bfloat16)
         # test_schema compares the inputs before and after with allclose, which has no float8 kernel
         # on CPU ("mul_cpu_reduced_float" not implemented for 'Float8_e4m3fn'): the other three run.
-        torch.library.opcheck(fp8._gemm_fp8_op, args,
+        torch.library.opcheck(fp8._gemm_fp8_op.op, args,
                               test_utils=("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 

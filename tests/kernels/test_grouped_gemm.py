@@ -92,8 +92,8 @@ def test_needs_input_grad_skips_wgrad(monkeypatch):
     x, w, offsets = _inputs(17, 8, 6, [9, 8], 0, torch.float32, False)
     w.requires_grad_(True)
     calls = []
-    real = gg._gemm_impl
-    monkeypatch.setattr(gg, "_gemm_impl", lambda *a: calls.append("gemm") or real(*a))
+    real = gg._gemm_op.impl
+    monkeypatch.setattr(gg._gemm_op, "impl", lambda *a: calls.append("gemm") or real(*a))
     ck.grouped_gemm(x, w, offsets).sum().backward()
     assert calls == ["gemm"]  # forward only: dx not needed, so no dgrad GEMM
     assert w.grad is not None and x.grad is None
@@ -132,8 +132,8 @@ def test_opcheck_and_compile():
     x, w, offsets = _inputs(29, 8, 6, [9, 0, 20], 0, torch.float32, True)
     x.requires_grad_(True)
     w.requires_grad_(True)
-    torch.library.opcheck(gg._gemm_op, (x, w, offsets, True))
-    torch.library.opcheck(gg._wgrad_op, (x.detach(), torch.randn(29, 6), offsets, 3, True))
+    torch.library.opcheck(gg._gemm_op.op, (x, w, offsets, True))
+    torch.library.opcheck(gg._wgrad_op.op, (x.detach(), torch.randn(29, 6), offsets, 3, True))
 
     def moe(x, w, offsets):
         return torch.relu(ck.grouped_gemm(x, w, offsets, trans_b=True))

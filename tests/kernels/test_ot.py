@@ -419,12 +419,12 @@ def test_otpo_bad_inputs(args, kwargs, exc, match):
 
 def test_opcheck(backend):
     C, a, b = _problem(2, 5, 7, balanced=False)
-    torch.library.opcheck(ck_ot._sinkhorn_op, (C, a, b, 0.1, 0.2, 200, 1e-8, 10))
+    torch.library.opcheck(ck_ot._sinkhorn_op.op, (C, a, b, 0.1, 0.2, 200, 1e-8, 10))
     Cb, ab, bb = _problem(2, 5, 7, balanced=True)
-    torch.library.opcheck(ck_ot._sinkhorn_op, (Cb.float(), ab.float(), bb.float(), 0.5, None, 200, 1e-6, 5))
+    torch.library.opcheck(ck_ot._sinkhorn_op.op, (Cb.float(), ab.float(), bb.float(), 0.5, None, 200, 1e-6, 5))
     h_c, h_r = _hidden(2, 6, 4)
     mc, mr = _masks(2, 6, [6, 3], [4, 6])
-    torch.library.opcheck(ck_ot._otpo_op, (h_c, h_r, mc, mr, 1.0, 0.2, 200, 1e-6, 10))
+    torch.library.opcheck(ck_ot._otpo_op.op, (h_c, h_r, mc, mr, 1.0, 0.2, 200, 1e-6, 10))
 
 
 def test_compile_fullgraph():

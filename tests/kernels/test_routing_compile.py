@@ -24,12 +24,12 @@ def test_opcheck_routing_ops(T):
     probs = torch.rand(T, 2, requires_grad=True)
     g = torch.randn(T, 6)
     maps = (plan.row_id_map, plan.expert_offsets, plan.tokens_per_expert)
-    torch.library.opcheck(routing._route_op, (ids, 8, -1, 2))
-    torch.library.opcheck(routing._route_op, (ids.int(), 8, 3, 4))
-    torch.library.opcheck(routing._permute_op, (x, *maps, plan.num_rows))
-    torch.library.opcheck(routing._unpermute_op, (y, *maps, probs))
-    torch.library.opcheck(routing._unpermute_op, (y, *maps, None))
-    torch.library.opcheck(routing._unpermute_bwd_op, (g, y.detach(), *maps, probs.detach()))
+    torch.library.opcheck(routing._route_op.op, (ids, 8, -1, 2))
+    torch.library.opcheck(routing._route_op.op, (ids.int(), 8, 3, 4))
+    torch.library.opcheck(routing._permute_op.op, (x, *maps, plan.num_rows))
+    torch.library.opcheck(routing._unpermute_op.op, (y, *maps, probs))
+    torch.library.opcheck(routing._unpermute_op.op, (y, *maps, None))
+    torch.library.opcheck(routing._unpermute_bwd_op.op, (g, y.detach(), *maps, probs.detach()))
 
 
 def _moe_combine(ids, x, probs, w):
@@ -62,7 +62,7 @@ def test_compile_fullgraph_route_permute_unpermute(backend):
 
 def test_graphs_see_the_custom_ops_and_eager_calls_skip_them(monkeypatch):
     """In eager mode without gradients route / permute / unpermute call their implementations
-    directly (routing._eager); a tracer (make_fx: a dispatch mode), autograd and torch.compile
+    directly (_ext.eager, in compass_kernels._opdef); a tracer (make_fx: a dispatch mode), autograd and torch.compile
     go through the custom ops, so graphs hold compass ops and backward still works."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -77,8 +77,8 @@ def test_graphs_see_the_custom_ops_and_eager_calls_skip_them(monkeypatch):
 
     calls = []
     for name in ("_route_op", "_permute_op", "_unpermute_op"):
-        op = getattr(routing, name)
-        monkeypatch.setattr(routing, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+        opdef = getattr(routing, name)                              # the custom op behind the eager bypass
+        monkeypatch.setattr(opdef, "op", lambda *a, _op=opdef.op, _n=name: calls.append(_n) or _op(*a))
     eager = chain(ids, x, probs)
     assert calls == []                                              # no dispatch in plain eager
     xg = x.clone().requires_grad_(True)

@@ -120,8 +120,8 @@ def test_backward_is_inverse_order():
 def test_opcheck(R):
     sizes, order = _args([4, 0, 5, 2] if R else [0, 0], [2, 0, 3, 1] if R else [1, 0])
     x = torch.randn(R, 6, requires_grad=True)
-    torch.library.opcheck(sc_mod._sort_chunks_op, (x, sizes, order, R))
-    torch.library.opcheck(sc_mod._sort_chunks_op, (x, sizes, order, R + 3))
+    torch.library.opcheck(sc_mod._sort_chunks_op.op, (x, sizes, order, R))
+    torch.library.opcheck(sc_mod._sort_chunks_op.op, (x, sizes, order, R + 3))
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
