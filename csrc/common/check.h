@@ -1,4 +1,4 @@
-// Argument checks for the raw-pointer entry points. Every failure throws std::invalid_argument
+// Argument checks for the kernel entry points (common/kernels.def). Every failure throws std::invalid_argument
 // (pybind11 turns it into ValueError) with a message naming the argument and what was expected.
 // The Python layer validates first; these are defence in depth against out-of-bounds writes.
 #pragma once
@@ -33,8 +33,8 @@ inline void check_positive(const char* name, int64_t v) {
 }
 
 // A buffer that will be touched (numel > 0) must not be null.
-inline void check_ptr(const char* name, uintptr_t p, int64_t numel) {
-  check(p != 0 || numel == 0, name, " is a null pointer but ", numel, " elements are accessed");
+inline void check_ptr(const char* name, const void* p, int64_t numel) {
+  check(p != nullptr || numel == 0, name, " is a null pointer but ", numel, " elements are accessed");
 }
 
 // Row strides are in elements; rows may be padded (stride > H) but must not overlap.
