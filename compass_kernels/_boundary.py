@@ -18,7 +18,7 @@ binding copies into its args struct (``Kernels`` does that for every entry of a 
 - ``stream``: not an argument: the current stream of the first tensor argument's device, and the
   call runs with that device current (``torch.cuda.device``).
 
-A tensor argument may be None (null pointer, dtype code -1). A dtype the table does not know packs as
+A ``tensor`` or ``buffer`` argument may be None (null pointer, dtype code -1); a ``rows`` one may not. A dtype the table does not know packs as
 -1, which a kernel that reads the dtype refuses.
 """
 
@@ -71,9 +71,9 @@ def _caller_source(name: str, size: int, fields) -> tuple[str, str]:
             continue
         params.append(n)
         ptr = f"(0 if {n} is None else {n}.data_ptr())"
-        if kind == "rows":
-            values += [ptr, f"(0 if {n} is None else {n}.stride(-2) if {n}.size(-2) > 1 else {n}.size(-1))",
-                       f"(-1 if {n} is None else _code({n}.dtype, -1))"]
+        if kind == "rows":  # never None: no test on the hot path
+            values += [f"{n}.data_ptr()", f"({n}.stride(-2) if {n}.size(-2) > 1 else {n}.size(-1))",
+                       f"_code({n}.dtype, -1)"]
         elif kind == "tensor":
             values += [ptr, f"(-1 if {n} is None else _code({n}.dtype, -1))"]
         elif kind == "buffer":

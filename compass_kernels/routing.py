@@ -154,17 +154,16 @@ def _route_impl(topk_ids, num_experts: int, capacity: int, align: int):
     row = _ext.empty(T, k, dtype=torch.int64, device=ids.device)
     tpe = _ext.empty(num_experts, dtype=torch.int64, device=ids.device)
     off = _ext.empty(num_experts + 1, dtype=torch.int64, device=ids.device)
-    plan = dict(topk_ids=ids, T=T, k=k, E=num_experts, capacity=capacity, align=align, row_id_map=row,
-                tokens_per_expert=tpe, expert_offsets=off)
-    if backend == "cpu":
-        _ext.cpu.route(**plan)
-    elif backend == "triton":
+    if backend == "triton":
         tr = _triton()
         ws = _ext.empty(tr.route_workspace_numel(T, k, num_experts), dtype=torch.int64, device=ids.device)
         tr.route(ids, num_experts, capacity, align, row, tpe, off, ws)
-    else:
-        ws = _ext.empty(_ext.cuda.route_workspace_numel(T, k, num_experts), dtype=torch.int64, device=ids.device)
-        _ext.cuda.route(**plan, workspace=ws)
+        return row, tpe, off
+    kernels = _ext.cpu if backend == "cpu" else _ext.cuda
+    ws = None if backend == "cpu" else _ext.empty(kernels.route_workspace_numel(T, k, num_experts),
+                                                  dtype=torch.int64, device=ids.device)
+    kernels.route(topk_ids=ids, T=T, k=k, E=num_experts, capacity=capacity, align=align, row_id_map=row,
+                  tokens_per_expert=tpe, expert_offsets=off, workspace=ws)
     return row, tpe, off
 
 

@@ -16,7 +16,7 @@
 //   COMPASS_INT(x) -> int64_t, COMPASS_FLOAT(x) -> double, COMPASS_BOOL(x) -> bool
 //   COMPASS_STREAM(x)        the current CUDA stream of the first tensor argument's device (Python
 //                            fills it in) -> cudaStream_t
-// A tensor argument may be None: its data pointer is then null (dtype -1, stride 0).
+// A TENSOR or BUFFER argument may be None: its data pointer is then null (dtype -1).
 // COMPASS_ON_CUDA(fields) holds fields only the CUDA module's entry point takes (stream, workspace).
 #pragma once
 #include <cstddef>
@@ -76,31 +76,7 @@ static_assert(sizeof(Rows) == 24 && sizeof(Tensor) == 16 && sizeof(void*) == 8, 
 #endif
 
 namespace compass::COMPASS_NS {
-
-#define COMPASS_ROWS(n) ::compass::Rows n;
-#define COMPASS_TENSOR(n) ::compass::Tensor n;
-#define COMPASS_BUFFER(n, type) ::compass::buffer::type* n;
-#define COMPASS_INT(n) int64_t n;
-#define COMPASS_FLOAT(n) double n;
-#define COMPASS_BOOL(n) bool n;
-#define COMPASS_STREAM(n) ::compass::StreamHandle n;
-#define COMPASS_KERNEL(name, doc, fields) \
-  struct name##_args {                    \
-    fields                                \
-  };                                      \
-  void name(const name##_args& a);
-#define COMPASS_CPU_KERNEL(name, doc, fields) COMPASS_ON_CPU(COMPASS_KERNEL(name, doc, fields))
-#define COMPASS_CUDA_KERNEL(name, doc, fields) COMPASS_ON_CUDA(COMPASS_KERNEL(name, doc, fields))
-#include "common/kernels.def"
-#undef COMPASS_ROWS
-#undef COMPASS_TENSOR
-#undef COMPASS_BUFFER
-#undef COMPASS_INT
-#undef COMPASS_FLOAT
-#undef COMPASS_BOOL
-#undef COMPASS_STREAM
-#undef COMPASS_KERNEL
-#undef COMPASS_CPU_KERNEL
-#undef COMPASS_CUDA_KERNEL
-
+#define COMPASS_KERNEL_DECL(name) void name(const name##_args& a);
+#include "common/kernel_structs.inc"
+#undef COMPASS_KERNEL_DECL
 }  // namespace compass::COMPASS_NS

@@ -8,6 +8,7 @@
 // per-call cost of pybind11's argument conversion low, and Python never writes a parameter list:
 //   module.signatures = {name: (sizeof(args), ((field, kind, offset, type), ...), doc)}
 //   module.dtype_codes = {"float32": 0, ...}  (common/dtype.h)
+//   _cpu.cuda_signatures = the table _cuda reports, for tests on machines without a GPU
 #pragma once
 #include <pybind11/pybind11.h>
 
@@ -28,6 +29,15 @@ struct Field {
   size_t offset;
   const char* type;  // a buffer's element type, else ""
 };
+
+inline void record_signature(pybind11::dict& signatures, const char* name, size_t size, const char* doc,
+                             const std::vector<Field>& fields) {
+  namespace py = pybind11;
+  py::tuple fs(fields.size());
+  for (size_t i = 0; i < fields.size(); ++i)
+    fs[i] = py::make_tuple(fields[i].name, fields[i].kind, fields[i].offset, fields[i].type);
+  signatures[name] = py::make_tuple(size, fs, doc);
+}
 
 template <class Args>
 void bind_kernel(pybind11::module_& m, pybind11::dict& signatures, const char* name, void (*fn)(const Args&),
@@ -51,47 +61,57 @@ void bind_kernel(pybind11::module_& m, pybind11::dict& signatures, const char* n
         fn(a);
       },
       py::arg("packed"), doc);
-  py::tuple fs(fields.size());
-  for (size_t i = 0; i < fields.size(); ++i)
-    fs[i] = py::make_tuple(fields[i].name, fields[i].kind, fields[i].offset, fields[i].type);
-  signatures[name] = py::make_tuple(sizeof(Args), fs, doc);
+  record_signature(signatures, name, sizeof(Args), doc, fields);
 }
 
 }  // namespace compass
+
+#ifndef __CUDACC__
+// The CUDA module's args structs, laid out by this (host) compiler: what _cuda's signature table will
+// say, so that the Python marshalling of every CUDA entry point is tested on machines without a GPU
+// (_cpu.cuda_signatures). Host and nvcc lay out these plain structs alike.
+namespace compass::cuda_layout {
+#undef COMPASS_ON_CUDA
+#undef COMPASS_ON_CPU
+#define COMPASS_ON_CUDA(...) __VA_ARGS__
+#define COMPASS_ON_CPU(...)
+#define COMPASS_KERNEL_DECL(name)
+#include "common/kernel_structs.inc"
+#undef COMPASS_KERNEL_DECL
+}  // namespace compass::cuda_layout
+#undef COMPASS_ON_CUDA
+#undef COMPASS_ON_CPU
+#define COMPASS_ON_CUDA(...)
+#define COMPASS_ON_CPU(...) __VA_ARGS__
+#endif
 
 namespace compass::COMPASS_NS {
 
 inline void bind_kernels(pybind11::module_& m) {
   pybind11::dict signatures;
-#define COMPASS_FIELD(n, kind, type) fields.push_back(::compass::Field{#n, kind, offsetof(Args, n), type});
-#define COMPASS_ROWS(n) COMPASS_FIELD(n, "rows", "")
-#define COMPASS_TENSOR(n) COMPASS_FIELD(n, "tensor", "")
-#define COMPASS_BUFFER(n, type) COMPASS_FIELD(n, "buffer", #type)
-#define COMPASS_INT(n) COMPASS_FIELD(n, "int", "")
-#define COMPASS_FLOAT(n) COMPASS_FIELD(n, "float", "")
-#define COMPASS_BOOL(n) COMPASS_FIELD(n, "bool", "")
-#define COMPASS_STREAM(n) COMPASS_FIELD(n, "stream", "")
-#define COMPASS_KERNEL(name, doc, fields_)                                           \
-  {                                                                                  \
-    using Args = name##_args;                                                        \
-    std::vector<::compass::Field> fields;                                            \
-    fields_ ::compass::bind_kernel<Args>(m, signatures, #name, &name, doc, fields); \
-  }
-#define COMPASS_CPU_KERNEL(name, doc, fields) COMPASS_ON_CPU(COMPASS_KERNEL(name, doc, fields))
-#define COMPASS_CUDA_KERNEL(name, doc, fields) COMPASS_ON_CUDA(COMPASS_KERNEL(name, doc, fields))
-#include "common/kernels.def"
-#undef COMPASS_FIELD
-#undef COMPASS_ROWS
-#undef COMPASS_TENSOR
-#undef COMPASS_BUFFER
-#undef COMPASS_INT
-#undef COMPASS_FLOAT
-#undef COMPASS_BOOL
-#undef COMPASS_STREAM
-#undef COMPASS_KERNEL
-#undef COMPASS_CPU_KERNEL
-#undef COMPASS_CUDA_KERNEL
+#define COMPASS_ARGS_NS ::compass::COMPASS_NS
+#define COMPASS_KERNEL_ACTION(name, doc) ::compass::bind_kernel<Args>(m, signatures, #name, &name, doc, fields);
+#include "common/kernel_fields.inc"
+#undef COMPASS_KERNEL_ACTION
+#undef COMPASS_ARGS_NS
   m.attr("signatures") = signatures;
+#ifndef __CUDACC__
+  pybind11::dict cuda_signatures;
+#undef COMPASS_ON_CUDA
+#undef COMPASS_ON_CPU
+#define COMPASS_ON_CUDA(...) __VA_ARGS__
+#define COMPASS_ON_CPU(...)
+#define COMPASS_ARGS_NS ::compass::cuda_layout
+#define COMPASS_KERNEL_ACTION(name, doc) ::compass::record_signature(cuda_signatures, #name, sizeof(Args), doc, fields);
+#include "common/kernel_fields.inc"
+#undef COMPASS_KERNEL_ACTION
+#undef COMPASS_ARGS_NS
+#undef COMPASS_ON_CUDA
+#undef COMPASS_ON_CPU
+#define COMPASS_ON_CUDA(...)
+#define COMPASS_ON_CPU(...) __VA_ARGS__
+  m.attr("cuda_signatures") = cuda_signatures;
+#endif
   pybind11::dict codes;
 #define COMPASS_DTYPE(enumerator, code, torch_name) codes[torch_name] = code;
   COMPASS_DTYPES(COMPASS_DTYPE)

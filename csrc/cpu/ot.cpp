@@ -28,10 +28,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <limits>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 #ifdef COMPASS_OPENMP
@@ -529,11 +527,6 @@ Params make_params(int dtype, double eps, double tau, int64_t max_iter, double t
   return p;
 }
 
-// Tensors that must share `first`'s dtype (the solver's storage type).
-void check_same_dtype(const char* first, int64_t dtype, std::initializer_list<std::pair<const char*, int64_t>> others) {
-  for (const auto& [name, code] : others)
-    check(code == dtype, name, " must have ", first, "'s dtype ", dtype_name(dtype), ", got ", dtype_name(code));
-}
 }  // namespace
 
 // cost [B, n, m], a [B, n], b [B, m], plan [B, n, m]: contiguous, one float dtype (fp32 / fp64).

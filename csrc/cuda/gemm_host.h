@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/common.cuh"
+#include "cuda/grouped_gemm.h"
 
 namespace compass {
 namespace cuda {
@@ -44,6 +45,24 @@ inline void check_gemm_sizes(int64_t M, int64_t K, int64_t N, int64_t E, const c
             "sizes must be >= 0, got M=" + std::to_string(M) + " K=" + std::to_string(K) +
                 " N=" + std::to_string(N) + " E=" + std::to_string(E));
   check_arg(M <= INT32_MAX && E <= INT32_MAX, what, "M and E must be < 2^31 (CUTLASS shapes are int32)");
+}
+
+// The launch fields of a grouped GEMM call (cuda/grouped_gemm.h) on the current device.
+inline GemmLaunch gemm_launch(int64_t M, int64_t K, int64_t N, int64_t E, void* workspace, int64_t workspace_bytes,
+                              cudaStream_t stream, const char* what) {
+  check_arg(workspace_bytes >= 0, what, "workspace_bytes must be >= 0");
+  const Device dev = current_device(what);
+  GemmLaunch l;
+  l.M = M;
+  l.K = K;
+  l.N = N;
+  l.E = E;
+  l.workspace = workspace;
+  l.workspace_bytes = static_cast<size_t>(workspace_bytes);
+  l.device = dev.id;
+  l.sm_count = dev.sm_count;
+  l.stream = stream;
+  return l;
 }
 
 }  // namespace cuda
