@@ -18,6 +18,7 @@ the comments next to its kernels. The dtype codes come from the module (``csrc/c
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -46,7 +47,6 @@ def _shadowing(missing: list[str]) -> str | None:
     checkout (``python -m pytest`` from the repository root puts it first on ``sys.path``) while
     another copy on ``sys.path``, the installed package, has them; None otherwise."""
     import glob
-    import os
     import sys
 
     here = os.path.dirname(os.path.realpath(__file__))
@@ -90,8 +90,11 @@ def _dtype_codes() -> dict[torch.dtype, int]:
 # {torch dtype: code} of csrc/common/dtype.h, read from the compiled module; empty when none is built
 # (then no kernel consumes a code).
 DTYPE_CODES = _dtype_codes()
-cpu = _boundary.Kernels(cpu_module, DTYPE_CODES) if cpu_module is not None else None
-cuda = _boundary.Kernels(cuda_module, DTYPE_CODES, _stream_handle, torch.cuda.device) if cuda_module is not None else None
+# COMPASS_CHECK=1 (at import): the callers also refuse buffers of another dtype than the table declares.
+_CHECK_BUFFERS = os.environ.get("COMPASS_CHECK", "0") == "1"
+cpu = _boundary.Kernels(cpu_module, DTYPE_CODES, check_buffers=_CHECK_BUFFERS) if cpu_module is not None else None
+cuda = (_boundary.Kernels(cuda_module, DTYPE_CODES, _stream_handle, torch.cuda.device, check_buffers=_CHECK_BUFFERS)
+        if cuda_module is not None else None)
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -100,14 +103,10 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 def _check_values() -> bool:
     """COMPASS_CHECK=1: also run the value checks that read device data (they synchronise)."""
-    import os
-
     return os.environ.get("COMPASS_CHECK", "0") == "1"
 
 
 def _poison_enabled() -> bool:
-    import os
-
     return os.environ.get("COMPASS_POISON", "0") == "1"
 
 

@@ -16,7 +16,7 @@
 //   COMPASS_INT(x) -> int64_t, COMPASS_FLOAT(x) -> double, COMPASS_BOOL(x) -> bool
 //   COMPASS_STREAM(x)        the current CUDA stream of the first tensor argument's device (Python
 //                            fills it in) -> cudaStream_t
-// A TENSOR or BUFFER argument may be None: its data pointer is then null (dtype -1).
+// A TENSOR argument may be None: its data pointer is then null (dtype -1); ROWS and BUFFER may not.
 // COMPASS_ON_CUDA(fields) holds fields only the CUDA module's entry point takes (stream, workspace).
 #pragma once
 #include <cstddef>

@@ -72,17 +72,7 @@ inline double kexp(double x, double flush) { return sel(x < flush, 0.0, vexp(x))
 inline double kexp_f32(double x) {
   const double xc = sel(x < -87.0, -87.0, sel(x > 100.0, 100.0, x));  // > FLT_MAX from 88.73
   const ExpParts e = exp_parts(xc);
-  const double r = e.r;
-  double p = 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const double y = p * e.two_n;
+  const double y = vmath::horner<vmath::InvFactorial, 8>(e.r) * e.two_n;
   return sel(x < -87.0, 0.0, sel(x > 100.0, kInf, y));  // the float cast takes y > FLT_MAX to inf
 }
 

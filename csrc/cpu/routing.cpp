@@ -465,6 +465,16 @@ namespace {
 // The routing plan's buffers every kernel after route reads: row_id_map [T, k] with rows in
 // [-1, num_rows), and (with E >= 0) expert_offsets [E + 1] / tokens_per_expert [E] segments inside
 // [0, num_rows).
+// The arguments unpermute and its backward share: float dtypes for the rows and the weights, sizes.
+void check_combine(int dtype, const void* probs, int probs_dtype, int64_t num_rows, int64_t H, int64_t T, int64_t k) {
+  check_float_dtype("dtype", dtype);
+  if (probs) check_float_dtype("probs_dtype", probs_dtype);
+  check_nonneg("num_rows", num_rows);
+  check_nonneg("H", H);
+  check_nonneg("T", T);
+  check_nonneg("k", k);
+}
+
 void check_plan(const int64_t* rows, int64_t T, int64_t k, int64_t num_rows, const int64_t* offsets,
                 const int64_t* tpe, int64_t E) {
   check_ptr("row_id_map", rows, T * k);
@@ -543,12 +553,7 @@ void unpermute(const unpermute_args& a) {
   const int dtype = int(a.y.dtype);
   const void* probs = a.probs.data;
   const int probs_dtype = int(a.probs.dtype);
-  check_float_dtype("dtype", dtype);
-  if (probs) check_float_dtype("probs_dtype", probs_dtype);
-  check_nonneg("num_rows", num_rows);
-  check_nonneg("H", H);
-  check_nonneg("T", T);
-  check_nonneg("k", k);
+  check_combine(dtype, probs, probs_dtype, num_rows, H, T, k);
   check_row_stride("stride_y", a.y.stride, H);
   check_ptr("y", a.y.data, num_rows * H);
   check_ptr("out", a.out, T * H);
@@ -574,12 +579,7 @@ void unpermute_bwd(const unpermute_bwd_args& a) {
   const int dtype = int(a.grad_out.dtype);
   const void* p = a.probs.data;
   const int probs_dtype = int(a.probs.dtype);
-  check_float_dtype("dtype", dtype);
-  if (p) check_float_dtype("probs_dtype", probs_dtype);
-  check_nonneg("num_rows", num_rows);
-  check_nonneg("H", H);
-  check_nonneg("T", T);
-  check_nonneg("k", k);
+  check_combine(dtype, p, probs_dtype, num_rows, H, T, k);
   check_positive("E", a.E);
   check_row_stride("stride_g", a.grad_out.stride, H);
   check_ptr("grad_out", a.grad_out.data, T * H);

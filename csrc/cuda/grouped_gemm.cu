@@ -68,12 +68,7 @@ std::string unsupported_reason(int dtype, int64_t K, int64_t N) {
   if (find_instance(dtype, GemmOp::kXW) == nullptr)
     return std::string("dtype ") + dtype_name(dtype) + " has no CUTLASS instance (bfloat16 and float16 only)";
   if (K < 0 || N < 0) return "K and N must be >= 0";
-  constexpr int64_t kTmaAlignElems = 8;  // 16-byte TMA rows of 16-bit elements
-  if (K % kTmaAlignElems != 0 || N % kTmaAlignElems != 0)
-    return "K = " + std::to_string(K) + " and N = " + std::to_string(N) +
-           " must be multiples of 8 (TMA needs 16-byte rows)";
-  if (K > INT32_MAX || N > INT32_MAX) return "K and N must be < 2^31";
-  return "";
+  return tma_shape_reason(K, N, 8, "TMA needs 16-byte rows");  // 16-bit elements
 #endif
 }
 
@@ -113,9 +108,7 @@ int64_t grouped_gemm_wgrad_workspace_bytes(int64_t M, int64_t K, int64_t N, int6
 void grouped_gemm(const grouped_gemm_args& a) {
   const char* what = "grouped_gemm";
   const int64_t M = a.M, K = a.K, N = a.N, E = a.E;
-  const int dtype = int(a.x.dtype);
-  check_gemm_sizes(M, K, N, E, what);
-  check_same_dtype("x", dtype, {{"w", a.w.dtype}, {"y", a.y.dtype}});
+  const int dtype = check_gemm_args(a, what, {{"w", a.w.dtype}, {"y", a.y.dtype}});
   const int sm_count = current_device(what).sm_count;
   const GroupedGemmInstance& inst =
       instance_or_throw(dtype, fwd_op(a.trans_b), K, N, what, forward_tile(M, N, E, sm_count, what));
@@ -133,11 +126,9 @@ void grouped_gemm(const grouped_gemm_args& a) {
 
 void grouped_gemm_wgrad(const grouped_gemm_wgrad_args& a) {
   const char* what = "grouped_gemm_wgrad";
+  const int dtype = check_gemm_args(a, what, {{"dy", a.dy.dtype}, {"dw", a.dw.dtype}});
+  const GroupedGemmInstance& inst = instance_or_throw(dtype, GemmOp::kWgrad, a.K, a.N, what);  // both layouts
   const int64_t M = a.M, K = a.K, N = a.N, E = a.E;
-  const int dtype = int(a.x.dtype);
-  check_gemm_sizes(M, K, N, E, what);
-  check_same_dtype("x", dtype, {{"dy", a.dy.dtype}, {"dw", a.dw.dtype}});
-  const GroupedGemmInstance& inst = instance_or_throw(dtype, GemmOp::kWgrad, K, N, what);  // both layouts
   if (E == 0 || K == 0 || N == 0) return;  // dw is empty
   check_arg(a.dw.data != nullptr && a.offsets != nullptr, what, "dw and offsets must not be null");
   check_arg(M == 0 || (a.x.data != nullptr && a.dy.data != nullptr), what, "x and dy must not be null");

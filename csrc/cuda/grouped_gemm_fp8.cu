@@ -68,11 +68,7 @@ std::string unsupported_reason(int x_gran, int w_gran, int64_t K, int64_t N, int
   if (find_instance(x_gran, w_gran, out_dtype) == nullptr)
     return std::string("out dtype ") + dtype_name(out_dtype) + " has no CUTLASS instance (bfloat16 only)";
   if (K < 0 || N < 0) return "K and N must be >= 0";
-  if (K % kFp8TmaAlignElems != 0 || N % kFp8TmaAlignElems != 0)
-    return "K = " + std::to_string(K) + " and N = " + std::to_string(N) +
-           " must be multiples of 16 (TMA needs 16-byte rows of float8 elements)";
-  if (K > INT32_MAX || N > INT32_MAX) return "K and N must be < 2^31";
-  return "";
+  return tma_shape_reason(K, N, kFp8TmaAlignElems, "TMA needs 16-byte rows of float8 elements");
 #endif
 }
 
@@ -101,8 +97,7 @@ int64_t grouped_gemm_fp8_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_
 void grouped_gemm_fp8(const grouped_gemm_fp8_args& a) {
   const char* what = "grouped_gemm_fp8";
   const int64_t M = a.M, K = a.K, N = a.N, E = a.E;
-  check_gemm_sizes(M, K, N, E, what);
-  check_same_dtype("x", a.x.dtype, {{"w", a.w.dtype}});
+  check_gemm_args(a, what, {{"w", a.w.dtype}});
   const GroupedGemmFp8Instance& inst =
       instance_or_throw(int(a.x_gran), int(a.w_gran), K, N, int(a.y.dtype), what);
   if (M == 0 || N == 0) return;  // y is empty

@@ -459,7 +459,8 @@ int64_t route_workspace_numel(int64_t T, int64_t k, int64_t E) {
 void route(const route_args& a) {
   const char* what = "route";
   const int64_t T = a.T, k = a.k, E = a.E, capacity = a.capacity, align = a.align;
-  int64_t* const workspace = a.workspace;
+  check_arg(a.workspace.data == nullptr || a.workspace.dtype == int(DType::kInt64), what, "workspace must be int64");
+  int64_t* const workspace = a.workspace.as<int64_t>();
   const cudaStream_t stream = a.stream;
   check_arg(a.topk_ids.dtype == int(DType::kInt64) || a.topk_ids.dtype == int(DType::kInt32), what,
             std::string("topk_ids must be int32 or int64, got ") + dtype_name(a.topk_ids.dtype));
