@@ -64,4 +64,4 @@ def test_cpu_kernel_rejects_out_of_range_ids_too():
     out = [torch.empty(1, 2, dtype=torch.int64), torch.empty(4, dtype=torch.int64), torch.empty(5, dtype=torch.int64)]
     with pytest.raises(ValueError, match="topk_ids"):
         _ext.cpu.route(topk_ids=ids, T=1, k=2, E=4, capacity=-1, align=1, row_id_map=out[0], tokens_per_expert=out[1],
-                       expert_offsets=out[2])
+                       expert_offsets=out[2], workspace=None)
