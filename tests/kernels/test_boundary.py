@@ -79,7 +79,7 @@ def test_cpu_caller_packs_every_kind():
     gy, gp = torch.empty(6, 8), torch.empty(3, 2)
     call(grad_out=g, y=y, num_rows=6, H=8, row_id_map=row, T=3, k=2, expert_offsets=off, tokens_per_expert=tpe, E=4,
          probs=None, grad_y=gy, grad_probs=gp)
-    (name, packed), = rec.calls
+    ((_, packed),) = rec.calls
     v = _unpack(sig, packed)
     assert v["grad_out"] == (g.data_ptr(), 10, 0)
     assert v["y"] == (y.data_ptr(), 8, 1)
@@ -93,9 +93,9 @@ def test_buffer_dtype_and_missing_argument_are_refused():
     """Buffers of another dtype: refused by callers built with check_buffers (COMPASS_CHECK=1 at import)."""
     cpu = _boundary.Kernels(_ext.cpu_module, _ext.DTYPE_CODES, check_buffers=True)
     ids = torch.tensor([[0, 1], [1, 0]])
-    outs = dict(row_id_map=torch.empty(2, 2, dtype=torch.int64), tokens_per_expert=torch.empty(4, dtype=torch.int64),
-                expert_offsets=torch.empty(5, dtype=torch.int64))
-    args = dict(topk_ids=ids, T=2, k=2, E=4, capacity=-1, align=1, workspace=None)
+    outs = {"row_id_map": torch.empty(2, 2, dtype=torch.int64), "tokens_per_expert": torch.empty(4, dtype=torch.int64),
+            "expert_offsets": torch.empty(5, dtype=torch.int64)}
+    args = {"topk_ids": ids, "T": 2, "k": 2, "E": 4, "capacity": -1, "align": 1, "workspace": None}
     with pytest.raises(TypeError, match=r"route: row_id_map must be a torch.int64 tensor, got torch.int32"):
         cpu.route(**args, **{**outs, "row_id_map": torch.empty(2, 2, dtype=torch.int32)})
     with pytest.raises(TypeError, match=r"route: tokens_per_expert must be a torch.int64 tensor, got torch.float32"):
@@ -136,7 +136,7 @@ class _Calls:
         monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # the launchers' guards
 
     def unpacked(self, name):
-        (got, packed), = [c for c in self.module.calls if c[0] == name]
+        ((_, packed),) = [c for c in self.module.calls if c[0] == name]
         return _unpack(self.module.signatures[name], packed)
 
 

@@ -334,7 +334,7 @@ def test_cpu_entry_point_checks():
     m = fp8._ext.cpu
     x = torch.randn(4, 8)
     d, s = torch.empty(4, 8, dtype=torch.float8_e4m3fn), torch.empty(4)
-    sizes = dict(B=1, M=4, K=8, stride_b=32, block_size=128, scale=s)
+    sizes = {"B": 1, "M": 4, "K": 8, "stride_b": 32, "block_size": 128, "scale": s}
     with pytest.raises(ValueError, match=r"granularity must be 0 \(tensor\), 1 \(row\), 2 \(block\) or 3"):
         m.quantize_fp8(x=x, granularity=7, data=d, **sizes)
     with pytest.raises(ValueError, match=r"out_dtype must be float8_e4m3fn or float8_e5m2, got code 0"):
