@@ -3,8 +3,8 @@
 // struct per entry point (`route_args`, ...) and the entry point's declaration
 // `void route(const route_args& a)` in compass::cpu (C++ build) or compass::cuda (nvcc build).
 // common/kernel_bindings.h turns the same table into the pybind11 bindings and the signature table
-// that compass_kernels/_ext.py reads to build its keyword-argument callers. See docs/design.md,
-// "Kernel boundary".
+// that compass_kernels/_boundary.py builds its keyword-argument callers from. See docs/design.md,
+// "The kernel boundary".
 //
 // Argument kinds (what Python passes -> the field the implementation reads):
 //   COMPASS_ROWS(x)          tensor with unit stride along its last dim -> Rows{data, stride, dtype}:
@@ -12,12 +12,13 @@
 //                            there are fewer than two rows), dtype a code of common/dtype.h
 //   COMPASS_TENSOR(x)        contiguous tensor -> Tensor{data, dtype}
 //   COMPASS_BUFFER(x, type)  contiguous tensor of one dtype (int64, int32, float32, uint8, boolean
-//                            (torch.bool) or any) -> a typed pointer; Python refuses a tensor of another dtype
+//                            (torch.bool) or any) -> a typed pointer (Python checks the dtype with
+//                            COMPASS_CHECK=1)
 //   COMPASS_INT(x) -> int64_t, COMPASS_FLOAT(x) -> double, COMPASS_BOOL(x) -> bool
 //   COMPASS_STREAM(x)        the current CUDA stream of the first tensor argument's device (Python
 //                            fills it in) -> cudaStream_t
 // A TENSOR argument may be None: its data pointer is then null (dtype -1); ROWS and BUFFER may not.
-// COMPASS_ON_CUDA(fields) holds fields only the CUDA module's entry point takes (stream, workspace).
+// COMPASS_ON_CUDA(fields) holds fields only the CUDA module's entry point takes (its stream).
 #pragma once
 #include <cstddef>
 #include <cstdint>
