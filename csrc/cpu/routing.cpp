@@ -549,25 +549,22 @@ void permute(const permute_args& a) {
 }
 
 void unpermute(const unpermute_args& a) {
+  check_combine(int(a.y.dtype), a.probs.data, int(a.probs.dtype), a.num_rows, a.H, a.T, a.k);
   const int64_t T = a.T, H = a.H, k = a.k, num_rows = a.num_rows;
-  const int dtype = int(a.y.dtype);
-  const void* probs = a.probs.data;
-  const int probs_dtype = int(a.probs.dtype);
-  check_combine(dtype, probs, probs_dtype, num_rows, H, T, k);
   check_row_stride("stride_y", a.y.stride, H);
   check_ptr("y", a.y.data, num_rows * H);
   check_ptr("out", a.out, T * H);
   const int64_t* rows = a.row_id_map;
   check_plan(rows, T, k, num_rows, nullptr, nullptr, -1);
   if (H == 0) return;
-  dispatch_float("dtype", dtype, [&](auto tag) {
+  dispatch_float("dtype", int(a.y.dtype), [&](auto tag) {
     using Tag = decltype(tag);
     using S = typename Tag::S;
     const int64_t bytes = T * (k + 1) * H * int64_t(sizeof(S));
     const int64_t row_bytes = H * int64_t(sizeof(S));
     const bool stream = kAvx512Tag<Tag> && have_avx512() && use_streaming_stores(a.out, row_bytes, T * row_bytes);
     parallel_ranges(T, bytes >= kMoveParallelMin, [&](int64_t t0, int64_t t1) {
-      unpermute_tokens<Tag>(a.y.as<const S>(), a.y.stride, H, rows, k, probs, probs_dtype,
+      unpermute_tokens<Tag>(a.y.as<const S>(), a.y.stride, H, rows, k, a.probs.data, int(a.probs.dtype),
                             static_cast<S*>(a.out), t0, t1, stream);
       if (stream) streaming_fence();
     });
