@@ -190,3 +190,13 @@ def test_cuda_gemm_call_sites_match_the_cuda_table(monkeypatch):
 def test_cuda_module_reports_the_table_the_cpu_module_tests():
     assert _ext.cuda_module.signatures == _ext.cpu_module.cuda_signatures
     assert _ext.cuda_module.dtype_codes == _ext.cpu_module.dtype_codes
+
+
+def test_module_without_a_table_is_out_of_date(monkeypatch):
+    """A _cpu built from sources older than the table is reported, not half used."""
+    import types
+
+    stale = types.SimpleNamespace(__file__="/somewhere/_cpu.so", route=lambda *a: None)
+    monkeypatch.setattr(importlib, "import_module", lambda name: stale)
+    module, why = _ext._load("_cpu")
+    assert module is None and "out of date" in why and "rebuild" in why
