@@ -48,8 +48,8 @@ def compass_quantize(x: torch.Tensor, kind: str):
 def kernel_only(x: torch.Tensor, kind: str, out=None):
     """compass_kernels._cpu.quantize_fp8 into preallocated codes and scales (allocated once)."""
     data, scale = out
-    _ext.cpu_module.quantize_fp8(x.data_ptr(), _ext.dtype_code(x.dtype), 1, M, K, M * K, K, GRANULARITY_CODES[kind],
-                                 128, _ext.dtype_code(torch.float8_e4m3fn), data.data_ptr(), scale.data_ptr())
+    _ext.cpu.quantize_fp8(x=x, B=1, M=M, K=K, stride_b=M * K, granularity=GRANULARITY_CODES[kind], block_size=128,
+                          data=data, scale=scale)
     return data, scale
 
 

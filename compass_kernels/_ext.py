@@ -1,65 +1,41 @@
-"""Loading of the compiled modules and the raw-pointer calling convention.
+"""Loading of the compiled modules and their typed kernel boundary.
 
-The C++/CUDA modules do not link libtorch. Every kernel entry point takes integers: data pointers
-(``tensor.data_ptr()``), sizes, row strides in *elements*, dtype codes (below) and, for CUDA, the
-stream handle (``torch.cuda.current_stream().cuda_stream``). Output buffers are allocated in Python
-and written by the kernel. Inner (last-dim) strides are always 1: callers make that so.
+The C++/CUDA modules do not link libtorch. Every kernel entry point is declared once, with typed
+arguments, in ``csrc/common/kernels.def``; the module exports that table and this module builds, at
+import, one keyword-argument caller per entry point (``compass_kernels._boundary``):
 
-The contracts of the other op families sit next to their kernels: FP8 quantization in
-``csrc/cpu/fp8.cpp``, Sinkhorn / OTPO in ``csrc/cpu/ot.cpp``, the grouped GEMMs in
-``csrc/cuda/grouped_gemm.h`` and ``csrc/cuda/grouped_gemm_fp8.h`` (pybind docstrings in module.cu).
+    _ext.cpu.unpermute(y=y, num_rows=R, H=H, row_id_map=row, T=T, k=k, probs=probs, out=out)
 
-Routing entry points of ``_cpu`` and ``_cuda`` (``_cuda``'s take a trailing ``stream`` argument and
-``route`` also takes a ``workspace`` pointer, see ``route_workspace_numel``):
-
-route(ids, ids_is_int64, T, k, E, capacity, align, row_id_map, tokens_per_expert, expert_offsets)
-    ids [T, k] contiguous int32/int64, entries in [-1, E); capacity < 0 means none.
-    Writes row_id_map [T, k] int64, tokens_per_expert [E] int64, expert_offsets [E + 1] int64.
-permute(x, stride_x, elem_size, T, H, row_id_map, k, expert_offsets, tokens_per_expert, E,
-        num_rows, out)
-    Moves bytes: out[row_id_map[t, j]] = x[t] for every routed slot; every other row of out
-    [num_rows, H] (padding and the tail past expert_offsets[E]) is zeroed. Any element size.
-unpermute(y, stride_y, dtype, num_rows, H, row_id_map, T, k, probs, probs_dtype, out)
-    out[t] = sum_j probs[t, j] * y[row_id_map[t, j]] over slots with a row >= 0 (weight 1 when
-    probs == 0), accumulated in fp32 (fp64 for fp64), in slot order j = 0..k-1, cast to y's dtype.
-unpermute_bwd(grad_out, stride_g, y, stride_y, dtype, num_rows, H, row_id_map, T, k,
-              expert_offsets, tokens_per_expert, E, probs, probs_dtype, grad_y, grad_probs)
-    grad_y[row_id_map[t, j]] = probs[t, j] * grad_out[t] (plain copy when probs == 0), other rows
-    of grad_y zero; grad_probs[t, j] = <grad_out[t], y[row_id_map[t, j]]> accumulated in fp32
-    (fp64 for fp64), 0 for slots with row -1; grad_probs is skipped when probs == 0.
+``cpu`` / ``cuda`` hold those callers (None when the module is not there); other attributes of them
+are the module's own plain functions (``cuda.route_workspace_numel``, ``cpu.gemm_forward_tile``, ...).
+Tensors go in as tensors: the caller passes their data pointers, row strides (in elements) and
+dtype codes as the table asks, and for CUDA the current stream of the first tensor's device. Output
+buffers are allocated in Python and written by the kernel; inner (last-dim) strides are 1: callers
+make that so. The semantics of each entry point are its docstring (``help(_ext.cpu.route)``) and
+the comments next to its kernels. The dtype codes come from the module (``csrc/common/dtype.h``).
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
-# dtype codes shared with csrc/common/dtype.h
-DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float64: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-    torch.int32: 4,
-    torch.int64: 5,
-    torch.float8_e4m3fn: 6,
-    torch.float8_e5m2: 7,
-    torch.uint8: 8,
-    torch.int8: 9,
-}
+from compass_kernels import _boundary
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def dtype_code(dtype: torch.dtype) -> int:
-    return DTYPE_CODES[dtype]
 
 
 def _load(name: str):
     try:
-        return importlib.import_module(f"compass_kernels.{name}"), None
+        module = importlib.import_module(f"compass_kernels.{name}")
     except ImportError as e:  # not built, or built for another Python
         return None, f"compass_kernels.{name} not importable: {e}"
+    if not hasattr(module, "signatures"):  # built from sources older than the typed kernel boundary
+        return None, (f"compass_kernels.{name} at {module.__file__} is out of date (no kernel signature "
+                      "table): rebuild it")
+    return module, None
 
 
 cpu_module, cpu_missing = _load("_cpu")
@@ -71,7 +47,6 @@ def _shadowing(missing: list[str]) -> str | None:
     checkout (``python -m pytest`` from the repository root puts it first on ``sys.path``) while
     another copy on ``sys.path``, the installed package, has them; None otherwise."""
     import glob
-    import os
     import sys
 
     here = os.path.dirname(os.path.realpath(__file__))
@@ -100,24 +75,38 @@ except ImportError:
     build_info = None
 
 
-def ptr(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.data_ptr()
+def _stream_handle(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
 
 
-def stream_of(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+def _dtype_codes() -> dict[torch.dtype, int]:
+    tables = [m.dtype_codes for m in (cpu_module, cuda_module) if m is not None]
+    if len(tables) == 2 and tables[0] != tables[1]:
+        raise ImportError(f"compass_kernels._cpu and _cuda disagree on dtype codes ({tables[0]} vs {tables[1]}): "
+                          "rebuild both from one source tree")
+    return _boundary.dtype_codes(tables[0]) if tables else {}
+
+
+# {torch dtype: code} of csrc/common/dtype.h, read from the compiled module; empty when none is built
+# (then no kernel consumes a code).
+DTYPE_CODES = _dtype_codes()
+# COMPASS_CHECK=1 (at import): the callers also refuse buffers of another dtype than the table declares.
+_CHECK_BUFFERS = os.environ.get("COMPASS_CHECK", "0") == "1"
+cpu = _boundary.Kernels(cpu_module, DTYPE_CODES, check_buffers=_CHECK_BUFFERS) if cpu_module is not None else None
+cuda = (_boundary.Kernels(cuda_module, DTYPE_CODES, _stream_handle, torch.cuda.device, check_buffers=_CHECK_BUFFERS)
+        if cuda_module is not None else None)
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPE_CODES[dtype]
 
 
 def _check_values() -> bool:
     """COMPASS_CHECK=1: also run the value checks that read device data (they synchronise)."""
-    import os
-
     return os.environ.get("COMPASS_CHECK", "0") == "1"
 
 
 def _poison_enabled() -> bool:
-    import os
-
     return os.environ.get("COMPASS_POISON", "0") == "1"
 
 

@@ -231,10 +231,9 @@ def _quantize_impl(x, granularity: str, block_size: int, dtype):
     data = _ext.empty(x.shape, dtype=dtype, device=x.device)
     scale = _ext.empty(scale_shape(x.shape, granularity, block_size), dtype=torch.float32, device=x.device)
     if backend == "cpu":
-        sb, sm = _strides(x3)
-        _ext.cpu_module.quantize_fp8(x3.data_ptr(), _ext.dtype_code(x3.dtype), B, M, K, sb, sm,
-                                     GRANULARITY_CODES[granularity], block_size, _ext.dtype_code(dtype),
-                                     data.data_ptr(), scale.data_ptr())
+        sb, _ = _strides(x3)  # x3's row stride travels with x3
+        _ext.cpu.quantize_fp8(x=x3, B=B, M=M, K=K, stride_b=sb, granularity=GRANULARITY_CODES[granularity],
+                              block_size=block_size, data=data, scale=scale)
     else:
         scale3 = scale.view(B, *scale_shape((M, K), granularity, block_size))
         _triton().quantize(x3, granularity, block_size, FP8_MAX[dtype], data.view(B, M, K), scale3)
@@ -278,7 +277,7 @@ def _hopper(device_index: int) -> bool:
 def _gemm_cuda(x_data, x_scale, x_gran, w_data, w_scale, w_gran, offsets, block_size, out_dtype):
     """CUTLASS sm_90a: e4m3 x e4m3, block size 128, 16-byte aligned operands on a Hopper GPU.
     Returns None for anything it does not serve (the caller runs Triton)."""
-    m = _ext.cuda_module
+    m = _ext.cuda
     if m is None or not hasattr(m, "grouped_gemm_fp8") or x_data.dtype != torch.float8_e4m3fn:
         return None
     if (x_gran == "block" or w_gran == "block2d") and block_size != 128:
@@ -296,8 +295,8 @@ def _gemm_cuda(x_data, x_scale, x_gran, w_data, w_scale, w_gran, offsets, block_
     with torch.cuda.device(x.device):
         nbytes = m.grouped_gemm_fp8_workspace_bytes(M, K, N, E, xg, wg, oc)
         work = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-        m.grouped_gemm_fp8(x.data_ptr(), xs.data_ptr(), w.data_ptr(), ws.data_ptr(), off.data_ptr(), y.data_ptr(),
-                           M, K, N, E, xg, wg, oc, work.data_ptr(), nbytes, _ext.stream_of(x))
+        m.grouped_gemm_fp8(x=x, x_scale=xs, w=w, w_scale=ws, offsets=off, y=y, M=M, K=K, N=N, E=E, x_gran=xg,
+                           w_gran=wg, workspace=work, workspace_bytes=nbytes)
     return y
 
 

@@ -200,7 +200,7 @@ def _cutlass_serves(*tensors, trans_b: bool, K: int, N: int) -> bool:
     t0 = tensors[0]
     return (t0.dtype in (torch.bfloat16, torch.float16)
             and torch.cuda.get_device_capability(t0.device)[0] == 9
-            and _ext.cuda_module.grouped_gemm_supported(_ext.dtype_code(t0.dtype), trans_b, K, N)
+            and _ext.cuda.grouped_gemm_supported(_ext.dtype_code(t0.dtype), trans_b, K, N)
             and all(t.data_ptr() % 16 == 0 for t in tensors))
 
 
@@ -210,13 +210,13 @@ def _gemm_cuda(x, w, offsets, trans_b):
     x, w, offsets = x.contiguous(), w.contiguous(), offsets.contiguous()
     if not _cutlass_serves(x, w, trans_b=trans_b, K=K, N=N):
         return None
-    m, code = _ext.cuda_module, _ext.dtype_code(x.dtype)
+    m, code = _ext.cuda, _ext.dtype_code(x.dtype)
     y = _ext.empty(M, N, dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device):
         nbytes = m.grouped_gemm_workspace_bytes(M, K, N, E, code, trans_b)
         ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-        m.grouped_gemm(x.data_ptr(), w.data_ptr(), offsets.data_ptr(), y.data_ptr(), M, K, N, E, code, trans_b,
-                       ws.data_ptr(), nbytes, _ext.stream_of(x))
+        m.grouped_gemm(x=x, w=w, offsets=offsets, y=y, M=M, K=K, N=N, E=E, trans_b=trans_b, workspace=ws,
+                       workspace_bytes=nbytes)
     return y
 
 
@@ -226,13 +226,13 @@ def _wgrad_cuda(x, dy, offsets, num_groups, trans_b):
     x, dy, offsets = x.contiguous(), dy.contiguous(), offsets.contiguous()
     if not _cutlass_serves(x, dy, trans_b=trans_b, K=K, N=N):
         return None
-    m, code = _ext.cuda_module, _ext.dtype_code(x.dtype)
+    m, code = _ext.cuda, _ext.dtype_code(x.dtype)
     dw = _ext.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype, device=x.device)
     with torch.cuda.device(x.device):
         nbytes = m.grouped_gemm_wgrad_workspace_bytes(M, K, N, num_groups, code, trans_b)
         ws = torch.empty(nbytes, dtype=torch.uint8, device=x.device)
-        m.grouped_gemm_wgrad(x.data_ptr(), dy.data_ptr(), offsets.data_ptr(), dw.data_ptr(), M, K, N, num_groups,
-                             code, trans_b, ws.data_ptr(), nbytes, _ext.stream_of(x))
+        m.grouped_gemm_wgrad(x=x, dy=dy, offsets=offsets, dw=dw, M=M, K=K, N=N, E=num_groups, trans_b=trans_b,
+                             workspace=ws, workspace_bytes=nbytes)
     return dw
 
 

@@ -133,11 +133,6 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if rows_ok and (t.stride(-1) == 1 or t.shape[-1] <= 1) else t.contiguous()
 
 
-def _row_stride(t: torch.Tensor) -> int:
-    """The row stride the kernels see; with fewer than two rows torch may report anything."""
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
-
-
 # ---------------------------------------------------------------------------------------------
 # backend launchers: validate nothing (the public functions did), allocate, launch
 
@@ -158,20 +153,16 @@ def _route_impl(topk_ids, num_experts: int, capacity: int, align: int):
     row = _ext.empty(T, k, dtype=torch.int64, device=ids.device)
     tpe = _ext.empty(num_experts, dtype=torch.int64, device=ids.device)
     off = _ext.empty(num_experts + 1, dtype=torch.int64, device=ids.device)
-    is64 = ids.dtype == torch.int64
-    if backend == "cpu":
-        _ext.cpu_module.route(ids.data_ptr(), is64, T, k, num_experts, capacity, align,
-                              row.data_ptr(), tpe.data_ptr(), off.data_ptr())
-    elif backend == "triton":
+    if backend == "triton":
         tr = _triton()
         ws = _ext.empty(tr.route_workspace_numel(T, k, num_experts), dtype=torch.int64, device=ids.device)
         tr.route(ids, num_experts, capacity, align, row, tpe, off, ws)
-    else:
-        m = _ext.cuda_module
-        ws = _ext.empty(m.route_workspace_numel(T, k, num_experts), dtype=torch.int64, device=ids.device)
-        with torch.cuda.device(ids.device):  # the kernels launch on the current device
-            m.route(ids.data_ptr(), is64, T, k, num_experts, capacity, align, row.data_ptr(), tpe.data_ptr(),
-                    off.data_ptr(), ws.data_ptr(), _ext.stream_of(ids))
+        return row, tpe, off
+    kernels = _ext.cpu if backend == "cpu" else _ext.cuda
+    ws = None if backend == "cpu" else _ext.empty(kernels.route_workspace_numel(T, k, num_experts),
+                                                  dtype=torch.int64, device=ids.device)
+    kernels.route(topk_ids=ids, T=T, k=k, E=num_experts, capacity=capacity, align=align, row_id_map=row,
+                  tokens_per_expert=tpe, expert_offsets=off, workspace=ws)
     return row, tpe, off
 
 
@@ -187,13 +178,9 @@ def _permute_impl(x, row_id_map, expert_offsets, tokens_per_expert, num_rows: in
     if backend == "triton":
         _triton().permute(x, row_id_map, expert_offsets, tokens_per_expert, out)
         return out
-    args = (x.data_ptr(), _row_stride(x), x.element_size(), T, H, row_id_map.data_ptr(), k,
-            expert_offsets.data_ptr(), tokens_per_expert.data_ptr(), E, num_rows, out.data_ptr())
-    if backend == "cpu":
-        _ext.cpu_module.permute(*args)
-    else:
-        with torch.cuda.device(x.device):
-            _ext.cuda_module.permute(*args, _ext.stream_of(x))
+    (_ext.cpu if backend == "cpu" else _ext.cuda).permute(
+        x=x, elem_size=x.element_size(), T=T, H=H, row_id_map=row_id_map, k=k, expert_offsets=expert_offsets,
+        tokens_per_expert=tokens_per_expert, E=E, num_rows=num_rows, out=out)
     return out
 
 
@@ -209,14 +196,8 @@ def _unpermute_impl(y, row_id_map, probs):
     if backend == "triton":
         _triton().unpermute(y, row_id_map, probs, out)
         return out
-    pdt = _ext.dtype_code(probs.dtype) if probs is not None else 0
-    args = (y.data_ptr(), _row_stride(y), _ext.dtype_code(y.dtype), R, H, row_id_map.data_ptr(), T, k,
-            _ext.ptr(probs), pdt, out.data_ptr())
-    if backend == "cpu":
-        _ext.cpu_module.unpermute(*args)
-    else:
-        with torch.cuda.device(y.device):
-            _ext.cuda_module.unpermute(*args, _ext.stream_of(y))
+    (_ext.cpu if backend == "cpu" else _ext.cuda).unpermute(
+        y=y, num_rows=R, H=H, row_id_map=row_id_map, T=T, k=k, probs=probs, out=out)
     return out
 
 
@@ -234,14 +215,9 @@ def _unpermute_bwd_impl(grad_out, y, row_id_map, expert_offsets, tokens_per_expe
         _triton().unpermute_bwd(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs,
                                 grad_y, grad_probs)
         return grad_y, grad_probs
-    args = (grad_out.data_ptr(), _row_stride(grad_out), y.data_ptr(), _row_stride(y), _ext.dtype_code(y.dtype),
-            R, H, row_id_map.data_ptr(), T, k, expert_offsets.data_ptr(), tokens_per_expert.data_ptr(), E,
-            probs.data_ptr(), _ext.dtype_code(probs.dtype), grad_y.data_ptr(), grad_probs.data_ptr())
-    if backend == "cpu":
-        _ext.cpu_module.unpermute_bwd(*args)
-    else:
-        with torch.cuda.device(y.device):
-            _ext.cuda_module.unpermute_bwd(*args, _ext.stream_of(y))
+    (_ext.cpu if backend == "cpu" else _ext.cuda).unpermute_bwd(
+        grad_out=grad_out, y=y, num_rows=R, H=H, row_id_map=row_id_map, T=T, k=k, expert_offsets=expert_offsets,
+        tokens_per_expert=tokens_per_expert, E=E, probs=probs, grad_y=grad_y, grad_probs=grad_probs)
     return grad_y, grad_probs
 
 

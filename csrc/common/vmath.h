@@ -43,27 +43,45 @@ inline ExpParts exp_parts(double xc) {
   return {r, as_double(static_cast<uint64_t>(ni + 1023) << 52)};
 }
 
+// Polynomial coefficients as types (compile-time constants, each the correctly rounded quotient):
+// exp's Taylor series, c(n) = 1 / n! (exact factorials up to 18!), and the atanh series of vlog,
+// c(n) = 1 / (2n + 3).
+struct InvFactorial {
+  static constexpr double at(int n) {
+    double f = 1.0;
+    for (int i = 2; i <= n; ++i) f *= i;
+    return 1.0 / f;
+  }
+};
+struct InvOdd {
+  static constexpr double at(int n) { return 1.0 / (2 * n + 3); }
+};
+
+// c(N) x^N + ... + c(0) by Horner's rule from the top, unrolled: p = c(N), then p = p * x + c(n) for
+// n = N-1 .. 0, each product and sum rounded on its own (the CPU build does not contract to FMA).
+template <class C, int N>
+struct Horner {
+  [[gnu::always_inline]] static inline double step(double p, double x) {
+    constexpr double c = C::at(N - 1);
+    return Horner<C, N - 1>::step(p * x + c, x);
+  }
+};
+template <class C>
+struct Horner<C, 0> {
+  [[gnu::always_inline]] static inline double step(double p, double) { return p; }
+};
+template <class C, int N>
+[[gnu::always_inline]] inline double horner(double x) {
+  return Horner<C, N>::step(C::at(N), x);
+}
+
 // exp(x); 0 for x < -690 (and -inf), inf for x > 709. Taylor to degree 13 on exp_parts' r (error
 // < 2e-17 relative).
 inline double vexp(double x) {
   double xc = sel(x < -700.0, -700.0, x);
   xc = sel(xc > 709.0, 709.0, xc);
   const ExpParts e = exp_parts(xc);
-  const double r = e.r;
-  double p = 1.0 / 6227020800.0;
-  p = p * r + 1.0 / 479001600.0;
-  p = p * r + 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+  const double p = horner<InvFactorial, 13>(e.r);
   const double y = sel(x > 709.0, kInf, p * e.two_n);
   return sel(x < -690.0, 0.0, y);
 }
@@ -82,17 +100,7 @@ inline double vlog(double x) {
   e = sel(big, e_next, e);
   const double f = (m - 1.0) / (m + 1.0);
   const double s = f * f;
-  double p = 1.0 / 23.0;
-  p = p * s + 1.0 / 21.0;
-  p = p * s + 1.0 / 19.0;
-  p = p * s + 1.0 / 17.0;
-  p = p * s + 1.0 / 15.0;
-  p = p * s + 1.0 / 13.0;
-  p = p * s + 1.0 / 11.0;
-  p = p * s + 1.0 / 9.0;
-  p = p * s + 1.0 / 7.0;
-  p = p * s + 1.0 / 5.0;
-  p = p * s + 1.0 / 3.0;
+  const double p = horner<InvOdd, 10>(s);  // 1/3 + s/5 + ... + s^10/23
   const double logm = 2.0 * f + 2.0 * f * s * p;
   return e * 6.93147180369123816490e-01 + (logm + e * 1.90821492927058770002e-10);
 }

@@ -20,8 +20,6 @@
 // (quantize_rows_pipelined). Single thread, rows in cache: bf16 ~125 -> ~90-100 ps per element,
 // fp32 ~130 -> ~95 against the two-pass form below, which other CPUs and the tensor / block2d
 // granularities keep.
-#include <pybind11/pybind11.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -31,6 +29,7 @@
 #include "common/check.h"
 #include "common/dtype.h"
 #include "common/fp8.h"
+#include "common/kernel_args.h"
 #include "common/half.h"
 #include "cpu/fp8_avx512.h"
 #include "cpu/fp8_inputs.h"
@@ -261,15 +260,15 @@ void dispatch_out(int out_dtype, const void* x, int64_t B, int64_t M, int64_t K,
 
 }  // namespace
 
-void quantize_fp8(uintptr_t x, int dtype, int64_t B, int64_t M, int64_t K, int64_t stride_b,
-                  int64_t stride_m, int granularity, int64_t block_size, int out_dtype, uintptr_t data,
-                  uintptr_t scale) {
+void quantize_fp8(const quantize_fp8_args& a) {
+  const int dtype = int(a.x.dtype), out_dtype = int(a.data.dtype), granularity = int(a.granularity);
+  const int64_t B = a.B, M = a.M, K = a.K, stride_b = a.stride_b, stride_m = a.x.stride, block_size = a.block_size;
   check(dtype == int(DType::kFloat32) || dtype == int(DType::kBFloat16) || dtype == int(DType::kFloat16),
         "x must be float32, bfloat16 or float16, got code ", dtype, " (", dtype_name(dtype), ")");
   check(out_dtype == int(DType::kFloat8E4M3) || out_dtype == int(DType::kFloat8E5M2),
         "out_dtype must be float8_e4m3fn or float8_e5m2, got code ", out_dtype, " (", dtype_name(out_dtype), ")");
-  check(granularity >= kTensor && granularity <= kBlock2d,
-        "granularity must be 0 (tensor), 1 (row), 2 (block) or 3 (block2d), got ", granularity);
+  check(a.granularity >= kTensor && a.granularity <= kBlock2d,
+        "granularity must be 0 (tensor), 1 (row), 2 (block) or 3 (block2d), got ", a.granularity);
   check_nonneg("B", B);
   check_nonneg("M", M);
   check_nonneg("K", K);
@@ -285,15 +284,14 @@ void quantize_fp8(uintptr_t x, int dtype, int64_t B, int64_t M, int64_t K, int64
                           : granularity == kRow  ? B * M
                           : granularity == kBlock ? B * M * nkb
                                                   : B * nmb * nkb;
-  check_ptr("x", x, n);
-  check_ptr("data", data, n);
-  check_ptr("scale", scale, n_scale);
+  check_ptr("x", a.x.data, n);
+  check_ptr("data", a.data.data, n);
+  check_ptr("scale", a.scale, n_scale);
   if (B == 0 || (M == 0 && granularity != kTensor)) return;
-  auto* d = reinterpret_cast<uint8_t*>(data);
-  auto* s = reinterpret_cast<float*>(scale);
-  const void* xp = reinterpret_cast<const void*>(x);
+  auto* d = a.data.as<uint8_t>();
+  float* s = a.scale;
   auto run = [&](auto in) {
-    dispatch_out<decltype(in)>(out_dtype, xp, B, M, K, stride_b, stride_m, granularity, block_size, d, s);
+    dispatch_out<decltype(in)>(out_dtype, a.x.data, B, M, K, stride_b, stride_m, granularity, block_size, d, s);
   };
   switch (static_cast<DType>(dtype)) {
     case DType::kFloat32: return run(InF32{});
@@ -303,14 +301,3 @@ void quantize_fp8(uintptr_t x, int dtype, int64_t B, int64_t M, int64_t K, int64
 }
 
 }  // namespace compass::cpu
-
-void register_fp8(pybind11::module_& m) {
-  namespace py = pybind11;
-  m.def("quantize_fp8", &compass::cpu::quantize_fp8, py::call_guard<py::gil_scoped_release>(), py::arg("x"),
-        py::arg("dtype"), py::arg("B"), py::arg("M"), py::arg("K"), py::arg("stride_b"), py::arg("stride_m"),
-        py::arg("granularity"), py::arg("block_size"), py::arg("out_dtype"), py::arg("data"), py::arg("scale"),
-        "Fused FP8 quantization of x [B, M, K] (fp32/bf16/fp16, unit stride along K) into data [B, M, K] "
-        "(e4m3fn/e5m2 codes, contiguous) and fp32 scales [B] / [B, M] / [B, M, ceil(K/bs)] / "
-        "[B, ceil(M/bs), ceil(K/bs)] for granularity 0 tensor / 1 row / 2 block / 3 block2d. "
-        "Semantics: compass_kernels/fp8_ref.py.");
-}

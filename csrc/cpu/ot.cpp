@@ -24,8 +24,6 @@
 // branch-free and vectorisable (vexp / vlog below, ~1 ulp) and compiled for AVX-512, AVX2 and
 // baseline x86-64, picked at load time (GCC target_clones); a different vector width changes
 // the order of the row sums, so results agree across machines to rounding, not bit for bit.
-#include <pybind11/pybind11.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +38,7 @@
 
 #include "common/check.h"
 #include "common/dtype.h"
+#include "common/kernel_args.h"
 #include "common/vmath.h"
 #include "cpu/otpo_cost.h"
 
@@ -73,17 +72,7 @@ inline double kexp(double x, double flush) { return sel(x < flush, 0.0, vexp(x))
 inline double kexp_f32(double x) {
   const double xc = sel(x < -87.0, -87.0, sel(x > 100.0, 100.0, x));  // > FLT_MAX from 88.73
   const ExpParts e = exp_parts(xc);
-  const double r = e.r;
-  double p = 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const double y = p * e.two_n;
+  const double y = vmath::horner<vmath::InvFactorial, 8>(e.r) * e.two_n;
   return sel(x < -87.0, 0.0, sel(x > 100.0, kInf, y));  // the float cast takes y > FLT_MAX to inf
 }
 
@@ -532,81 +521,58 @@ Params make_params(int dtype, double eps, double tau, int64_t max_iter, double t
 
 // cost [B, n, m], a [B, n], b [B, m], plan [B, n, m]: contiguous, one float dtype (fp32 / fp64).
 // tau < 0 (or inf) means balanced. iters [B] int32 receives the iterations each pair ran.
-void sinkhorn(uintptr_t cost, uintptr_t a, uintptr_t b, int dtype, int64_t B, int64_t n, int64_t m, double eps,
-              double tau, int64_t max_iter, double tol, int64_t check_every, uintptr_t plan, uintptr_t iters) {
+void sinkhorn(const sinkhorn_args& args) {
+  const int64_t B = args.B, n = args.n, m = args.m, dtype = args.cost.dtype;
   check_nonneg("B", B);
   check_nonneg("n", n);
   check_nonneg("m", m);
-  check(!(tau == 0) && !std::isnan(tau), "tau must be > 0 (or < 0 for balanced), got ", tau);
-  const Params p = make_params(dtype, eps, tau, max_iter, tol, check_every);
-  check_ptr("cost", cost, B * n * m);
-  check_ptr("a", a, B * n);
-  check_ptr("b", b, B * m);
-  check_ptr("plan", plan, B * n * m);
-  check_ptr("iters", iters, B);
+  check(!(args.tau == 0) && !std::isnan(args.tau), "tau must be > 0 (or < 0 for balanced), got ", args.tau);
+  const Params p = make_params(int(dtype), args.eps, args.tau, args.max_iter, args.tol, args.check_every);
+  check_same_dtype("cost", dtype, {{"a", args.a.dtype}, {"b", args.b.dtype}, {"plan", args.plan.dtype}});
+  check_ptr("cost", args.cost.data, B * n * m);
+  check_ptr("a", args.a.data, B * n);
+  check_ptr("b", args.b.data, B * m);
+  check_ptr("plan", args.plan.data, B * n * m);
+  check_ptr("iters", args.iters, B);
   if (B == 0) return;
-  auto* it = reinterpret_cast<int32_t*>(iters);
+  int32_t* it = args.iters;
   if (n == 0 || m == 0) {
     std::fill(it, it + B, 0);
     return;
   }
-  if (dtype == int(DType::kFloat32)) {
-    sinkhorn_batch(reinterpret_cast<const float*>(cost), reinterpret_cast<const float*>(a),
-                   reinterpret_cast<const float*>(b), B, n, m, p, reinterpret_cast<float*>(plan), it);
-  } else {
-    sinkhorn_batch(reinterpret_cast<const double*>(cost), reinterpret_cast<const double*>(a),
-                   reinterpret_cast<const double*>(b), B, n, m, p, reinterpret_cast<double*>(plan), it);
-  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    sinkhorn_batch(args.cost.as<const T>(), args.a.as<const T>(), args.b.as<const T>(), B, n, m, p,
+                   args.plan.as<T>(), it);
+  };
+  if (dtype == int(DType::kFloat32)) run(float{}); else run(double{});
 }
 
-// h_c / h_r [B, L, D] hidden states, mask_c / mask_r [B, L] bool (uint8), scale_floor [B] (the cost scale's
+// h_c / h_r [B, L, D] hidden states, mask_c / mask_r [B, L] bool, scale_floor [B] (the cost scale's
 // lower bound per pair), w_c / w_r [B, L], iters [B]: contiguous; hidden states, floor and weights share
 // one float dtype (fp32 / fp64). tau > 0.
-void otpo_weights(uintptr_t h_c, uintptr_t h_r, uintptr_t mask_c, uintptr_t mask_r, int dtype, int64_t B, int64_t L,
-                  int64_t D, double eps, double tau, int64_t max_iter, double tol, int64_t check_every,
-                  uintptr_t scale_floor, uintptr_t w_c, uintptr_t w_r, uintptr_t iters) {
+void otpo_weights(const otpo_weights_args& args) {
+  const int64_t B = args.B, L = args.L, D = args.D, dtype = args.h_c.dtype;
   check_nonneg("B", B);
   check_nonneg("L", L);
   check_nonneg("D", D);
-  check(tau > 0 && std::isfinite(tau), "tau must be > 0 and finite, got ", tau);
-  const Params p = make_params(dtype, eps, tau, max_iter, tol, check_every);
-  for (auto [name, ptr, size] : {std::tuple{"h_c", h_c, B * L * D}, std::tuple{"h_r", h_r, B * L * D},
-                                 std::tuple{"mask_c", mask_c, B * L}, std::tuple{"mask_r", mask_r, B * L},
-                                 std::tuple{"scale_floor", scale_floor, B},
-                                 std::tuple{"w_c", w_c, B * L}, std::tuple{"w_r", w_r, B * L},
-                                 std::tuple{"iters", iters, B}})
+  check(args.tau > 0 && std::isfinite(args.tau), "tau must be > 0 and finite, got ", args.tau);
+  const Params p = make_params(int(dtype), args.eps, args.tau, args.max_iter, args.tol, args.check_every);
+  check_same_dtype("h_c", dtype, {{"h_r", args.h_r.dtype}, {"scale_floor", args.scale_floor.dtype},
+                                  {"w_c", args.w_c.dtype}, {"w_r", args.w_r.dtype}});
+  for (auto [name, ptr, size] : {std::tuple<const char*, const void*, int64_t>{"h_c", args.h_c.data, B * L * D},
+                                 {"h_r", args.h_r.data, B * L * D}, {"mask_c", args.mask_c, B * L},
+                                 {"mask_r", args.mask_r, B * L}, {"scale_floor", args.scale_floor.data, B},
+                                 {"w_c", args.w_c.data, B * L}, {"w_r", args.w_r.data, B * L},
+                                 {"iters", args.iters, B}})
     check_ptr(name, ptr, size);
   if (B == 0) return;
-  const auto* mc = reinterpret_cast<const uint8_t*>(mask_c);
-  const auto* mr = reinterpret_cast<const uint8_t*>(mask_r);
-  auto* it = reinterpret_cast<int32_t*>(iters);
-  if (dtype == int(DType::kFloat32)) {
-    otpo_batch(reinterpret_cast<const float*>(h_c), reinterpret_cast<const float*>(h_r), mc, mr, B, L, D, p,
-               reinterpret_cast<const float*>(scale_floor), reinterpret_cast<float*>(w_c),
-               reinterpret_cast<float*>(w_r), it);
-  } else {
-    otpo_batch(reinterpret_cast<const double*>(h_c), reinterpret_cast<const double*>(h_r), mc, mr, B, L, D, p,
-               reinterpret_cast<const double*>(scale_floor), reinterpret_cast<double*>(w_c),
-               reinterpret_cast<double*>(w_r), it);
-  }
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    otpo_batch(args.h_c.as<const T>(), args.h_r.as<const T>(), args.mask_c, args.mask_r, B, L, D, p,
+               args.scale_floor.as<const T>(), args.w_c.as<T>(), args.w_r.as<T>(), args.iters);
+  };
+  if (dtype == int(DType::kFloat32)) run(float{}); else run(double{});
 }
 
 }  // namespace compass::cpu
-
-void register_ot(pybind11::module_& m) {
-  namespace py = pybind11;
-  m.def("sinkhorn", &compass::cpu::sinkhorn, py::call_guard<py::gil_scoped_release>(), py::arg("cost"),
-        py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("B"), py::arg("n"), py::arg("m"), py::arg("eps"),
-        py::arg("tau"), py::arg("max_iter"), py::arg("tol"), py::arg("check_every"), py::arg("plan"),
-        py::arg("iters"),
-        "Batched entropic Sinkhorn: plan [B, n, m] from cost [B, n, m], a [B, n], b [B, m] (fp32 or "
-        "fp64, contiguous); tau < 0 means balanced; iters [B] int32. Semantics: compass_kernels/ot_ref.py.");
-  m.def("otpo_weights", &compass::cpu::otpo_weights, py::call_guard<py::gil_scoped_release>(), py::arg("h_c"),
-        py::arg("h_r"), py::arg("mask_c"), py::arg("mask_r"), py::arg("dtype"), py::arg("B"), py::arg("L"),
-        py::arg("D"), py::arg("eps"), py::arg("tau"), py::arg("max_iter"), py::arg("tol"), py::arg("check_every"),
-        py::arg("scale_floor"), py::arg("w_c"), py::arg("w_r"), py::arg("iters"),
-        "OTPO weights w_c, w_r [B, L] from hidden states h_c, h_r [B, L, D] and bool masks [B, L] (fp32 or "
-        "fp64, contiguous): per pair the cost sqrt(||p_i - q_j||^2) + 1e-6 on valid pairs (centred, fused "
-        "GEMM), divided by max(its max, scale_floor[k]) when > 1, unbalanced Sinkhorn with unit masses. "
-        "Semantics: compass_kernels/ot_ref.py.");
-}

@@ -1,5 +1,5 @@
 // CPU routing kernels: route (stable counting sort), permute (row scatter), unpermute (weighted
-// gather-combine over top-k) and its backward. Contract: compass_kernels/_ext.py docstring.
+// gather-combine over top-k) and its backward. Contract: common/kernels.def.
 // Data movement is bit-exact with the torch reference; sums run in slot order j = 0..k-1 with a
 // separate multiply and add (-ffp-contract=off), so unpermute matches `acc = acc + w * y.float()`.
 #include <algorithm>
@@ -13,6 +13,7 @@
 
 #include "common/check.h"
 #include "common/dtype.h"
+#include "common/kernel_args.h"
 #include "cpu/float_tags.h"
 #include "cpu/parallel.h"
 #include "cpu/routing_avx512.h"
@@ -458,60 +459,80 @@ void unpermute_bwd_tokens(const typename Tag::S* g, int64_t stride_g, const type
 
 }  // namespace
 
-// ---- entry points (argument order = _ext.py docstring) ------------------------------------------
+// ---- entry points (arguments: common/kernels.def) ------------------------------------------------
 
-void route(uintptr_t ids, bool ids_is_int64, int64_t T, int64_t k, int64_t E, int64_t capacity,
-           int64_t align, uintptr_t row_id_map, uintptr_t tokens_per_expert,
-           uintptr_t expert_offsets) {
+namespace {
+// The routing plan's buffers every kernel after route reads: row_id_map [T, k] with rows in
+// [-1, num_rows), and (with E >= 0) expert_offsets [E + 1] / tokens_per_expert [E] segments inside
+// [0, num_rows).
+// The arguments unpermute and its backward share: float dtypes for the rows and the weights, sizes.
+void check_combine(int dtype, const void* probs, int probs_dtype, int64_t num_rows, int64_t H, int64_t T, int64_t k) {
+  check_float_dtype("dtype", dtype);
+  if (probs) check_float_dtype("probs_dtype", probs_dtype);
+  check_nonneg("num_rows", num_rows);
+  check_nonneg("H", H);
   check_nonneg("T", T);
   check_nonneg("k", k);
-  check_positive("E", E);
-  check_positive("align", align);
-  check_ptr("topk_ids", ids, T * k);
-  check_ptr("row_id_map", row_id_map, T * k);
-  check_ptr("tokens_per_expert", tokens_per_expert, E);
-  check_ptr("expert_offsets", expert_offsets, E + 1);
-  auto* rows = reinterpret_cast<int64_t*>(row_id_map);
-  auto* tpe = reinterpret_cast<int64_t*>(tokens_per_expert);
-  auto* offsets = reinterpret_cast<int64_t*>(expert_offsets);
-  if (ids_is_int64) {
-    route_impl(reinterpret_cast<const int64_t*>(ids), T, k, E, capacity, align, rows, tpe, offsets);
+}
+
+void check_plan(const int64_t* rows, int64_t T, int64_t k, int64_t num_rows, const int64_t* offsets,
+                const int64_t* tpe, int64_t E) {
+  check_ptr("row_id_map", rows, T * k);
+  if (E >= 0) {
+    check_ptr("expert_offsets", offsets, E + 1);
+    check_ptr("tokens_per_expert", tpe, E);
+  }
+  check_row_ids(rows, T, k, num_rows);
+  if (E >= 0) check_segments(offsets, tpe, E, num_rows);
+}
+}  // namespace
+
+void route(const route_args& a) {
+  check_nonneg("T", a.T);
+  check_nonneg("k", a.k);
+  check_positive("E", a.E);
+  check_positive("align", a.align);
+  check(a.topk_ids.dtype == int(DType::kInt64) || a.topk_ids.dtype == int(DType::kInt32),
+        "topk_ids must be int32 or int64, got code ", a.topk_ids.dtype, " (", dtype_name(a.topk_ids.dtype), ")");
+  check_ptr("topk_ids", a.topk_ids.data, a.T * a.k);
+  check_ptr("row_id_map", a.row_id_map, a.T * a.k);
+  check_ptr("tokens_per_expert", a.tokens_per_expert, a.E);
+  check_ptr("expert_offsets", a.expert_offsets, a.E + 1);
+  auto run = [&](const auto* ids) {
+    route_impl(ids, a.T, a.k, a.E, a.capacity, a.align, a.row_id_map, a.tokens_per_expert, a.expert_offsets);
+  };
+  if (a.topk_ids.dtype == int(DType::kInt64)) {
+    run(a.topk_ids.as<const int64_t>());
   } else {
-    route_impl(reinterpret_cast<const int32_t*>(ids), T, k, E, capacity, align, rows, tpe, offsets);
+    run(a.topk_ids.as<const int32_t>());
   }
 }
 
-void permute(uintptr_t x, int64_t stride_x, int64_t elem_size, int64_t T, int64_t H,
-             uintptr_t row_id_map, int64_t k, uintptr_t expert_offsets,
-             uintptr_t tokens_per_expert, int64_t E, int64_t num_rows, uintptr_t out) {
+void permute(const permute_args& a) {
+  const int64_t T = a.T, H = a.H, k = a.k, num_rows = a.num_rows, elem_size = a.elem_size;
   check_positive("elem_size", elem_size);
   check_nonneg("T", T);
   check_nonneg("H", H);
   check_nonneg("k", k);
-  check_positive("E", E);
+  check_positive("E", a.E);
   check_nonneg("num_rows", num_rows);
-  check_row_stride("stride_x", stride_x, H);
-  check_ptr("x", x, T * H);
-  check_ptr("row_id_map", row_id_map, T * k);
-  check_ptr("expert_offsets", expert_offsets, E + 1);
-  check_ptr("tokens_per_expert", tokens_per_expert, E);
-  check_ptr("out", out, num_rows * H);
-  const auto* rows = reinterpret_cast<const int64_t*>(row_id_map);
-  const auto* offsets = reinterpret_cast<const int64_t*>(expert_offsets);
-  const auto* tpe = reinterpret_cast<const int64_t*>(tokens_per_expert);
-  check_row_ids(rows, T, k, num_rows);
-  check_segments(offsets, tpe, E, num_rows);
+  check_row_stride("stride_x", a.x.stride, H);
+  check_ptr("x", a.x.data, T * H);
+  check_ptr("out", a.out, num_rows * H);
+  const int64_t* rows = a.row_id_map;
+  check_plan(rows, T, k, num_rows, a.expert_offsets, a.tokens_per_expert, a.E);
 
   const int64_t row_bytes = H * elem_size;  // int64 throughout: rows * row_bytes passes 2^31
   if (row_bytes == 0) return;
-  const char* src = reinterpret_cast<const char*>(x);
-  char* dst = reinterpret_cast<char*>(out);
+  const char* src = a.x.as<const char>();
+  char* dst = static_cast<char*>(a.out);
+  const int64_t stride_bytes = a.x.stride * elem_size;
   const bool stream = use_streaming_stores(dst, row_bytes, T * k * row_bytes);
 #pragma omp parallel if (T * k * row_bytes >= kMoveParallelMin)
   {
 #pragma omp for schedule(static) nowait
     for (int64_t t = 0; t < T; ++t) {
-      const char* x_t = src + t * stride_x * elem_size;  // read once, written to up to k rows
+      const char* x_t = src + t * stride_bytes;  // read once, written to up to k rows
       for (int64_t j = 0; j < k; ++j) {
         const int64_t r = rows[t * k + j];
         if (r < 0) continue;
@@ -524,71 +545,52 @@ void permute(uintptr_t x, int64_t stride_x, int64_t elem_size, int64_t T, int64_
     }
     if (stream) streaming_fence();
   }
-  zero_unused_rows(dst, row_bytes, offsets, tpe, E, num_rows);
+  zero_unused_rows(dst, row_bytes, a.expert_offsets, a.tokens_per_expert, a.E, num_rows);
 }
 
-void unpermute(uintptr_t y, int64_t stride_y, int dtype, int64_t num_rows, int64_t H,
-               uintptr_t row_id_map, int64_t T, int64_t k, uintptr_t probs, int probs_dtype,
-               uintptr_t out) {
-  check_float_dtype("dtype", dtype);
-  if (probs) check_float_dtype("probs_dtype", probs_dtype);
-  check_nonneg("num_rows", num_rows);
-  check_nonneg("H", H);
-  check_nonneg("T", T);
-  check_nonneg("k", k);
-  check_row_stride("stride_y", stride_y, H);
-  check_ptr("y", y, num_rows * H);
-  check_ptr("row_id_map", row_id_map, T * k);
-  check_ptr("out", out, T * H);
-  const auto* rows = reinterpret_cast<const int64_t*>(row_id_map);
-  check_row_ids(rows, T, k, num_rows);
+void unpermute(const unpermute_args& a) {
+  check_combine(int(a.y.dtype), a.probs.data, int(a.probs.dtype), a.num_rows, a.H, a.T, a.k);
+  const int64_t T = a.T, H = a.H, k = a.k, num_rows = a.num_rows;
+  check_row_stride("stride_y", a.y.stride, H);
+  check_ptr("y", a.y.data, num_rows * H);
+  check_ptr("out", a.out, T * H);
+  const int64_t* rows = a.row_id_map;
+  check_plan(rows, T, k, num_rows, nullptr, nullptr, -1);
   if (H == 0) return;
-  dispatch_float("dtype", dtype, [&](auto tag) {
+  dispatch_float("dtype", int(a.y.dtype), [&](auto tag) {
     using Tag = decltype(tag);
     using S = typename Tag::S;
     const int64_t bytes = T * (k + 1) * H * int64_t(sizeof(S));
     const int64_t row_bytes = H * int64_t(sizeof(S));
-    const bool stream = kAvx512Tag<Tag> && have_avx512() &&
-                        use_streaming_stores(reinterpret_cast<const void*>(out), row_bytes, T * row_bytes);
+    const bool stream = kAvx512Tag<Tag> && have_avx512() && use_streaming_stores(a.out, row_bytes, T * row_bytes);
     parallel_ranges(T, bytes >= kMoveParallelMin, [&](int64_t t0, int64_t t1) {
-      unpermute_tokens<Tag>(reinterpret_cast<const S*>(y), stride_y, H, rows, k,
-                            reinterpret_cast<const void*>(probs), probs_dtype,
-                            reinterpret_cast<S*>(out), t0, t1, stream);
+      unpermute_tokens<Tag>(a.y.as<const S>(), a.y.stride, H, rows, k, a.probs.data, int(a.probs.dtype),
+                            static_cast<S*>(a.out), t0, t1, stream);
       if (stream) streaming_fence();
     });
   });
 }
 
-void unpermute_bwd(uintptr_t grad_out, int64_t stride_g, uintptr_t y, int64_t stride_y, int dtype,
-                   int64_t num_rows, int64_t H, uintptr_t row_id_map, int64_t T, int64_t k,
-                   uintptr_t expert_offsets, uintptr_t tokens_per_expert, int64_t E,
-                   uintptr_t probs, int probs_dtype, uintptr_t grad_y, uintptr_t grad_probs) {
-  check_float_dtype("dtype", dtype);
-  if (probs) check_float_dtype("probs_dtype", probs_dtype);
-  check_nonneg("num_rows", num_rows);
-  check_nonneg("H", H);
-  check_nonneg("T", T);
-  check_nonneg("k", k);
-  check_positive("E", E);
-  check_row_stride("stride_g", stride_g, H);
-  check_ptr("grad_out", grad_out, T * H);
-  check_ptr("row_id_map", row_id_map, T * k);
-  check_ptr("expert_offsets", expert_offsets, E + 1);
-  check_ptr("tokens_per_expert", tokens_per_expert, E);
-  check_ptr("grad_y", grad_y, num_rows * H);
-  if (probs) {
-    check_row_stride("stride_y", stride_y, H);
-    check_ptr("y", y, num_rows * H);
-    check_ptr("grad_probs", grad_probs, T * k);
+void unpermute_bwd(const unpermute_bwd_args& a) {
+  const int64_t T = a.T, H = a.H, k = a.k, num_rows = a.num_rows;
+  const int dtype = int(a.grad_out.dtype);
+  const void* p = a.probs.data;
+  const int probs_dtype = int(a.probs.dtype);
+  check_combine(dtype, p, probs_dtype, num_rows, H, T, k);
+  check_positive("E", a.E);
+  check_row_stride("stride_g", a.grad_out.stride, H);
+  check_ptr("grad_out", a.grad_out.data, T * H);
+  check_ptr("grad_y", a.grad_y, num_rows * H);
+  if (p) {
+    check(a.y.dtype == dtype, "y must have grad_out's dtype ", dtype_name(dtype), ", got ", dtype_name(a.y.dtype));
+    check_row_stride("stride_y", a.y.stride, H);
+    check_ptr("y", a.y.data, num_rows * H);
+    check_ptr("grad_probs", a.grad_probs, T * k);
   }
-  const auto* rows = reinterpret_cast<const int64_t*>(row_id_map);
-  const auto* offsets = reinterpret_cast<const int64_t*>(expert_offsets);
-  const auto* tpe = reinterpret_cast<const int64_t*>(tokens_per_expert);
-  check_row_ids(rows, T, k, num_rows);
-  check_segments(offsets, tpe, E, num_rows);
+  const int64_t* rows = a.row_id_map;
+  check_plan(rows, T, k, num_rows, a.expert_offsets, a.tokens_per_expert, a.E);
 
-  const void* p = reinterpret_cast<const void*>(probs);
-  void* gp = reinterpret_cast<void*>(grad_probs);
+  void* gp = a.grad_probs;
   if (H == 0) {  // no rows to move; the dot products are empty sums
     if (p) for (int64_t i = 0; i < T * k; ++i) write_scalar(gp, probs_dtype, i, 0.0);
     return;
@@ -598,13 +600,12 @@ void unpermute_bwd(uintptr_t grad_out, int64_t stride_g, uintptr_t y, int64_t st
     using S = typename Tag::S;
     const int64_t bytes = T * k * H * int64_t(sizeof(S)) * (p ? 3 : 2);
     const int64_t row_bytes = H * int64_t(sizeof(S));
-    const bool stream = use_streaming_stores(reinterpret_cast<const char*>(grad_y), row_bytes, T * k * row_bytes);
+    const bool stream = use_streaming_stores(a.grad_y, row_bytes, T * k * row_bytes);
     parallel_ranges(T, bytes >= kMoveParallelMin, [&](int64_t t0, int64_t t1) {
-      unpermute_bwd_tokens<Tag>(reinterpret_cast<const S*>(grad_out), stride_g,
-                                reinterpret_cast<const S*>(y), stride_y, H, rows, k, p,
-                                probs_dtype, reinterpret_cast<S*>(grad_y), gp, t0, t1, stream);
+      unpermute_bwd_tokens<Tag>(a.grad_out.as<const S>(), a.grad_out.stride, a.y.as<const S>(), a.y.stride, H,
+                                rows, k, p, probs_dtype, static_cast<S*>(a.grad_y), gp, t0, t1, stream);
     });
-    zero_unused_rows(reinterpret_cast<char*>(grad_y), H * int64_t(sizeof(S)), offsets, tpe, E,
+    zero_unused_rows(static_cast<char*>(a.grad_y), row_bytes, a.expert_offsets, a.tokens_per_expert, a.E,
                      num_rows);
   });
 }

@@ -15,6 +15,8 @@
 #include <string>
 
 #include "common/gemm_tiles.h"
+#include "common/check.h"
+#include "common/kernel_args.h"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm.h"
 #include "cuda/gemm_host.h"
@@ -66,12 +68,7 @@ std::string unsupported_reason(int dtype, int64_t K, int64_t N) {
   if (find_instance(dtype, GemmOp::kXW) == nullptr)
     return std::string("dtype ") + dtype_name(dtype) + " has no CUTLASS instance (bfloat16 and float16 only)";
   if (K < 0 || N < 0) return "K and N must be >= 0";
-  constexpr int64_t kTmaAlignElems = 8;  // 16-byte TMA rows of 16-bit elements
-  if (K % kTmaAlignElems != 0 || N % kTmaAlignElems != 0)
-    return "K = " + std::to_string(K) + " and N = " + std::to_string(N) +
-           " must be multiples of 8 (TMA needs 16-byte rows)";
-  if (K > INT32_MAX || N > INT32_MAX) return "K and N must be < 2^31";
-  return "";
+  return tma_shape_reason(K, N, 8, "TMA needs 16-byte rows");  // 16-bit elements
 #endif
 }
 
@@ -108,61 +105,41 @@ int64_t grouped_gemm_wgrad_workspace_bytes(int64_t M, int64_t K, int64_t N, int6
   return static_cast<int64_t>(inst.workspace_bytes(E, current_device(what).sm_count));
 }
 
-void grouped_gemm(const void* x, const void* w, const int64_t* offsets, void* y, int64_t M, int64_t K, int64_t N,
-                  int64_t E, int dtype, bool trans_b, void* workspace, int64_t workspace_bytes,
-                  cudaStream_t stream) {
+void grouped_gemm(const grouped_gemm_args& a) {
   const char* what = "grouped_gemm";
-  check_gemm_sizes(M, K, N, E, what);
-  const Device dev = current_device(what);
+  const int64_t M = a.M, K = a.K, N = a.N, E = a.E;
+  const int dtype = check_gemm_args(a, what, {{"w", a.w.dtype}, {"y", a.y.dtype}});
+  const int sm_count = current_device(what).sm_count;
   const GroupedGemmInstance& inst =
-      instance_or_throw(dtype, fwd_op(trans_b), K, N, what, forward_tile(M, N, E, dev.sm_count, what));
+      instance_or_throw(dtype, fwd_op(a.trans_b), K, N, what, forward_tile(M, N, E, sm_count, what));
   if (M == 0 || N == 0) return;  // y is empty
-  check_arg(y != nullptr && offsets != nullptr, what, "y and offsets must not be null");
-  check_arg(K == 0 || (x != nullptr && (E == 0 || w != nullptr)), what, "x and w must not be null");
-  check_arg(workspace_bytes >= 0, what, "workspace_bytes must be >= 0");
+  check_arg(a.y.data != nullptr && a.offsets != nullptr, what, "y and offsets must not be null");
+  check_arg(K == 0 || (a.x.data != nullptr && (E == 0 || a.w.data != nullptr)), what, "x and w must not be null");
   GroupedGemmCall call;
-  call.a = x;
-  call.b = w;
-  call.offsets = offsets;
-  call.d = y;
-  call.M = M;
-  call.K = K;
-  call.N = N;
-  call.E = E;
-  call.workspace = workspace;
-  call.workspace_bytes = static_cast<size_t>(workspace_bytes);
-  call.device = dev.id;
-  call.sm_count = dev.sm_count;
-  call.stream = stream;
+  static_cast<GemmLaunch&>(call) = gemm_launch(M, K, N, E, a.workspace, a.workspace_bytes, a.stream, what);
+  call.a = a.x.data;
+  call.b = a.w.data;
+  call.offsets = a.offsets;
+  call.d = a.y.data;
   inst.run(call);
 }
 
-void grouped_gemm_wgrad(const void* x, const void* dy, const int64_t* offsets, void* dw, int64_t M, int64_t K,
-                        int64_t N, int64_t E, int dtype, bool trans_b, void* workspace, int64_t workspace_bytes,
-                        cudaStream_t stream) {
+void grouped_gemm_wgrad(const grouped_gemm_wgrad_args& a) {
   const char* what = "grouped_gemm_wgrad";
-  check_gemm_sizes(M, K, N, E, what);
-  const GroupedGemmInstance& inst = instance_or_throw(dtype, GemmOp::kWgrad, K, N, what);  // both layouts
+  const int dtype = check_gemm_args(a, what, {{"dy", a.dy.dtype}, {"dw", a.dw.dtype}});
+  const GroupedGemmInstance& inst = instance_or_throw(dtype, GemmOp::kWgrad, a.K, a.N, what);  // both layouts
+  const int64_t M = a.M, K = a.K, N = a.N, E = a.E;
   if (E == 0 || K == 0 || N == 0) return;  // dw is empty
-  check_arg(dw != nullptr && offsets != nullptr, what, "dw and offsets must not be null");
-  check_arg(M == 0 || (x != nullptr && dy != nullptr), what, "x and dy must not be null");
-  check_arg(workspace_bytes >= 0, what, "workspace_bytes must be >= 0");
-  const Device dev = current_device(what);
+  check_arg(a.dw.data != nullptr && a.offsets != nullptr, what, "dw and offsets must not be null");
+  check_arg(M == 0 || (a.x.data != nullptr && a.dy.data != nullptr), what, "x and dy must not be null");
   // dw[e] = a_e^T @ b_e with (a, b) = (x, dy) -> [K, N], or (dy, x) -> [N, K] for trans_b.
   GroupedGemmCall call;
-  call.a = trans_b ? dy : x;
-  call.b = trans_b ? x : dy;
-  call.offsets = offsets;
-  call.d = dw;
-  call.M = M;
-  call.K = trans_b ? N : K;
-  call.N = trans_b ? K : N;
-  call.E = E;
-  call.workspace = workspace;
-  call.workspace_bytes = static_cast<size_t>(workspace_bytes);
-  call.device = dev.id;
-  call.sm_count = dev.sm_count;
-  call.stream = stream;
+  static_cast<GemmLaunch&>(call) = gemm_launch(M, a.trans_b ? N : K, a.trans_b ? K : N, E, a.workspace,
+                                               a.workspace_bytes, a.stream, what);
+  call.a = a.trans_b ? a.dy.data : a.x.data;
+  call.b = a.trans_b ? a.x.data : a.dy.data;
+  call.offsets = a.offsets;
+  call.d = a.dw.data;
   inst.run(call);
 }
 

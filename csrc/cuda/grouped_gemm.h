@@ -18,21 +18,26 @@ enum class GemmOp : int {
   kWgrad = 2,  // d[e] = a_e^T @ b_e,  a [M, K], b [M, N], d [E, K, N]  (A M-major, B N-major)
 };
 
-// One launch. All pointers are device pointers; `offsets` [E + 1] int64 stays on the device.
-// Forward (kXW, kXWt): a = x [M, K], b = w, d = y [M, N].
-// Wgrad: a [M, K] and b [M, N] are the two row-grouped operands, d = dw [E, K, N]; the caller
-// maps (x, dy) or (dy, x) onto (a, b) so that both wgrad layouts are this one.
-struct GroupedGemmCall {
-  const void* a = nullptr;
-  const void* b = nullptr;
-  const int64_t* offsets = nullptr;
-  void* d = nullptr;
+// What every grouped GEMM launch (bf16/fp16 here, FP8 in grouped_gemm_fp8.h) carries besides its
+// operands: the problem sizes, the caller's device scratch, the device and the stream.
+struct GemmLaunch {
   int64_t M = 0, K = 0, N = 0, E = 0;
   void* workspace = nullptr;
   size_t workspace_bytes = 0;
   int device = 0;
   int sm_count = 0;  // the persistent grid and the per-SM TMA descriptor slots
   cudaStream_t stream = nullptr;
+};
+
+// One launch. All pointers are device pointers; `offsets` [E + 1] int64 stays on the device.
+// Forward (kXW, kXWt): a = x [M, K], b = w, d = y [M, N].
+// Wgrad: a [M, K] and b [M, N] are the two row-grouped operands, d = dw [E, K, N]; the caller
+// maps (x, dy) or (dy, x) onto (a, b) so that both wgrad layouts are this one.
+struct GroupedGemmCall : GemmLaunch {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  const int64_t* offsets = nullptr;
+  void* d = nullptr;
 };
 
 // A compiled instance: its name (for error messages and backend_info), the device scratch it
@@ -57,6 +62,11 @@ extern const GroupedGemmInstance kSm90Bf16XWWide;
 extern const GroupedGemmInstance kSm90Bf16XWtWide;
 extern const GroupedGemmInstance kSm90F16XWWide;
 extern const GroupedGemmInstance kSm90F16XWtWide;
+
+// Entry points of compass_kernels._cuda besides the kernels of common/kernels.def (grouped_gemm.cu).
+bool grouped_gemm_supported(int dtype, bool trans_b, int64_t K, int64_t N);
+int64_t grouped_gemm_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b);
+int64_t grouped_gemm_wgrad_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int dtype, bool trans_b);
 
 }  // namespace cuda
 }  // namespace compass

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <string>
 
+#include "common/check.h"
+#include "common/kernel_args.h"
 #include "cuda/common.cuh"
 #include "cuda/grouped_gemm_fp8.h"
 #include "cuda/gemm_host.h"
@@ -66,11 +68,7 @@ std::string unsupported_reason(int x_gran, int w_gran, int64_t K, int64_t N, int
   if (find_instance(x_gran, w_gran, out_dtype) == nullptr)
     return std::string("out dtype ") + dtype_name(out_dtype) + " has no CUTLASS instance (bfloat16 only)";
   if (K < 0 || N < 0) return "K and N must be >= 0";
-  if (K % kFp8TmaAlignElems != 0 || N % kFp8TmaAlignElems != 0)
-    return "K = " + std::to_string(K) + " and N = " + std::to_string(N) +
-           " must be multiples of 16 (TMA needs 16-byte rows of float8 elements)";
-  if (K > INT32_MAX || N > INT32_MAX) return "K and N must be < 2^31";
-  return "";
+  return tma_shape_reason(K, N, kFp8TmaAlignElems, "TMA needs 16-byte rows of float8 elements");
 #endif
 }
 
@@ -96,34 +94,25 @@ int64_t grouped_gemm_fp8_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_
   return static_cast<int64_t>(inst.workspace_bytes(E, current_device(what).sm_count));
 }
 
-void grouped_gemm_fp8(const void* x, const float* x_scale, const void* w, const float* w_scale,
-                      const int64_t* offsets, void* y, int64_t M, int64_t K, int64_t N, int64_t E, int x_gran,
-                      int w_gran, int out_dtype, void* workspace, int64_t workspace_bytes, cudaStream_t stream) {
+void grouped_gemm_fp8(const grouped_gemm_fp8_args& a) {
   const char* what = "grouped_gemm_fp8";
-  check_gemm_sizes(M, K, N, E, what);
-  const GroupedGemmFp8Instance& inst = instance_or_throw(x_gran, w_gran, K, N, out_dtype, what);
+  const int64_t M = a.M, K = a.K, N = a.N, E = a.E;
+  check_gemm_args(a, what, {{"w", a.w.dtype}});
+  const GroupedGemmFp8Instance& inst =
+      instance_or_throw(int(a.x_gran), int(a.w_gran), K, N, int(a.y.dtype), what);
   if (M == 0 || N == 0) return;  // y is empty
-  check_arg(y != nullptr && offsets != nullptr, what, "y and offsets must not be null");
-  check_arg(K == 0 || (x != nullptr && x_scale != nullptr && (E == 0 || (w != nullptr && w_scale != nullptr))),
+  check_arg(a.y.data != nullptr && a.offsets != nullptr, what, "y and offsets must not be null");
+  check_arg(K == 0 || (a.x.data != nullptr && a.x_scale != nullptr &&
+                       (E == 0 || (a.w.data != nullptr && a.w_scale != nullptr))),
             what, "x, x_scale, w and w_scale must not be null");
-  check_arg(workspace_bytes >= 0, what, "workspace_bytes must be >= 0");
-  const Device dev = current_device(what);
   GroupedGemmFp8Call call;
-  call.x = x;
-  call.x_scale = x_scale;
-  call.w = w;
-  call.w_scale = w_scale;
-  call.offsets = offsets;
-  call.y = y;
-  call.M = M;
-  call.K = K;
-  call.N = N;
-  call.E = E;
-  call.workspace = workspace;
-  call.workspace_bytes = static_cast<size_t>(workspace_bytes);
-  call.device = dev.id;
-  call.sm_count = dev.sm_count;
-  call.stream = stream;
+  static_cast<GemmLaunch&>(call) = gemm_launch(M, K, N, E, a.workspace, a.workspace_bytes, a.stream, what);
+  call.x = a.x.data;
+  call.x_scale = a.x_scale;
+  call.w = a.w.data;
+  call.w_scale = a.w_scale;
+  call.offsets = a.offsets;
+  call.y = a.y.data;
   inst.run(call);
 }
 

@@ -29,6 +29,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/grouped_gemm.h"  // GemmLaunch
+
 namespace compass {
 namespace cuda {
 
@@ -46,19 +48,13 @@ constexpr int64_t kFp8ScaleBlock = 128;  // the only block size the blockwise in
 constexpr int64_t kFp8TmaAlignElems = 16;  // K and N multiples of 16: 16-byte TMA rows of 1-byte x/w
 
 // One launch. All pointers are device pointers; `offsets` [E + 1] int64 stays on the device.
-struct GroupedGemmFp8Call {
+struct GroupedGemmFp8Call : GemmLaunch {
   const void* x = nullptr;        // [M, K] e4m3
   const float* x_scale = nullptr;  // see the layouts above
   const void* w = nullptr;        // [E, N, K] e4m3
   const float* w_scale = nullptr;
   const int64_t* offsets = nullptr;
   void* y = nullptr;  // [M, N] out dtype
-  int64_t M = 0, K = 0, N = 0, E = 0;
-  void* workspace = nullptr;
-  size_t workspace_bytes = 0;
-  int device = 0;
-  int sm_count = 0;  // the persistent grid and the per-SM TMA descriptor slots
-  cudaStream_t stream = nullptr;
 };
 
 struct GroupedGemmFp8Instance {
@@ -73,6 +69,11 @@ struct GroupedGemmFp8Instance {
 // only when the build defines COMPASS_HAVE_SM90_GROUPED_GEMM.
 extern const GroupedGemmFp8Instance kSm90Fp8RowBf16;
 extern const GroupedGemmFp8Instance kSm90Fp8BlockBf16;
+
+// Entry points of compass_kernels._cuda besides the kernels of common/kernels.def (grouped_gemm_fp8.cu).
+bool grouped_gemm_fp8_supported(int x_gran, int w_gran, int64_t K, int64_t N, int out_dtype);
+int64_t grouped_gemm_fp8_workspace_bytes(int64_t M, int64_t K, int64_t N, int64_t E, int x_gran, int w_gran,
+                                         int out_dtype);
 
 }  // namespace cuda
 }  // namespace compass

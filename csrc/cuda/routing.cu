@@ -1,11 +1,12 @@
 // MoE routing kernels: route (expert ids -> stable row map), permute (scatter tokens into
 // expert-sorted rows), unpermute (gather + weighted combine over top-k) and its backward.
-// Contract: compass_kernels/_ext.py. Everything is launched on the caller's stream with no host
+// Arguments: common/kernels.def. Everything is launched on the caller's stream with no host
 // sync, no allocation and no host read of device data, so the ops are CUDA-graph capturable.
 #include <algorithm>
 #include <cstdint>
 #include <string>
 
+#include "common/kernel_args.h"
 #include "cuda/common.cuh"
 
 namespace compass {
@@ -455,10 +456,14 @@ int64_t route_workspace_numel(int64_t T, int64_t k, int64_t E) {
   return ceil_div<int64_t>(chunks * E, 2);  // int32 counts packed into the int64 workspace
 }
 
-void route(const void* ids, bool ids_is_int64, int64_t T, int64_t k, int64_t E, int64_t capacity,
-           int64_t align, int64_t* row_id_map, int64_t* tokens_per_expert, int64_t* expert_offsets,
-           int64_t* workspace, cudaStream_t stream) {
+void route(const route_args& a) {
   const char* what = "route";
+  const int64_t T = a.T, k = a.k, E = a.E, capacity = a.capacity, align = a.align;
+  check_arg(a.workspace.data == nullptr || a.workspace.dtype == int(DType::kInt64), what, "workspace must be int64");
+  int64_t* const workspace = a.workspace.as<int64_t>();
+  const cudaStream_t stream = a.stream;
+  check_arg(a.topk_ids.dtype == int(DType::kInt64) || a.topk_ids.dtype == int(DType::kInt32), what,
+            std::string("topk_ids must be int32 or int64, got ") + dtype_name(a.topk_ids.dtype));
   check_arg(T >= 0 && k >= 0, what, "T and k must be >= 0");
   check_arg(E >= 0 && E <= 0x7fffffffLL, what, "E out of range");
   check_arg(align >= 1, what, "align must be >= 1, got " + std::to_string(align));
@@ -480,7 +485,7 @@ void route(const void* ids, bool ids_is_int64, int64_t T, int64_t k, int64_t E, 
 
   auto run = [&](auto tag) {
     using I = decltype(tag);
-    const I* id = static_cast<const I*>(ids);
+    const I* id = a.topk_ids.as<const I>();
     if (chunks > 0 && E > 0) {
       opt_in(route_count_kernel<I>, E * sizeof(int));
       route_count_kernel<I><<<chunks, kRouteThreads, E * sizeof(int), stream>>>(id, n, e32, counts);
@@ -488,21 +493,23 @@ void route(const void* ids, bool ids_is_int64, int64_t T, int64_t k, int64_t E, 
     }
     if (E > 0) {  // also for T = 0: writes tokens_per_expert = 0
       route_scan_kernel<<<ceil_div<int64_t>(E, 32), dim3(32, 32), 0, stream>>>(counts, chunks, e32, capacity,
-                                                                               tokens_per_expert);
+                                                                               a.tokens_per_expert);
       check_launch("route (scan)");
     }
     opt_in(route_assign_kernel<I>, assign_smem);
     route_assign_kernel<I><<<std::max<int64_t>(chunks, 1), kRouteThreads, assign_smem, stream>>>(
-        id, n, e32, capacity, align, counts, tokens_per_expert, row_id_map, expert_offsets);
+        id, n, e32, capacity, align, counts, a.tokens_per_expert, a.row_id_map, a.expert_offsets);
     check_launch("route (assign)");
   };
-  if (ids_is_int64) run(int64_t{}); else run(int32_t{});
+  if (a.topk_ids.dtype == int(DType::kInt64)) run(int64_t{}); else run(int32_t{});
 }
 
-void permute(const void* x, int64_t stride_x, int64_t elem_size, int64_t T, int64_t H, const int64_t* row_id_map,
-             int64_t k, const int64_t* expert_offsets, const int64_t* tokens_per_expert, int64_t E,
-             int64_t num_rows, void* out, cudaStream_t stream) {
+void permute(const permute_args& a) {
   const char* what = "permute";
+  const int64_t elem_size = a.elem_size, T = a.T, H = a.H, k = a.k, E = a.E, num_rows = a.num_rows;
+  const int64_t stride_x = a.x.stride;
+  const void* x = a.x.data;
+  void* out = a.out;
   check_arg(T >= 0 && H >= 0 && k >= 0 && E >= 0 && num_rows >= 0, what, "sizes must be >= 0");
   check_arg(elem_size >= 1, what, "elem_size must be >= 1");
   const int64_t row_bytes = H * elem_size;
@@ -519,9 +526,9 @@ void permute(const void* x, int64_t stride_x, int64_t elem_size, int64_t T, int6
 
   auto run = [&](auto tag) {
     using V = decltype(tag);
-    permute_kernel<V><<<blocks, block, smem, stream>>>(
-        static_cast<const V*>(x), stride_x * elem_size / vb, T, units, row_id_map, static_cast<int>(k),
-        expert_offsets, tokens_per_expert, static_cast<int>(E), num_rows, static_cast<V*>(out), token_blocks);
+    permute_kernel<V><<<blocks, block, smem, a.stream>>>(
+        static_cast<const V*>(x), stride_x * elem_size / vb, T, units, a.row_id_map, static_cast<int>(k),
+        a.expert_offsets, a.tokens_per_expert, static_cast<int>(E), num_rows, static_cast<V*>(out), token_blocks);
   };
   switch (vb) {
     case 16: run(uint4{}); break;
@@ -555,12 +562,16 @@ inline void check_probs_dtype(const void* probs, int probs_dtype, const char* wh
 }
 }  // namespace
 
-void unpermute(const void* y, int64_t stride_y, int dtype, int64_t num_rows, int64_t H, const int64_t* row_id_map,
-               int64_t T, int64_t k, const void* probs, int probs_dtype, void* out, cudaStream_t stream) {
+void unpermute(const unpermute_args& a) {
   const char* what = "unpermute";
+  const int64_t num_rows = a.num_rows, H = a.H, T = a.T, k = a.k, stride_y = a.y.stride;
+  const void* y = a.y.data;
+  const void* probs = a.probs.data;
+  const int probs_dtype = int(a.probs.dtype);
+  void* out = a.out;
   check_arg(T >= 0 && H >= 0 && k >= 0 && num_rows >= 0, what, "sizes must be >= 0");
   check_probs_dtype(probs, probs_dtype, what);
-  dispatch_float(dtype, what, "y", [&](auto tag) {
+  dispatch_float(int(a.y.dtype), what, "y", [&](auto tag) {
     using T_ = decltype(tag);
     using A = acc_t<T_>;
     if (T == 0 || H == 0) return;
@@ -573,23 +584,29 @@ void unpermute(const void* y, int64_t stride_y, int dtype, int64_t num_rows, int
     const size_t smem = size_t(block.y) * k * (sizeof(int64_t) + sizeof(A));
     check_smem(smem, what, "k slots");
     auto launch = [&](auto kernel) {
-      kernel<<<blocks, block, smem, stream>>>(static_cast<const T_*>(y), stride_y, H, row_id_map, T,
-                                              static_cast<int>(k), probs, probs_dtype, static_cast<T_*>(out));
+      kernel<<<blocks, block, smem, a.stream>>>(static_cast<const T_*>(y), stride_y, H, a.row_id_map, T,
+                                                static_cast<int>(k), probs, probs_dtype, static_cast<T_*>(out));
       check_launch(what);
     };
     if (vec) launch(unpermute_kernel<T_, kPack>); else launch(unpermute_kernel<T_, 1>);
   });
 }
 
-void unpermute_bwd(const void* grad_out, int64_t stride_g, const void* y, int64_t stride_y, int dtype,
-                   int64_t num_rows, int64_t H, const int64_t* row_id_map, int64_t T, int64_t k,
-                   const int64_t* expert_offsets, const int64_t* tokens_per_expert, int64_t E,
-                   const void* probs, int probs_dtype, void* grad_y, void* grad_probs, cudaStream_t stream) {
+void unpermute_bwd(const unpermute_bwd_args& a) {
   const char* what = "unpermute_bwd";
+  const int64_t num_rows = a.num_rows, H = a.H, T = a.T, k = a.k, E = a.E;
+  const int64_t stride_g = a.grad_out.stride, stride_y = a.y.stride;
+  const void* grad_out = a.grad_out.data;
+  const void* y = a.y.data;
+  const void* probs = a.probs.data;
+  const int probs_dtype = int(a.probs.dtype);
+  void* grad_y = a.grad_y;
+  void* grad_probs = a.grad_probs;
   check_arg(T >= 0 && H >= 0 && k >= 0 && E >= 0 && num_rows >= 0, what, "sizes must be >= 0");
   check_probs_dtype(probs, probs_dtype, what);
   check_arg(probs == nullptr || grad_probs != nullptr, what, "grad_probs is null while probs is given");
-  dispatch_float(dtype, what, "grad_out", [&](auto tag) {
+  check_arg(y == nullptr || a.y.dtype == a.grad_out.dtype, what, "y must have grad_out's dtype");
+  dispatch_float(int(a.grad_out.dtype), what, "grad_out", [&](auto tag) {
     using T_ = decltype(tag);
     using A = acc_t<T_>;
     constexpr int kPack = 16 / sizeof(T_);
@@ -608,9 +625,9 @@ void unpermute_bwd(const void* grad_out, int64_t stride_g, const void* y, int64_
     const size_t smem = size_t(block.y) * k * (sizeof(int64_t) + sizeof(A)) + 2 * block.y * 4 * sizeof(A);
     check_smem(smem, what, "k slots");
     auto launch = [&](auto kernel) {
-      kernel<<<blocks, block, smem, stream>>>(static_cast<const T_*>(grad_out), stride_g,
-                                              static_cast<const T_*>(y), stride_y, H, row_id_map, T,
-                                              static_cast<int>(k), expert_offsets, tokens_per_expert,
+      kernel<<<blocks, block, smem, a.stream>>>(static_cast<const T_*>(grad_out), stride_g,
+                                              static_cast<const T_*>(y), stride_y, H, a.row_id_map, T,
+                                              static_cast<int>(k), a.expert_offsets, a.tokens_per_expert,
                                               static_cast<int>(E), num_rows, probs, probs_dtype,
                                               static_cast<T_*>(grad_y), grad_probs, token_blocks);
       check_launch(what);

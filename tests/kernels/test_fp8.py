@@ -331,17 +331,18 @@ def test_bad_inputs():
 
 @pytest.mark.skipif(not fp8._CPU_QUANT, reason="compass_kernels._cpu has no quantize_fp8")
 def test_cpu_entry_point_checks():
-    m = fp8._ext.cpu_module
+    m = fp8._ext.cpu
     x = torch.randn(4, 8)
     d, s = torch.empty(4, 8, dtype=torch.float8_e4m3fn), torch.empty(4)
+    sizes = {"B": 1, "M": 4, "K": 8, "stride_b": 32, "block_size": 128, "scale": s}
     with pytest.raises(ValueError, match=r"granularity must be 0 \(tensor\), 1 \(row\), 2 \(block\) or 3"):
-        m.quantize_fp8(x.data_ptr(), 0, 1, 4, 8, 32, 8, 7, 128, 6, d.data_ptr(), s.data_ptr())
+        m.quantize_fp8(x=x, granularity=7, data=d, **sizes)
     with pytest.raises(ValueError, match=r"out_dtype must be float8_e4m3fn or float8_e5m2, got code 0"):
-        m.quantize_fp8(x.data_ptr(), 0, 1, 4, 8, 32, 8, 1, 128, 0, d.data_ptr(), s.data_ptr())
+        m.quantize_fp8(x=x, granularity=1, data=torch.empty(4, 8), **sizes)
     with pytest.raises(ValueError, match=r"stride_m must be >= H = 8"):
-        m.quantize_fp8(x.data_ptr(), 0, 1, 4, 8, 32, 4, 1, 128, 6, d.data_ptr(), s.data_ptr())
+        m.quantize_fp8(x=x.as_strided((4, 8), (4, 1)), granularity=1, data=d, **sizes)
     with pytest.raises(ValueError, match=r"x must be float32, bfloat16 or float16, got code 1 \(float64\)"):
-        m.quantize_fp8(x.data_ptr(), 1, 1, 4, 8, 32, 8, 1, 128, 6, d.data_ptr(), s.data_ptr())
+        m.quantize_fp8(x=x.double(), granularity=1, data=d, **sizes)
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

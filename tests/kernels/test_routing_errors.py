@@ -63,4 +63,5 @@ def test_cpu_kernel_rejects_out_of_range_ids_too():
     ids = torch.tensor([[0, 9]])
     out = [torch.empty(1, 2, dtype=torch.int64), torch.empty(4, dtype=torch.int64), torch.empty(5, dtype=torch.int64)]
     with pytest.raises(ValueError, match="topk_ids"):
-        _ext.cpu_module.route(ids.data_ptr(), True, 1, 2, 4, -1, 1, *(t.data_ptr() for t in out))
+        _ext.cpu.route(topk_ids=ids, T=1, k=2, E=4, capacity=-1, align=1, row_id_map=out[0], tokens_per_expert=out[1],
+                       expert_offsets=out[2], workspace=None)
