@@ -66,9 +66,10 @@ def check_offset_values(offsets: torch.Tensor, M: int) -> None:
 
 
 # CPU: groups go to torch's BLAS as few, batched calls. One torch.mm per small group leaves both BLAS
-# threads splitting a small product (and paying a thread-team handoff per group); a torch.bmm over two
-# or more groups gives each thread whole products. Adjacent equal-size groups (uniform routing) are one
-# bmm over zero-copy [n, m, K] views; any two groups form a batch of 2 through as_strided views (a
+# threads splitting a small product (and paying a thread-team handoff per group); a torch.bmm into a
+# contiguous output gives each thread whole products (torch loops item by item otherwise). Adjacent
+# equal-size groups (uniform routing) are one bmm over zero-copy [n, m, K] views; many unequal groups
+# are one padded bmm (below); otherwise any two groups form a batch of 2 through as_strided views (a
 # constant batch stride always exists for two items); groups of >= _CPU_BIG rows run alone.
 _CPU_BIG = 1024  # rows; a product this tall already keeps both threads busy
 _CPU_PAD = 32  # rows a group may be padded by (its extra rows land in rows that are written later)

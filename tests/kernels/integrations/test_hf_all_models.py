@@ -45,7 +45,7 @@ def _params():
         marks = []
         if fam in SKIP:
             marks.append(pytest.mark.skip(reason=SKIP[fam]))
-        elif fam not in DEFAULT and fam not in COVERED:
+        elif fam not in DEFAULT:                      # (COVERED run by default in test_hf_models.py)
             marks.append(pytest.mark.slow)
         out.append(pytest.param(fam, marks=marks, id=fam))
     return out
