@@ -100,7 +100,7 @@ def families() -> dict[str, str]:
         for suffix in ("ForCausalLM", "TextModel", "Model"):
             pick = [n for n in names if n.endswith(suffix) and "Vision" not in n and "Audio" not in n]
             if pick:
-                out[fam] = sorted(pick, key=len)[0]
+                out[fam] = min(pick, key=len)
                 break
     return out
 
