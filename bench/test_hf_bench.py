@@ -141,7 +141,8 @@ def test_ratio_floors(benchmark):
     missed = []
     for pass_, rounds in (("fwd", 7), ("fwdbwd", 3)):
         med = interleaved_medians("E128k8", pass_, rounds)
-        lines.append(f"{pass_} E128k8 round-robin medians: " + ", ".join(f"{p} {v * 1e3:.0f} ms" for p, v in med.items()))
+        times = ", ".join(f"{p} {v * 1e3:.0f} ms" for p, v in med.items())
+        lines.append(f"{pass_} E128k8 round-robin medians: {times}")
         for other, floor in FLOORS.items():
             r = med[other] / med[NAME]
             lines.append(f"{pass_} E128k8 vs {other}: {r:.2f}x (round-robin, floor {floor}x)")
