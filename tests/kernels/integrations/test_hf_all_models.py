@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("transformers", minversion="5")
 
 import compass_kernels.integrations.transformers as hf
+from kernels.integrations.hf_families import experts_classes
 from kernels.integrations.hf_models import families, tiny_model
 
 NAME = hf.register()
@@ -63,6 +64,7 @@ def _run(model, impl: str, ids: torch.Tensor):
 
 def test_every_decorated_family_has_a_model():
     fams = families()
+    assert set(fams) == {q.split(".")[0] for q in experts_classes()}
     assert set(COVERED) <= set(fams) and len(fams) >= 20
     assert set(SKIP) | set(DEFAULT) <= set(fams)
 
