@@ -5,7 +5,7 @@ per-expert loop). CPU fp32, forward and forward + backward (dx, dW and the routi
 Shapes, T=2048 tokens, d=512: Mixtral-like E=8 and E=16, top-2, f=704 (MixtralExperts), and
 fine-grained E=128, top-8, f=176 (Qwen3MoeExperts), the same active width k f = 1408. Routing: the
 softmax top-k of random logits (uniform load). ``test_ratio_floors`` (last) prints every ratio and
-checks, per pass at E=128, compass >= 1.0x grouped_mm and >= 3x eager on medians of a round-robin
+checks, per pass at E=128, compass >= 1.0x grouped_mm and >= 3x eager on medians of an interleaved
 timing (the three providers alternate, so a shared machine's load drifts over all of them alike),
 when timing is on. Every provider runs in this process with the same thread count (bench/conftest.py).
 
@@ -15,14 +15,14 @@ COMPASS_BENCH_QUICK=1: tiny shapes (the suite runs, nothing is timed).
 
 from __future__ import annotations
 
+import functools
 import os
-import statistics
-import time
 
 import pytest
 import torch
 
 from compass_kernels.benchmarking.models import expert_flops
+from compass_kernels.benchmarking.timers import median_times
 from quick import QUICK, pick
 
 transformers = pytest.importorskip("transformers", minversion="5")
@@ -111,23 +111,15 @@ def _step(m, x, ids, w, provider, pass_):
 
 
 def interleaved_medians(shape: str, pass_: str, rounds: int) -> dict:
-    """Median seconds per provider, timed round-robin (the order rotates every round) so that the
-    load of a shared machine drifts over all providers alike."""
+    """Median seconds per provider, the providers timed interleaved (the harness's median_times),
+    so that the load of a shared machine drifts over all of them alike."""
     m, x, ids, w = _experts(shape)
-    times: dict = {p: [] for p in PROVIDERS}
-    for p in PROVIDERS:
-        _step(m, x, ids, w, p, pass_)                     # warm-up
-    for r in range(rounds):
-        for p in PROVIDERS[r % len(PROVIDERS):] + PROVIDERS[: r % len(PROVIDERS)]:
-            t0 = time.perf_counter()
-            _step(m, x, ids, w, p, pass_)
-            times[p].append(time.perf_counter() - t0)
-    return {p: statistics.median(v) for p, v in times.items()}
+    return median_times({p: functools.partial(_step, m, x, ids, w, p, pass_) for p in PROVIDERS}, rounds)
 
 
 def test_ratio_floors(benchmark):
     """compass vs the others. Prints the ratios of the cases above (each timed on its own) and
-    checks the floors at E=128 on a round-robin timing of the three providers (runs after the cases
+    checks the floors at E=128 on an interleaved timing of the three providers (runs after the cases
     above, in file order; it takes the benchmark fixture, unused, so that --benchmark-only runs it)."""
     if QUICK or not _MEDIANS:
         pytest.skip("timing is off (--benchmark-disable or quick mode)")
@@ -143,12 +135,12 @@ def test_ratio_floors(benchmark):
     for pass_, rounds in (("fwd", 7), ("fwdbwd", 3)):
         med = interleaved_medians("E128k8", pass_, rounds)
         times = ", ".join(f"{p} {v * 1e3:.0f} ms" for p, v in med.items())
-        lines.append(f"{pass_} E128k8 round-robin medians: {times}")
+        lines.append(f"{pass_} E128k8 interleaved medians: {times}")
         for other, floor in FLOORS.items():
             r = med[other] / med[NAME]
-            lines.append(f"{pass_} E128k8 vs {other}: {r:.2f}x (round-robin, floor {floor}x)")
+            lines.append(f"{pass_} E128k8 vs {other}: {r:.2f}x (interleaved, floor {floor}x)")
             if r < floor:
                 missed.append(f"{pass_} E128k8 vs {other}: {r:.2f}x < {floor}x")
-    lines.append(f"load average {os.getloadavg()[0]:.1f} (after the round-robin)")
+    lines.append(f"load average {os.getloadavg()[0]:.1f} (after the interleaved timing)")
     print("\n" + "\n".join(lines))
     assert not missed, "; ".join(missed)
