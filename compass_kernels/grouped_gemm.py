@@ -66,9 +66,10 @@ def check_offset_values(offsets: torch.Tensor, M: int) -> None:
 
 
 # CPU: groups go to torch's BLAS as few, batched calls. One torch.mm per small group leaves both BLAS
-# threads splitting a small product (and paying a thread-team handoff per group); a torch.bmm over two
-# or more groups gives each thread whole products. Adjacent equal-size groups (uniform routing) are one
-# bmm over zero-copy [n, m, K] views; any two groups form a batch of 2 through as_strided views (a
+# threads splitting a small product (and paying a thread-team handoff per group); a torch.bmm into a
+# contiguous output gives each thread whole products (torch loops item by item otherwise). Adjacent
+# equal-size groups (uniform routing) are one bmm over zero-copy [n, m, K] views; many unequal groups
+# are one padded bmm (below); otherwise any two groups form a batch of 2 through as_strided views (a
 # constant batch stride always exists for two items); groups of >= _CPU_BIG rows run alone.
 _CPU_BIG = 1024  # rows; a product this tall already keeps both threads busy
 _CPU_PAD = 32  # rows a group may be padded by (its extra rows land in rows that are written later)
@@ -113,8 +114,68 @@ def _cpu_schedule(b: list[int], pad: bool, M: int):
         e = nxt[g + 1]
 
 
+# Many unequal groups (fine-grained experts, 100-200 rows each): one torch.bmm over the groups padded
+# to the tallest, instead of one BLAS call per group. torch hands a bmm whose output is contiguous to
+# MKL's strided batch GEMM: one parallel region with whole products per thread, where a loop of mm
+# calls opens one region per group and splits each small product across the threads (on a busy
+# machine every region waits for a descheduled thread). The price: a gather of x's rows into the
+# padded batch, one of the outputs back, and the padding's FLOPs, so it runs only when padding adds
+# at most _PAD_WASTE of the rows.
+_PAD_MIN_GROUPS = 8
+_PAD_WASTE = 0.5
+
+
+def _padded_span(b: list[int]):
+    """(e, f, m): the nonempty groups lie in e..f-1, the tallest has m rows; None when padding them
+    all to m rows does not pay (few groups, a group of >= _CPU_BIG rows, or too much padding)."""
+    E = len(b) - 1
+    sz = [b[i + 1] - b[i] for i in range(E)]
+    live = [i for i in range(E) if sz[i]]
+    if len(live) < _PAD_MIN_GROUPS:
+        return None
+    e, f = live[0], live[-1] + 1
+    m = max(sz)
+    if m >= _CPU_BIG or (f - e) * m > (1 + _PAD_WASTE) * (b[f] - b[e]) or len(set(sz[e:f])) == 1:
+        return None
+    return e, f, m
+
+
+def _padded_rows(b: list[int], e: int, f: int, m: int, M: int):
+    """Gather indices of groups e..f-1 padded to m rows each: (src [(f - e) m], pad [(f - e) m] bool,
+    dst [b[f] - b[e]]). src repeats each group's last row (an empty group's, a neighbour's) where pad
+    is set; dst is the padded position of every real row, in order."""
+    n = f - e
+    start = torch.tensor(b[e:f], dtype=torch.int64)
+    size = torch.tensor(b[e + 1: f + 1], dtype=torch.int64) - start
+    j = torch.arange(m, dtype=torch.int64)[None, :]
+    src = (start[:, None] + torch.minimum(j, (size - 1).clamp(min=0)[:, None])).clamp(max=M - 1)
+    group = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), size)
+    dst = group * m + torch.arange(b[f] - b[e], dtype=torch.int64) - (start - b[e])[group]
+    return src.view(-1), (j >= size[:, None]).view(-1), dst
+
+
+def _gemm_cpu_padded(x, wk, b: list[int], e: int, f: int, m: int, y: torch.Tensor) -> None:
+    """y[b[e]:b[f]] = the groups e..f-1 through one bmm over [f - e, m, K] (padding rows computed, dropped)."""
+    n, K, N = f - e, x.shape[1], wk.shape[2]
+    src, _, dst = _padded_rows(b, e, f, m, x.shape[0])
+    yp = torch.bmm(x.index_select(0, src).view(n, m, K), wk[e:f])
+    torch.index_select(yp.view(n * m, N), 0, dst, out=y[b[e]: b[f]])
+
+
+def _wgrad_cpu_padded(a_, b_, b: list[int], e: int, f: int, m: int, dw: torch.Tensor) -> None:
+    """dw[e:f] = a_e^T b_e for the groups e..f-1 through one bmm over them padded to m rows; the
+    padding rows of the narrower operand are zeroed, so they add nothing (each dw[e] is summed in
+    the GEMM's accumulator and rounded once, 16-bit included)."""
+    n = f - e
+    src, pad, _ = _padded_rows(b, e, f, m, a_.shape[0])
+    pa, pb = a_.index_select(0, src), b_.index_select(0, src)
+    (pa if pa.shape[1] <= pb.shape[1] else pb).masked_fill_(pad[:, None], 0)
+    torch.bmm(pa.view(n, m, -1).transpose(1, 2), pb.view(n, m, -1), out=dw[e:f])
+
+
 def _gemm_cpu(x, w, offsets, trans_b: bool) -> torch.Tensor:
-    """Each group's product written straight into its slice of y by torch's BLAS (no cat copies).
+    """Each group's product written straight into its slice of y by torch's BLAS (no cat copies), or
+    many unequal groups through one padded bmm.
 
     Offsets live in host memory here, so reading them (tolist) is not a device sync; this path only
     serves CPU tensors.
@@ -125,6 +186,11 @@ def _gemm_cpu(x, w, offsets, trans_b: bool) -> torch.Tensor:
     y = _ext.empty(M, N, dtype=x.dtype, device=x.device)
     b = offsets.tolist()
     y[: b[0]].zero_()
+    span = _padded_span(b) if K else None
+    if span is not None:
+        _gemm_cpu_padded(x, wk, b, *span, y)
+        y[b[-1]:].zero_()
+        return y
     for op, e, *rest in _cpu_schedule(b, True, M):
         s = b[e]
         if op == "run":
@@ -148,6 +214,13 @@ def _wgrad_cpu(x, dy, offsets, num_groups: int, trans_b: bool) -> torch.Tensor:
     dw = _ext.empty(num_groups, *((N, K) if trans_b else (K, N)), dtype=x.dtype, device=x.device)
     a_, b_ = (dy, x) if trans_b else (x, dy)  # dw[e] = a_e^T b_e
     b = offsets.tolist()
+    span = _padded_span(b) if x.shape[0] else None
+    if span is not None:
+        e, f, m = span
+        _wgrad_cpu_padded(a_, b_, b, e, f, m, dw)
+        dw[:e].zero_()
+        dw[f:].zero_()
+        return dw
     done = [False] * num_groups
     for op, e, *rest in _cpu_schedule(b, False, x.shape[0]):  # no padding: extra rows would add to dw
         s = b[e]

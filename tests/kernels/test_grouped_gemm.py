@@ -27,6 +27,9 @@ CASES = [
     (41, 16, 8, [3, 7, 11], 13),              # rows before offsets[0] too
     (23, 0, 8, [10, 13], 0),                  # K = 0
     (97, 24, 17, [1] * 16 + [81], 0),         # many tiny groups
+    # many unequal groups (one padded bmm on CPU), an empty one inside, rows before and after
+    (260, 24, 17, [20, 17, 0, 23, 19, 21, 18, 22, 16, 20, 24, 19], 9),
+    (130, 8, 5, [0, 0, 9, 11, 10, 12, 9, 13, 10, 11, 12, 0], 0),  # empty groups at both ends
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -86,6 +89,44 @@ def test_gradcheck_fp64(trans_b):
     x.requires_grad_(True)
     w.requires_grad_(True)
     torch.autograd.gradcheck(lambda x, w: ck.grouped_gemm(x, w, offsets, trans_b=trans_b), (x, w))
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gradcheck_fp64_many_unequal_groups(trans_b):
+    """The padded-bmm CPU path (forward, dx and dw)."""
+    x, w, offsets = _inputs(60, 5, 4, [3, 5, 0, 4, 6, 2, 5, 4, 3, 6], 4, torch.float64, trans_b)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    torch.autograd.gradcheck(lambda x, w: ck.grouped_gemm(x, w, offsets, trans_b=trans_b), (x, w))
+
+
+def _blas_calls(fn) -> dict:
+    """{aten op: count} of the matmul calls fn makes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: dict = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "bmm", "addmm", "baddbmm"):
+                calls[name] = calls.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return calls
+
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_cpu_many_unequal_groups_one_bmm(trans_b):
+    """Fine-grained experts (64 groups of 100-160 rows) cost one BLAS call per GEMM on CPU, not one
+    per group: the forward, dx and dw are one bmm each."""
+    sizes = torch.randint(100, 160, (64,), generator=torch.Generator().manual_seed(0)).tolist()
+    x, w, offsets = _inputs(sum(sizes), 32, 24, sizes, 0, torch.float32, trans_b)
+    assert _blas_calls(lambda: gg._gemm_cpu(x, w, offsets, trans_b)) == {"bmm": 1}
+    dy = torch.randn(x.shape[0], 24)
+    assert _blas_calls(lambda: gg._wgrad_cpu(x, dy, offsets, 64, trans_b)) == {"bmm": 1}
 
 
 def test_needs_input_grad_skips_wgrad(monkeypatch):
