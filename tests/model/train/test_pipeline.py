@@ -67,6 +67,17 @@ def test_every_stage_runs_and_reports(run):
         assert (out / "plots" / name).stat().st_size > 1000
 
 
+def test_alignment_reports_the_nll_term_both_ways(run):
+    """The demo aligns once as the paper does (no NLL term on chosen answers) and once with it, from the
+    same SFT model and pairs, and says in report.json which one the final model used and why."""
+    out, report = run
+    nll = json.loads((out / "report.json").read_text())["alignment"]["nll_term"]
+    assert nll["used"] is False and nll["weight"] == 1.0 and "paper" in nll["why"]
+    assert nll["accuracy_without"] == report["eval"]["accuracy"]          # the final model is the one without
+    assert 0 <= nll["accuracy_with"] <= 1 and set(nll["with"]) == {"accuracy", "retrieval_1x", "retrieval_4x"}
+    assert (out / "align-nll-other" / "pairs.json").read_text() == (out / "pairs.json").read_text()
+
+
 def test_resume_skips_finished_stages(run):
     out, report = run
     before = (out / "metrics.jsonl").read_text()
