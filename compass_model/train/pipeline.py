@@ -221,6 +221,7 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
         t0 = time.perf_counter()
         model = load_model(prev_dir, device)
         report["eval"] = evaluate_model(model, tokenizer, progress=progress, **(eval_kwargs or {}))
+        pre_extension = pre_extension or _pre_extension_checkpoint(out)     # YaRN phases of an earlier call
         if pre_extension is not None and report["eval"]["long_context"]:
             report["eval"]["long_context"]["4x_without_extension"] = _without_extension(
                 pre_extension, tokenizer, eval_kwargs or {}, device)
@@ -242,6 +243,18 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
     _plots(out, read_metrics(metrics.path), report.get("eval"))
     _write_json(out / "report.json", report)
     return report
+
+
+def _pre_extension_checkpoint(out: Path):
+    """The checkpoint the run's YaRN phases started from when an earlier call trained them (a partial run
+    such as ``--stages sft,align``): the nearest finished stage before ``long_context``; None without them."""
+    if not any(stage_done(d) for d in out.glob("checkpoints/long_context_*")):
+        return None
+    for kind in reversed(STAGES[:STAGES.index("long_context")]):
+        d = stage_dir_for(out, kind)
+        if stage_done(d):
+            return latest_checkpoint(d)
+    return None
 
 
 def _without_extension(checkpoint, tokenizer, eval_kwargs: dict, device=None) -> dict:

@@ -112,8 +112,11 @@ def demo_stages(base_context: int = 256) -> list:
     base/2, reasoning and SFT at base, then two YaRN phases: ``long_context_2x`` (x2 over the base)
     and ``long_context_4x`` (x2 over that, 4 x base in all). MTP at the preset's weight throughout
     (SFT included: the final model's draft module must match its trunk for speculative decoding).
-    The reasoning stage mixes in 1x voucher-code retrieval so that the 4x retrieval of the model
-    without the YaRN phases (``eval.long_context``) measures the extension, not an untaught task."""
+    Voucher-code retrieval (``data/passkey.py``) runs through reasoning, both YaRN phases and SFT at
+    the curriculum lengths (the context halved down to 64 tokens); SFT's extra 1024-token row every
+    second step keeps the 4x skill while it trains at the base context (docs/algorithms.md measures
+    why both are needed). Alignment is the paper's (no NLL term) and is also run with the term, so
+    ``report.json`` shows the accuracy both ways (``alignment.nll_term``)."""
     half = base_context // 2
     return [
         StageConfig("general", steps=500, rows=16, seq_len=half, lr=3e-3, warmup_steps=25),

@@ -87,6 +87,16 @@ def test_resume_skips_finished_stages(run):
     assert [s["loss_last"] for s in again["stages"]] == [s["loss_last"] for s in report["stages"]]
 
 
+def test_partial_run_still_reports_4x_without_extension(run):
+    """A later call that trains only the last stages (here: resumes align) evaluates against the
+    checkpoint the earlier call's YaRN phases started from."""
+    out, _ = run
+    again = run_pipeline(out, CFG, [s for s in _stages() if s.name == "align"], ByteTokenizer(), resume=True,
+                         progress=False, eval_kwargs={**EVAL, "n_tasks": 7, "n_speculative": 0}, log=lambda *a: None)
+    no_ext = again["eval"]["long_context"]["4x_without_extension"]
+    assert "reasoning" in no_ext["checkpoint"] and no_ext["rope_scaling"] == "none"
+
+
 def test_cli_on_the_run(run, capsys, tmp_path):
     out, report = run
     ckpt = report["final_checkpoint"]
