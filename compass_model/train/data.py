@@ -226,9 +226,11 @@ def data_files_for(data, stage_names: list) -> dict:
 
 
 def stage_data(stage, tokenizer, seed: int = 0, data_file: str | None = None) -> StageData:
-    """The ``StageData`` a ``StageConfig`` trains on."""
+    """The ``StageData`` a ``StageConfig`` trains on (SFT's generated long retrieval row only without a
+    data file: a user's own SFT data is not mixed with generated tasks)."""
+    long_rows = stage.long_rows if data_file is None else 0
     return StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows, seed=seed, data_file=data_file,
-                     long_rows=stage.long_rows, long_seq_len=stage.long_seq_len, long_every=stage.long_every)
+                     long_rows=long_rows, long_seq_len=stage.long_seq_len, long_every=stage.long_every)
 
 
 def check_stage_data(stages: list, tokenizer, files: dict, seed: int = 0) -> dict:

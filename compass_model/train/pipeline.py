@@ -91,10 +91,9 @@ def _apply_stage_rope(model, stage, fresh: bool) -> None:
     previous stage, not from this stage's own checkpoint, which is extended already)."""
     if fresh and stage.rope_factor > 1:
         extend_context(model, stage.rope_factor)
-    for field in ("seq_len", "long_seq_len"):
-        if getattr(stage, field) > model.config.max_seq_len:
-            raise ValueError(f"stage {stage.name}: {field} {getattr(stage, field)} > the model's max_seq_len "
-                             f"{model.config.max_seq_len}; raise max_seq_len or give the stage a rope_factor")
+    if stage.seq_len > model.config.max_seq_len:
+        raise ValueError(f"stage {stage.name}: seq_len {stage.seq_len} > the model's max_seq_len "
+                         f"{model.config.max_seq_len}; raise max_seq_len or give the stage a rope_factor")
 
 
 def _check_checkpoints(out: Path, stages, prev_dir, run: dict, resume: bool) -> None:
@@ -194,6 +193,10 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
             if activation_checkpointing:
                 from compass_model.train.recompute import apply_activation_checkpointing
                 apply_activation_checkpointing(model)
+            if stage.long_rows and stage.long_seq_len > model.config.max_seq_len:
+                log(f"[{stage.name}] no long retrieval row: long_seq_len {stage.long_seq_len} > the model's "
+                    f"max_seq_len {model.config.max_seq_len} (no YaRN phase before it)")
+                stage = stage.replace(long_rows=0)
             data = prepared.get(stage.name) or stage_data(stage, tokenizer, seed)
             before = 0 if ckpt is None else trainer_state(ckpt)["step"]
             train_stage(model, stage, data, sdir, metrics, resume=ckpt is not None, progress=progress, ctx=ctx,
