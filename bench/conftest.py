@@ -1,6 +1,7 @@
 """Benchmark fixtures. Run: pytest bench --benchmark-only --benchmark-json out/bench.json
 
-Each case records the bytes it must move (extra_info["bytes"]); bench/report.py turns the JSON into
+Each case records the bytes it must move (extra_info["bytes"], from compass_kernels.benchmarking.models,
+whose inputs, peers and timers the suites share with the GPU scripts); bench/report.py turns the JSON into
 GB/s, fractions of the copy ceiling and ratios to the peers, and checks them against the baseline.
 COMPASS_BENCH_QUICK=1 shrinks the shapes of the suites that adopt bench/quick.py (CI: tests/bench/test_bench_quick.py).
 """

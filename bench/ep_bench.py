@@ -14,7 +14,7 @@ Analytic (``CompassConfig.all_to_all_bytes_per_token``): bytes per token per tra
 dispatch and combine all-to-alls of every MoE layer, uniform routing, bf16 (and FP8 dispatch), and
 the time they take at NVLink vs inter-node bandwidth next to the token's compute time at a stated
 MFU. The bandwidths and peak are assumptions (H200 SXM: NVLink 4 ~450 GB/s per direction, 400 Gb/s
-NIC = 50 GB/s per GPU, 989 dense bf16 TFLOP/s), not measurements.
+NIC = 50 GB/s per GPU, 989 dense bf16 TFLOP/s: compass_kernels.benchmarking.models), not measurements.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # this checkout's compass_model, not an installed one
+from compass_kernels.benchmarking.models import H200_BF16_TFLOPS, NIC_GBPS, NVLINK_GBPS  # noqa: E402
 from compass_model import CompassConfig  # noqa: E402
 
-NVLINK_GBPS, NIC_GBPS, PEAK_TFLOPS, MFU = 450.0, 50.0, 989.0, 0.4
+PEAK_TFLOPS, MFU = H200_BF16_TFLOPS, 0.4
 
 
 def analytic(ep: int = 8, seq_len: int = 4096, preset: str = "compass-v3") -> dict:

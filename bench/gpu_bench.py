@@ -2,9 +2,11 @@
 
     python bench/gpu_bench.py [--json rows.jsonl] [--only gemm,fp8,routing,moe] [--dry-run]
 
-Timing: ``ms`` is device time without host overhead: ``--calls`` back-to-back calls captured in
-one CUDA graph and replayed between an event pair (back-to-back eager calls between an event pair
-when capture fails; ``how`` says which), the median of ``--reps`` replays divided by the calls.
+Timing (compass_kernels.benchmarking.timers.DeviceTimer): ``ms`` is device time without host
+overhead: ``--calls`` back-to-back calls captured in one CUDA graph and replayed between an event
+pair (back-to-back eager calls between an event pair when capture fails; ``how`` says which), the
+median of ``--reps`` replays divided by the calls. Inputs, peers, bytes and FLOPs also come from
+compass_kernels.benchmarking.
 ``eager_ms`` beside it is the wall time per eager call (host overhead included). Kernel outputs are
 not poisoned here (COMPASS_POISON=0). Clocks, power and temperature are printed at start and end.
 
@@ -31,20 +33,21 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 os.environ["COMPASS_POISON"] = "0"  # timing, not testing: no NaN fill of every output
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import megatron_moe_routing  # noqa: E402
-
 import compass_kernels as ck  # noqa: E402
 from compass_kernels import _backend  # noqa: E402
+from compass_kernels.benchmarking.inputs import group_sizes, offsets_of, topk_ids  # noqa: E402
+from compass_kernels.benchmarking.models import H200_BF16_TFLOPS, H200_HBM_TBPS, copy_bytes, gemm_flops  # noqa: E402
+from compass_kernels.benchmarking.models import permute_bytes, unpermute_bytes  # noqa: E402
+from compass_kernels.benchmarking.peers import megatron_moe_routing  # noqa: E402
+from compass_kernels.benchmarking.timers import DeviceTimer  # noqa: E402
 
-PEAK_BF16_TFLOPS = 989.0   # H200 / H100 SXM dense bf16
-PEAK_HBM_TBPS = 4.8        # H200 HBM3e
+PEAK_BF16_TFLOPS = H200_BF16_TFLOPS
+PEAK_HBM_TBPS = H200_HBM_TBPS
 
 
 class Table:
@@ -70,58 +73,6 @@ class Table:
             self.emit({"section": name, "name": "FAIL", "why": f"{type(e).__name__}: {str(e)[:300]}"})
 
 
-# ---------------------------------------------------------------------------------------------
-# timing
-
-
-class Timer:
-    def __init__(self, device: str, calls: int, reps: int):
-        self.device, self.calls, self.reps = device, calls, reps
-
-    def _sync(self):
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-
-    def eager_ms(self, fn) -> float:
-        fn()
-        self._sync()
-        t0 = time.perf_counter()
-        for _ in range(self.calls):
-            fn()
-        self._sync()
-        return (time.perf_counter() - t0) * 1e3 / self.calls
-
-    def __call__(self, fn) -> dict:
-        """{"ms": device ms per call, "eager_ms": wall ms per eager call, "how": graph / events / wall}."""
-        eager = self.eager_ms(fn)
-        if self.device != "cuda":
-            return {"ms": eager, "eager_ms": eager, "how": "wall"}
-        how, run = "events", lambda: [fn() for _ in range(self.calls)]
-        try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(self.calls):
-                    fn()
-            graph.replay()
-            how, run = "graph", graph.replay
-        except Exception:  # not capturable (a host sync, an allocation the pool refuses): events
-            torch.cuda.synchronize()
-        times = []
-        for _ in range(self.reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / self.calls)
-        return {"ms": sorted(times)[len(times) // 2], "eager_ms": eager, "how": how}
-
-
 def gpu_state() -> dict:
     """SM / memory clocks, power and temperature from nvidia-smi (empty if it is missing)."""
     q = "clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active"
@@ -135,27 +86,6 @@ def gpu_state() -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # inputs
-
-
-def group_sizes(M: int, E: int, kind: str) -> torch.Tensor:
-    if kind == "uniform":
-        sizes = torch.full((E,), M // E, dtype=torch.int64)
-    else:  # Zipf-like: a few hot experts
-        w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
-        sizes = (w / w.sum() * M).floor().long()
-    sizes[0] += M - sizes.sum()
-    return sizes
-
-
-def offsets_of(sizes: torch.Tensor, device) -> torch.Tensor:
-    return torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)]).to(device)
-
-
-def topk_ids(T, E, k, kind, device):
-    if kind == "uniform":
-        return torch.rand(T, E, device=device).argsort(1)[:, :k].contiguous()
-    w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64, device=device) ** 1.5
-    return torch.multinomial(w.expand(T, E), k)
 
 
 def kinds(scale: int) -> tuple[str, ...]:
@@ -172,7 +102,7 @@ def gpu_backends(op: str, device: str) -> list[str]:
 # sections
 
 
-def gemm_section(table: Table, timer: Timer, device: str, scale: int):
+def gemm_section(table: Table, timer: DeviceTimer, device: str, scale: int):
     shapes = {"compass": (16, 16384, 2048, 1408), "compass_T": (16, 16384, 1408, 2048),
               "fine": (128, 16384, 1024, 256)}
     for name, (E, M, K, N) in shapes.items():
@@ -183,7 +113,7 @@ def gemm_section(table: Table, timer: Timer, device: str, scale: int):
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             w = torch.randn(E, K, N, device=device, dtype=torch.bfloat16) / K**0.5
             dy = torch.randn(M, N, device=device, dtype=torch.bfloat16)
-            flops = 2 * M * K * N
+            flops = gemm_flops(M, K, N)
             dense = timer(lambda: x @ w[0])["ms"]
             bounds = [int(b) for b in off.tolist()]  # host copy for the loop peer, outside timing
             tag = dict(section="gemm", shape=f"{name} E{E} {M}x{K}x{N}", groups=kind)
@@ -241,14 +171,14 @@ def tile_rows(table, timer, tag, x, w, off, flops):
                         "tflops": flops / t["ms"] / 1e9})
 
 
-def fp8_section(table: Table, timer: Timer, device: str, scale: int):
+def fp8_section(table: Table, timer: DeviceTimer, device: str, scale: int):
     E, M, K, N = 16, 16384 // scale, 2048 // scale, 1408 // scale
     bs = 128 // scale
     for kind in kinds(scale):
         off = offsets_of(group_sizes(M, E, kind), device)
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
         w = torch.randn(E, N, K, device=device, dtype=torch.bfloat16) / K**0.5
-        flops = 2 * M * K * N
+        flops = gemm_flops(M, K, N)
         bf16 = timer(lambda: ck.grouped_gemm(x, w, off, trans_b=True))["ms"]
         tag = dict(section="fp8", shape=f"compass E{E} {M}x{K}x{N}", groups=kind)
         table.emit({**tag, "impl": "bf16 grouped_gemm", "ms": bf16, "tflops": flops / bf16 / 1e9})
@@ -270,29 +200,32 @@ def fp8_section(table: Table, timer: Timer, device: str, scale: int):
             table.emit({**tag, "impl": "torch._scaled_grouped_mm", "FAIL": f"{type(e).__name__}: {str(e)[:160]}"})
 
 
-def routing_section(table: Table, timer: Timer, device: str, scale: int):
+def routing_section(table: Table, timer: DeviceTimer, device: str, scale: int):
     T, H = 16384 // scale, 4096 // scale
     for E, k in ((16, 2), (128, 8)):
         for kind in kinds(scale):
             x = torch.randn(T, H, device=device, dtype=torch.bfloat16)
-            ids = topk_ids(T, E, k, kind, device)
+            ids = topk_ids(T, k, E, kind, device=device).contiguous()
             probs = torch.softmax(torch.randn(T, k, device=device), -1)
             plan = ck.route(ids, E)
             xp = ck.permute(x, plan)
-            moved = 2 * (T + T * k) * H  # read T rows, write T*k rows (or the reverse), bf16
-            src = torch.empty(moved // 2, dtype=torch.uint8, device=device)  # a copy reads and writes
+            n = (T + T * k) * H  # the bf16 activations permute / unpermute read and write, as bytes
+            src = torch.empty(n, dtype=torch.uint8, device=device)
             dst = torch.empty_like(src)
+            moved = copy_bytes(n, 1)
             copy = timer(lambda: dst.copy_(src))["ms"]
             tag = dict(section="routing", shape=f"T{T} H{H} E{E} k{k}", groups=kind)
             table.emit({**tag, "impl": "copy_ (same bytes)", "ms": copy, "GBps": moved / copy / 1e6,
                         "pct_peak": 100 * moved / copy / 1e9 / PEAK_HBM_TBPS})
-            ops = {"permute": lambda: ck.permute(x, plan), "unpermute": lambda: ck.unpermute(xp, plan, probs)}
-            for op, fn in ops.items():
+            ops = {"permute": (lambda: ck.permute(x, plan), permute_bytes(T, H, k, x.element_size())),
+                   "unpermute": (lambda: ck.unpermute(xp, plan, probs), unpermute_bytes(T, H, k, x.element_size()))}
+            for op, (fn, nbytes) in ops.items():
                 for b in gpu_backends(op, device) + ["torch"]:
                     with ck.use_backend(b):
                         t = timer(fn)
-                    table.emit({**tag, "op": op, "impl": b, **t, "GBps": moved / t["ms"] / 1e6,
-                                "of_copy": copy / t["ms"], "pct_peak": 100 * moved / t["ms"] / 1e9 / PEAK_HBM_TBPS})
+                    table.emit({**tag, "op": op, "impl": b, **t, "GBps": nbytes / t["ms"] / 1e6,
+                                "of_copy": (nbytes / t["ms"]) / (moved / copy),
+                                "pct_peak": 100 * nbytes / t["ms"] / 1e9 / PEAK_HBM_TBPS})
             meg = timer(lambda: megatron_moe_routing(x, ids, probs, E))
             table.emit({**tag, "op": "route+permute+unpermute", "impl": "megatron-style", **meg})
 
@@ -306,7 +239,7 @@ def routing_section(table: Table, timer: Timer, device: str, scale: int):
                             "x_megatron": meg["ms"] / t["ms"]})
 
 
-def moe_section(table: Table, timer: Timer, device: str, scale: int):
+def moe_section(table: Table, timer: DeviceTimer, device: str, scale: int):
     import copy
 
     from compass_model import CompassConfig, CompassForCausalLM
@@ -335,12 +268,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args(argv)
     if args.dry_run:
-        device, scale, timer = "cpu", 64, Timer("cpu", calls=1, reps=1)
+        device, scale, timer = "cpu", 64, DeviceTimer("cpu", calls=1, reps=1)
     elif not torch.cuda.is_available():
         print("FAIL gpu_bench: no CUDA device (use --dry-run on CPU)", flush=True)
         return 1
     else:
-        device, scale, timer = "cuda", 1, Timer("cuda", args.calls, args.reps)
+        device, scale, timer = "cuda", 1, DeviceTimer("cuda", args.calls, args.reps)
     table = Table(jsonl=args.json)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
     table.emit({"section": "start", "device": name, "torch": torch.__version__, **gpu_state()})

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import compass_kernels as ck  # noqa: E402
 from compass_kernels import _backend  # noqa: E402
+from compass_kernels.benchmarking.inputs import topk_ids  # noqa: E402
 from compass_kernels.fp8_ref import grouped_gemm_fp8_ref, quantize_fp8_ref  # noqa: E402
 from compass_kernels.grouped_gemm_ref import grouped_gemm_ref, grouped_gemm_wgrad_ref  # noqa: E402
 from compass_kernels.ot_ref import otpo_weights_ref, sinkhorn_ref  # noqa: E402
@@ -93,10 +94,8 @@ def close(got: torch.Tensor, ref: torch.Tensor, what: str, rtol: float, atol: fl
 
 
 def ids_for(T: int, k: int, E: int, holes: bool, gen) -> torch.Tensor:
-    ids = torch.rand(T, E, generator=gen).argsort(1)[:, :k]
-    if holes:
-        ids = torch.where(torch.rand(T, k, generator=gen) < 0.2, -1, ids)
-    return ids
+    """Distinct uniform experts per token, with ~20% of the slots -1 when ``holes``."""
+    return topk_ids(T, k, E, "holes" if holes else "uniform", generator=gen, drop=0.2)
 
 
 # ---------------------------------------------------------------------------------------------

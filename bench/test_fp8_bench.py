@@ -15,9 +15,10 @@ same run:
   ``copy``.
 
 extra_info carries what bench/report.py reads: pass_ = "quant", shape, kind, impl, bytes: what each
-granularity must move, x read once and codes and scales written once, and for "tensor" a second
-read of x (the global amax is needed before the first code; the issue's "two [reads] for tensor").
-Its fraction of the copy is against those bytes; at one read it would be about 0.6 of the figure.
+granularity must move (compass_kernels.benchmarking.models.quantize_fp8_bytes: x read once and codes
+and scales written once, and for "tensor" a second read of x, the global amax being needed before the
+first code). Its fraction of the copy is against those bytes; at one read it would be about 0.6 of the
+figure. COMPASS_BENCH_QUICK=1: tiny shapes.
 """
 
 from __future__ import annotations
@@ -27,23 +28,15 @@ import torch
 
 import compass_kernels as ck
 from compass_kernels import _ext
+from compass_kernels.benchmarking.models import copy_bytes, quantize_fp8_bytes
+from compass_kernels.benchmarking.peers import eager_quantize_fp8
 from compass_kernels.fp8 import GRANULARITY_CODES
+from quick import pick
 
-M, K = 8192, 4096
+M, K = pick(8192, 64), pick(4096, 256)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 KINDS = ["row", "block", "tensor"]
-FMAX = 448.0
-
-
-def eager_quantize(x: torch.Tensor, kind: str):
-    """The eager-PyTorch peer (same formula, so the same codes and scales as ck.quantize_fp8)."""
-    xf = x.float()
-    if kind == "block":
-        xf = xf.view(M, K // 128, 128)
-    dims = {"row": (-1,), "block": (-1,), "tensor": (-2, -1)}[kind]
-    scale = xf.abs().amax(dim=dims, keepdim=True).clamp(min=1e-12) / FMAX
-    data = (xf / scale).clamp(-FMAX, FMAX).to(torch.float8_e4m3fn)
-    return data.view(M, K), scale
+eager_quantize = eager_quantize_fp8    # the eager-PyTorch peer: the same codes and scales as ck.quantize_fp8
 
 
 def compass_quantize(x: torch.Tensor, kind: str):
@@ -64,9 +57,7 @@ IMPLS = {"compass": compass_quantize, "eager": eager_quantize, "compass_kernel":
 
 
 def _bytes(dtype: torch.dtype, kind: str) -> int:
-    n_scale = {"row": M, "block": M * K // 128, "tensor": 1}[kind]
-    reads = 2 if kind == "tensor" else 1
-    return M * K * (reads * torch.empty(0, dtype=dtype).element_size() + 1) + 4 * n_scale
+    return quantize_fp8_bytes(M, K, dtype.itemsize, kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -93,7 +84,7 @@ def test_copy_ceiling(benchmark, dt):
     n = _bytes(DTYPES[dt], "row") // 2                       # read n bytes, write n bytes
     src, dst = torch.randint(0, 255, (n,), dtype=torch.uint8), torch.empty(n, dtype=torch.uint8)
     benchmark.group = f"quant-{dt}"
-    benchmark.extra_info.update(bytes=2 * n, impl="copy", shape=f"{M}x{K}-{dt}", kind="all", pass_="quant")
+    benchmark.extra_info.update(bytes=copy_bytes(n, 1), impl="copy", shape=f"{M}x{K}-{dt}", kind="all", pass_="quant")
     benchmark.pedantic(dst.copy_, args=(src,), rounds=9, warmup_rounds=1)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compass_kernels.benchmarking.models import expert_flops
 from quick import QUICK, pick
 
 transformers = pytest.importorskip("transformers", minversion="5")
@@ -52,7 +53,7 @@ def _record(benchmark, provider, shape, pass_):
     E, k, f = SHAPES[shape]
     benchmark.group = f"hf_{pass_}-{shape}"
     benchmark.extra_info.update(impl=provider, shape=shape, pass_=pass_, tokens=T,
-                                flops=2 * T * k * 3 * D * f * (3 if pass_ == "fwdbwd" else 1))
+                                flops=expert_flops(T, D, f, k, training=pass_ == "fwdbwd"))
 
 
 def _keep(benchmark, provider, shape, pass_):

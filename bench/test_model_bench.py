@@ -1,5 +1,6 @@
 """One training step of the Compass MoE model on CPU: tokens/s and model FLOP/s from the model's own
-cost model (CompassConfig.flops_per_token), and the MoE dispatch bytes (moe_dispatch_bytes).
+cost model (CompassConfig.flops_per_token), and the MoE dispatch bytes of the step (forward + backward
+of route + permute + unpermute in every MoE layer, compass_kernels.benchmarking.models.routing_bytes).
 
 Small preset shapes are cut to fit this 2-core machine (d_model 512, 2 layers, 16 experts top-2).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from compass_kernels.benchmarking.models import routing_bytes
 from compass_model import CompassConfig, CompassForCausalLM
 
 CONFIGS = {
@@ -44,6 +46,7 @@ def test_train_step(benchmark, name, backend):
     benchmark.extra_info.update(
         impl=backend, shape=name, kind="train", pass_="model",
         flops=cfg.flops_per_token(seq_len=S, training=True) * tokens,
-        bytes=cfg.moe_dispatch_bytes(tokens) * cfg.n_moe_layers,
+        bytes=routing_bytes(tokens, cfg.d_model, cfg.top_k, cfg.bytes_per_param(), num_experts=cfg.num_experts,
+                            backward=True) * cfg.n_moe_layers,
         tokens=tokens,
     )

@@ -6,15 +6,16 @@ at E=128 (fwd 60-64 vs 79-86 ms; fwd+bwd 177-196 vs 227-237 ms).
 
 Providers: ``compass`` (backends chosen automatically: the C++/OpenMP kernels when built),
 ``compass_torch`` (the same layer on the pure-PyTorch reference backend) and ``naive`` (the HF-style
-loop over experts, bench/moe_peers.py). Shapes: Compass-v3 (E=16, k=2, f=704) and fine-grained
+loop over experts, compass_kernels.benchmarking.peers.naive_moe). Shapes: Compass-v3 (E=16, k=2, f=704) and fine-grained
 (E=128, k=8, f=176) at the same active width k f = 1408, T=2048 tokens, d=512: 8.9 GFLOP a
 forward, cut to fit the 2-core machine (the suite: ~20 s when the machine is otherwise idle; minutes
 when other jobs share its 2 cores). Routing comes from the layer's own fp32 router: ``uniform`` as
 initialised; ``skewed`` with router row e scaled by 1/(e+1), so low-numbered experts' logits vary
 more and win top-k more often (E=16: the top expert takes ~21% of
 the assignments against 6% uniform; E=128: ~7x uniform, ~half the experts nearly idle).
-extra_info: FLOPs from moe_peers.moe_layer_flops (the model's cost-model convention), bytes from
-CompassConfig.moe_dispatch_bytes, and the measured max expert load. COMPASS_BENCH_QUICK=1: tiny shapes.
+extra_info: FLOPs (moe_layer_flops, the model's cost-model convention) and the dispatch bytes (routing_bytes:
+route + permute + unpermute, and their backward in fwd+bwd) from compass_kernels.benchmarking.models, and the
+measured max expert load. COMPASS_BENCH_QUICK=1: tiny shapes.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import pytest
 import torch
 
 import compass_kernels as ck
+from compass_kernels.benchmarking.models import moe_layer_flops, routing_bytes
+from compass_kernels.benchmarking.peers import naive_moe
 from compass_model.config import CompassConfig
 from compass_model.moe import MoE
-from moe_peers import moe_layer_flops, naive_moe
 from quick import pick
 
 T, D = pick(2048, 64), pick(512, 32)
@@ -65,7 +67,7 @@ def _record(benchmark, cfg, layer, x, provider, shape, kind, pass_):
     benchmark.extra_info.update(
         impl=provider, shape=shape, kind=kind, pass_=pass_, tokens=T,
         flops=moe_layer_flops(cfg, T, training=training),
-        bytes=cfg.moe_dispatch_bytes(T) * (2 if training else 1),
+        bytes=routing_bytes(T, D, cfg.top_k, x.element_size(), num_experts=cfg.num_experts, backward=training),
         max_load=float(load_E.max()),
     )
 

@@ -12,8 +12,9 @@ states; eps 1 (OTPO's 8B setting) and 0.1 (3B), tau = 0.2. Peers, in the same ru
   It is balanced only (no marginal relaxation), so it is compared on the balanced problem.
 
 extra_info carries what bench/report.py reads (impl, shape, kind, pass_ = "ot", bytes: inputs read
-plus outputs written once) and the iterations each solver ran (iters_mean / iters_max; POT's
-stabilised solver checks every 10 iterations, its count is read from its error log).
+plus outputs written once, compass_kernels.benchmarking.models) and the iterations each solver ran
+(iters_mean / iters_max; POT's stabilised solver checks every 10 iterations, its count is read from
+its error log).
 Our convergence test (relative change of the scalings < 1e-6) is at least as strict as POT's.
 """
 
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 import compass_kernels as ck
+from compass_kernels.benchmarking.models import otpo_weights_bytes, sinkhorn_bytes
 
 ot = pytest.importorskip("ot")
 
@@ -108,13 +110,13 @@ def test_otpo_weights(benchmark, impl, eps):
     h_c, h_r, mc, mr = _batch()
     kind = f"eps{eps:g}"
     benchmark.group = f"otpo-{kind}"
-    nbytes = 2 * B * L * D * 4 + 2 * B * L * 4
+    nbytes = otpo_weights_bytes(B, L, L, D)
     iters = []
     if impl == "compass":
         # iterations: the same solve through sinkhorn on the cost otpo_weights builds
         from compass_kernels.ot import _otpo_cost
 
-        C = _otpo_cost(h_c, h_r, mc, mr)
+        C = _otpo_cost(h_c, h_r, mc, mr, "official")               # otpo_weights' default cost_scale
         _, it = ck.sinkhorn(C, mc.float(), mr.float(), eps=eps, tau=TAU, return_iters=True)
         iters = it.tolist()
         out = benchmark.pedantic(ck.otpo_weights, args=(h_c, h_r, mc, mr), kwargs=dict(eps=eps, tau=TAU),
@@ -137,7 +139,7 @@ def _cost():
 
     h_c, h_r, mc, mr = _batch()
     full = torch.ones(B, L, dtype=torch.bool)
-    return _otpo_cost(h_c, h_r, full, full)                          # [B, L, L] fp32 in [0, 1]
+    return _otpo_cost(h_c, h_r, full, full, "official")              # [B, L, L] fp32 in [0, 1]
 
 
 @pytest.mark.parametrize("eps", EPS)
@@ -171,7 +173,7 @@ def test_sinkhorn_unbalanced(benchmark, impl, eps):
 
         loop(iters)
         benchmark.pedantic(loop, rounds=3, warmup_rounds=0)
-    _info(benchmark, impl, f"B{B}L{L}", kind, 2 * B * L * L * 4, iters)
+    _info(benchmark, impl, f"B{B}L{L}", kind, sinkhorn_bytes(B, L, L), iters)
 
 
 @pytest.mark.parametrize("eps", EPS)
@@ -204,4 +206,4 @@ def test_sinkhorn_balanced(benchmark, impl, eps):
         iters = [res.log["n_iter"]] * B
         benchmark.pedantic(ot.batch.solve_batch, args=(Cb, eps, ab, ab),
                            kwargs=dict(method="log_sinkhorn", tol=1e-6), rounds=3, warmup_rounds=0)
-    _info(benchmark, impl, f"B{B}L{L}", kind, 2 * B * L * L * 4, iters)
+    _info(benchmark, impl, f"B{B}L{L}", kind, sinkhorn_bytes(B, L, L), iters)

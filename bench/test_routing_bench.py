@@ -1,7 +1,8 @@
 """route + permute + unpermute on CPU fp32 against the Megatron-style path and a copy ceiling.
 
 Shapes: Compass-v3 (E=16, k=2) and fine-grained (E=128, k=8), T=8192 tokens, H=2048; uniform and
-skewed (Zipf 1.5) routing. Bytes are counted in peers.routing_bytes.
+skewed (Zipf 1.5) routing. Peers, inputs and byte counts come from compass_kernels.benchmarking.
+COMPASS_BENCH_QUICK=1: tiny shapes.
 """
 
 from __future__ import annotations
@@ -10,24 +11,20 @@ import pytest
 import torch
 
 import compass_kernels as ck
-from peers import megatron_moe_routing, routing_bytes
+from compass_kernels.benchmarking.inputs import topk_ids
+from compass_kernels.benchmarking.models import copy_bytes, permute_bytes, routing_bytes, unpermute_bytes
+from compass_kernels.benchmarking.peers import megatron_moe_routing
+from quick import pick
 
-T, H = 8192, 2048
+T, H = pick(8192, 64), pick(2048, 32)
 SHAPES = {"E16k2": (16, 2), "E128k8": (128, 8)}
-
-
-def _ids(E, k, kind):
-    if kind == "uniform":
-        return torch.rand(T, E).argsort(dim=1)[:, :k].contiguous()
-    w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
-    return torch.multinomial(w.expand(T, E), k, replacement=False)
 
 
 def _inputs(shape, kind, grad=False):
     E, k = SHAPES[shape]
     x = torch.randn(T, H, requires_grad=grad)
     probs = torch.softmax(torch.randn(T, k), -1).requires_grad_(grad)
-    return x, _ids(E, k, kind), probs, E, k
+    return x, topk_ids(T, k, E, kind).contiguous(), probs, E, k
 
 
 def compass_moe_routing(x, topk_ids, probs, num_experts):
@@ -45,7 +42,8 @@ def test_forward(benchmark, impl, shape, kind):
     x, ids, probs, E, k = _inputs(shape, kind)
     fn = IMPLS[impl]
     benchmark.group = f"fwd-{shape}-{kind}"
-    benchmark.extra_info.update(bytes=routing_bytes(T, H, k, 4), impl=impl, shape=shape, kind=kind, pass_="fwd")
+    benchmark.extra_info.update(bytes=routing_bytes(T, H, k, 4, num_experts=E), impl=impl, shape=shape, kind=kind,
+                                pass_="fwd")
     # Three warm-up rounds: the heap takes a few calls to settle into reusing the freed 64-128 MiB
     # buffers (until then each round pays page faults, 7 -> 19-32 ms here), for every impl alike.
     out = benchmark.pedantic(fn, args=(x, ids, probs, E), rounds=5, warmup_rounds=3)
@@ -65,8 +63,8 @@ def test_forward_backward(benchmark, impl, shape, kind):
         return torch.autograd.grad(out, (x, probs), g)
 
     benchmark.group = f"fwdbwd-{shape}-{kind}"
-    benchmark.extra_info.update(bytes=routing_bytes(T, H, k, 4, backward=True), impl=impl, shape=shape, kind=kind,
-                                pass_="fwdbwd")
+    benchmark.extra_info.update(bytes=routing_bytes(T, H, k, 4, num_experts=E, backward=True), impl=impl,
+                                shape=shape, kind=kind, pass_="fwdbwd")
     benchmark.pedantic(step, rounds=3, warmup_rounds=2)
 
 
@@ -79,15 +77,16 @@ def test_op_vs_copy_ceiling(benchmark, op, shape):
     y = ck.permute(x, plan)
     fn = (lambda: ck.permute(x, plan)) if op == "permute" else (lambda: ck.unpermute(y, plan, probs))
     benchmark.group = f"op-{shape}"
-    benchmark.extra_info.update(bytes=(T + T * k) * H * 4, impl=op, shape=shape, kind="uniform", pass_="op")
+    nbytes = (permute_bytes if op == "permute" else unpermute_bytes)(T, H, k, 4)
+    benchmark.extra_info.update(bytes=nbytes, impl=op, shape=shape, kind="uniform", pass_="op")
     benchmark.pedantic(fn, rounds=7, warmup_rounds=1)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_copy_ceiling(benchmark, shape):
     E, k = SHAPES[shape]
-    n = (T + T * k) * H // 2                                        # read n floats, write n floats
+    n = (T + T * k) * H // 2                                        # the activations permute moves
     src, dst = torch.randn(n), torch.empty(n)
     benchmark.group = f"op-{shape}"
-    benchmark.extra_info.update(bytes=2 * n * 4, impl="copy", shape=shape, kind="uniform", pass_="op")
+    benchmark.extra_info.update(bytes=copy_bytes(n, 4), impl="copy", shape=shape, kind="uniform", pass_="op")
     benchmark.pedantic(dst.copy_, args=(src,), rounds=7, warmup_rounds=1)

@@ -11,34 +11,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 import compass_kernels as ck
 
 
-def _median_time(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _megatron(x, ids, probs, E):
-    k = ids.shape[1]
-    order = torch.argsort(ids.reshape(-1), stable=True)
-    xp = x.index_select(0, order // k)
-    w = xp * probs.reshape(-1)[order, None]
-    return x.new_zeros(x.shape).index_add_(0, order // k, w)
-
-
 def demo(tokens: int, hidden: int, reps: int) -> int:
+    from compass_kernels.benchmarking.inputs import topk_ids
+    from compass_kernels.benchmarking.models import routing_bytes
+    from compass_kernels.benchmarking.peers import megatron_moe_routing
+    from compass_kernels.benchmarking.timers import median_time
+
     info = ck.backend_info()
     print(f"compass-kernels {ck.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
@@ -49,11 +34,7 @@ def demo(tokens: int, hidden: int, reps: int) -> int:
         for kind in ("uniform", "skewed"):
             torch.manual_seed(0)
             x = torch.randn(tokens, hidden)
-            if kind == "uniform":
-                ids = torch.rand(tokens, E).argsort(1)[:, :k].contiguous()
-            else:
-                w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
-                ids = torch.multinomial(w.expand(tokens, E), k)
+            ids = topk_ids(tokens, k, E, kind).contiguous()
             probs = torch.softmax(torch.randn(tokens, k), -1)
 
             def ours():
@@ -65,9 +46,9 @@ def demo(tokens: int, hidden: int, reps: int) -> int:
                 ref = ours()
             good = torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
             ok &= good
-            t_ours = _median_time(ours, reps)
-            t_meg = _median_time(lambda: _megatron(x, ids, probs, E), reps)
-            gbps = 2 * (tokens + tokens * k) * hidden * 4 / t_ours / 1e9
+            t_ours = median_time(ours, reps)
+            t_meg = median_time(lambda: megatron_moe_routing(x, ids, probs, E), reps)
+            gbps = routing_bytes(tokens, hidden, k, x.element_size(), num_experts=E) / t_ours / 1e9
             print(f"E={E:<3} k={k:<9} {kind:8} {t_ours * 1e3:10.2f} {t_meg * 1e3:11.2f} {t_meg / t_ours:8.2f} "
                   f"{gbps:6.2f}  {'ok' if good else 'MISMATCH'}")
     return 0 if ok else 1

@@ -200,14 +200,17 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging() -> None:
-    """Progress and stage lines go to stderr through the ``compass`` logger (results go to stdout)."""
-    log = logging.getLogger("compass")
-    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
-        h = _StderrHandler()
-        h.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(h)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+    """Progress, stage and experiment lines go to stderr, as bare messages (results go to stdout):
+    the ``compass`` logger (progress, ``train/progress.py``) and the ``compass_model`` package's
+    module loggers, at INFO."""
+    for name in ("compass", "compass_model"):
+        log = logging.getLogger(name)
+        if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+            h = _StderrHandler()
+            h.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _one_line(e: BaseException) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compass_model.cli_config import STAGE_LIST, UsageError, model_config, stage_list
 
-logger = logging.getLogger("compass")
+logger = logging.getLogger(__name__)
 
 
 # ---- shared checks ------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compass_model.checkpoint_files import load_pretrained, save_pretrained
 from compass_model.config import CompassConfig
 from compass_model.losses import sft_mixed_loss
 from compass_model.moe import MoE, SwiGLU, aux_loss_coefficient
@@ -299,15 +300,15 @@ class CompassForCausalLM(nn.Module):
     # checkpoints and cost model
 
     def save_pretrained(self, directory) -> None:
-        from compass_model.checkpoint import save_pretrained
-
+        """Write ``directory/model.safetensors`` and ``config.json`` (``checkpoint.py``)."""
         save_pretrained(self, directory)
 
     @classmethod
     def from_pretrained(cls, directory, device=None) -> CompassForCausalLM:
-        from compass_model.checkpoint import from_pretrained
-
-        return from_pretrained(directory, device=device)
+        """The full-precision model saved in ``directory`` (weights verified, loaded strictly); an
+        FP8 directory loads with ``compass_model.from_pretrained``."""
+        model = load_pretrained(cls, directory)
+        return model if device is None else model.to(device)
 
     def num_parameters(self, include_mtp: bool = False) -> int:
         return self.config.num_parameters(include_mtp)

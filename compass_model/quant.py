@@ -69,9 +69,15 @@ import torch.nn.functional as F
 import compass_kernels as ck
 from compass_kernels.fp8 import Fp8Tensor
 from compass_kernels.fp8_ref import FP8_MAX
+from compass_kernels.moe_blocks import grouped_mlp, row_experts
+from compass_model.checkpoint_files import (
+    QUANT_CONFIG_NAME,
+    load_config,
+    load_weights,
+    save_pretrained,
+)
 from compass_model.config import CompassConfig
 from compass_model.model import CompassForCausalLM
-from compass_kernels.moe_blocks import grouped_mlp, row_experts
 from compass_model.moe import MoE
 
 __all__ = [
@@ -87,7 +93,6 @@ __all__ = [
 METHODS = ("expert_aware", "naive")
 ACTIVATIONS = ("dynamic_row", "dynamic_block", "static")
 WEIGHT_GRANULARITIES = ("row", "block2d")
-QUANT_CONFIG_NAME = "quant_config.json"
 _FMAX = FP8_MAX[torch.float8_e4m3fn]
 SMOOTH_MIN_GAIN = 0.05     # auto smoothing must cut an expert's calibration error by > 5%
 AUTO_ALPHAS = (None, 0.25, 0.5, 0.75)      # smooth_alpha="auto": the grid searched per expert and GEMM
@@ -575,8 +580,6 @@ def quantize_model(model: CompassForCausalLM, calibration_batches=None, *, metho
 def save_quantized(model: CompassForCausalLM, directory) -> None:
     """``model.safetensors`` (FP8 codes and fp32 scales included), ``config.json`` and
     ``quant_config.json``."""
-    from compass_model.checkpoint import save_pretrained
-
     if not hasattr(model, "quant_config"):
         raise ValueError("model is not quantized (quantize_model first)")
     save_pretrained(model, directory)
@@ -585,8 +588,6 @@ def save_quantized(model: CompassForCausalLM, directory) -> None:
 
 def load_quantized(directory, device=None) -> CompassForCausalLM:
     """Rebuild a ``save_quantized`` model exactly (strict state-dict load)."""
-    from compass_model.checkpoint import load_config, load_weights
-
     path = Path(directory)
     qconfig = QuantConfig(**json.loads((path / QUANT_CONFIG_NAME).read_text()))
     model = CompassForCausalLM(load_config(path))

@@ -90,26 +90,16 @@ def time_moe_layers(moe_fp: MoE, moe_q: Fp8MoE, num_tokens: int = 4096, iters: i
     """Median wall time (ms) of one MoE layer forward on ``num_tokens`` random tokens, full
     precision vs FP8, on the layers' device (CUDA-synchronised there). -> ``{"fp_ms", "fp8_ms",
     "speedup"}``. On CPU expect little or no speed-up (the CPU FP8 GEMM dequantizes to fp32)."""
-    import time
+    from compass_kernels.benchmarking.timers import median_time
 
     p = moe_fp.w13_EDF
     x = torch.randn(num_tokens, moe_fp.w13_EDF.shape[1],
                     device=p.device, dtype=moe_fp.w13_EDF.dtype)
-    sync = torch.cuda.synchronize if p.device.type == "cuda" else (lambda: None)
 
-    def run(m):
-        for _ in range(warmup):
-            m(x)
-        times = []
-        for _ in range(iters):
-            sync()
-            t = time.perf_counter()
-            m(x)
-            sync()
-            times.append(time.perf_counter() - t)
-        return 1e3 * sorted(times)[len(times) // 2]
+    def ms(layer) -> float:
+        return 1e3 * median_time(lambda: layer(x), iters, warmup, p.device)
 
-    fp_ms, q_ms = run(moe_fp), run(moe_q)
+    fp_ms, q_ms = ms(moe_fp), ms(moe_q)
     return {"fp_ms": fp_ms, "fp8_ms": q_ms, "speedup": fp_ms / q_ms}
 
 

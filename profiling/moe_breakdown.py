@@ -47,12 +47,13 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]                         # run from a checkout, like bench/
+sys.path.insert(0, str(ROOT))                                          # run from a checkout, like bench/
 
 import compass_model.moe as moe_mod  # noqa: E402
 from compass_kernels import ranges  # noqa: E402
+from compass_kernels.benchmarking.models import moe_layer_flops, routing_bytes  # noqa: E402
+from compass_kernels.benchmarking.peers import naive_moe  # noqa: E402
 from compass_model.config import CompassConfig  # noqa: E402
-from moe_peers import moe_layer_flops, naive_moe  # noqa: E402
 
 STAGES = ("router", "permute", "expert_fc1", "activation", "expert_fc2", "unpermute")
 PATHS = ("naive", "fused")
@@ -172,7 +173,8 @@ def run(args) -> dict:
         device=args.device, threads=torch.get_num_threads(), glibc_tunables=os.environ.get("GLIBC_TUNABLES"),
         iters=args.iters, max_rel_diff=err,
         profiled_wall_s=wall, flops_fwd=moe_layer_flops(cfg, args.tokens),
-        dispatch_bytes=cfg.moe_dispatch_bytes(args.tokens),
+        dispatch_bytes=routing_bytes(args.tokens, args.d_model, args.top_k, x.element_size(),
+                                     num_experts=args.experts),
         backend=__import__("compass_kernels").backend_info()["chosen"].get(f"grouped_gemm@{x.device.type}"),
     )
     if args.trace:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from compass_kernels import _backend
+from compass_kernels.benchmarking.inputs import topk_ids as make_ids  # noqa: F401 - the tests' routing patterns
 
 REPO_ROOT = Path(__file__).resolve().parents[1]   # the checkout these tests belong to
 
@@ -26,36 +27,6 @@ def one_thread():
 def cpu_backends() -> list[str]:
     """Backends that serve CPU tensors in this process (triton only under TRITON_INTERPRET=1)."""
     return [b for b in ("torch", "cpu", "triton") if _backend.backend_status(b, "cpu")[0]]
-
-
-def make_ids(T: int, k: int, E: int, kind: str = "uniform", dtype=torch.int64, gen=None) -> torch.Tensor:
-    """topk_ids [T, k] for a routing pattern.
-
-    uniform: distinct experts per token (like top-k); skewed: Zipf-like load, distinct per token;
-    one: every slot on expert 0 (duplicates allowed); holes: uniform with ~25% of slots -1;
-    empty: experts E//2.. never used.
-    """
-    if T == 0:
-        return torch.empty(0, k, dtype=dtype)
-    if kind == "one":
-        return torch.zeros(T, k, dtype=dtype)
-    if kind in ("uniform", "holes", "empty"):
-        pool = E if kind != "empty" else max(1, E // 2)
-        if k <= pool:
-            ids = torch.rand(T, pool, generator=gen).argsort(dim=1)[:, :k]
-        else:
-            ids = torch.randint(0, pool, (T, k), generator=gen)
-        if kind == "holes":
-            ids = torch.where(torch.rand(T, k, generator=gen) < 0.25, -1, ids)
-        return ids.to(dtype)
-    if kind == "skewed":
-        w = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.5
-        if k <= E:
-            ids = torch.multinomial(w.expand(T, E), k, replacement=False, generator=gen)
-        else:
-            ids = torch.multinomial(w.expand(T, E), k, replacement=True, generator=gen)
-        return ids.to(dtype)
-    raise ValueError(kind)
 
 
 def route_oracle(topk_ids: torch.Tensor, E: int, capacity=None, align: int = 1):

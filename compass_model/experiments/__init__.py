@@ -1,4 +1,4 @@
-"""The paper's experiments, re-run at proxy scale. Each module's ``run(out_dir, *, quick=False, seed=0, log=print)``
+"""The paper's experiments, re-run at proxy scale. Each module's ``run(out_dir, *, quick=False, seed=0)``
 writes ``<out_dir>/<name>.json`` (the returned dict, with ``machine`` and ``quick``) and
 ``<out_dir>/<name>.png``:
 

@@ -15,6 +15,7 @@ summed over blocks); final LM loss (mean over the last ``k`` steps) and held-out
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -26,11 +27,14 @@ from compass_model.experiments.common import (
     stage_data,
     train_lm,
 )
+from compass_model.train.progress import progress
 
+logger = logging.getLogger(__name__)
 NAME = "balance"
 
 
 def variants(aux: float, aux_min: float, z: float, steps: int) -> dict:
+    """The router-loss settings of each variant (see the module docstring)."""
     return {
         "no-aux": {"aux_loss_coef": 0.0, "z_loss_coef": 0.0},
         "aux": {"aux_loss_coef": aux, "z_loss_coef": 0.0},
@@ -62,6 +66,7 @@ def dead_experts(records: list, last: int) -> int:
 
 
 def summarize(records: list, last: int) -> dict:
+    """A variant's curves and its statistics over the last ``last`` steps."""
     window = records[-last:]
     return {
         "entropy": [round(r["entropy"], 5) for r in records],
@@ -77,7 +82,8 @@ def summarize(records: list, last: int) -> dict:
     }
 
 
-def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
+def run(out_dir, *, quick: bool = False, seed: int = 0) -> dict:
+    """Train every variant, write ``balance.json`` and ``balance.png`` under ``out_dir``."""
     t0 = time.perf_counter()
     if quick:
         steps, rows, seq_len, n_layers, pool, last = 30, 4, 64, 1, 200, 5
@@ -88,17 +94,20 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
     eval_data = stage_data("ecommerce", seq_len, rows, seed + 1000, pool)
     eval_batches = eval_data.micro_batches(0, 2 if quick else 8)
     results = {}
-    for name, over in variants(aux, aux_min, z, steps).items():
+    runs = variants(aux, aux_min, z, steps)
+    bar = progress(len(runs) * steps, f"[{NAME}] training")
+    for name, over in runs.items():
         t = time.perf_counter()
         cfg = small_config(n_layers=n_layers, max_seq_len=seq_len, **over)
-        r = train_lm(cfg, data, steps, seed=seed, eval_batches=eval_batches)
+        r = train_lm(cfg, data, steps, seed=seed, eval_batches=eval_batches, progress=bar)
         res = summarize(r["records"], last)
         res["eval_lm"] = r["eval_lm"]
         res["config"] = over
         res["seconds"] = round(time.perf_counter() - t, 2)
         results[name] = res
-        log(f"[{NAME}] {name:>13}: entropy {res['final_entropy']:.3f}  MaxVio {res['max_vio']:.2f}  "
-            f"dead {res['dead_experts']}  lm {res['final_lm']:.3f}  eval {res['eval_lm']:.3f}  ({res['seconds']} s)")
+        logger.info(f"[{NAME}] {name:>13}: entropy {res['final_entropy']:.3f}  MaxVio {res['max_vio']:.2f}  "
+                   f"dead {res['dead_experts']}  lm {res['final_lm']:.3f}  eval {res['eval_lm']:.3f}  ({res['seconds']} s)")
+    bar.close()
     result = {
         "setup": {"preset": "tiny", "n_layers": n_layers, "num_experts": cfg.num_experts, "top_k": cfg.top_k,
                   "steps": steps, "rows": rows, "seq_len": seq_len, "data": "ecommerce", "last_k": last,
@@ -108,7 +117,7 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
         "summary": {k: {m: v[m] for m in ("final_entropy", "max_vio", "dead_experts", "final_lm", "eval_lm")}
                     for k, v in results.items()},
     }
-    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0, log=log)
+    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0)
 
 
 def _plot(plt, result, path):

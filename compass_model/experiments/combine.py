@@ -6,9 +6,10 @@ At identical shapes (T tokens, hidden H, E experts, top-k, fp32, random top-k ro
             ``index_add_``  and  the Hugging Face loop's per-expert ``index_add_`` of ``y_e * gates``
             (its token lists precomputed, so only the combine is timed)
 Each op is timed in isolation on the same inputs, the paths interleaved, median of ``reps`` runs.
-The peers are the same code as ``bench/peers.py`` (``megatron_dispatch`` / ``megatron_combine``) and
-the combine step of ``bench/moe_peers.naive_moe``, restated here so the package does not import
-bench/. The machine is shared and noisy: report ratios within one run (``speedup_*``).
+The peers, the timer and the byte count are the benchmark harness's (``compass_kernels.benchmarking``:
+``megatron_dispatch`` / ``megatron_combine``, the combine step of ``naive_moe`` as ``hf_combine``,
+``median_times``, ``unpermute_bytes``). The machine is shared and noisy: report ratios within one run
+(``speedup_*``).
 
 On CPU, run under bench/run_cpu.sh's ``GLIBC_TUNABLES`` (glibc.malloc.mmap_max=0 and a huge
 trim_threshold; ``machine.glibc_tunables`` records it): without them every buffer over 32 MiB is fresh
@@ -18,52 +19,27 @@ temporaries at T=4096, H=1024 take 13 ms instead of 3.7 ms, inflating its ratio 
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 import compass_kernels as ck
+from compass_kernels.benchmarking.inputs import topk_ids
+from compass_kernels.benchmarking.models import unpermute_bytes
+from compass_kernels.benchmarking.peers import hf_combine, hf_lists, megatron_combine, megatron_dispatch
 from compass_model.experiments.common import finish, median_times
+from compass_model.train.progress import progress
 
+logger = logging.getLogger(__name__)
 NAME = "combine"
 
 
-def megatron_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int):
-    k = topk_ids.shape[1]
-    flat = topk_ids.reshape(-1)
-    sorted_idx = torch.argsort(flat, stable=True)
-    tokens_per_expert = torch.bincount(flat, minlength=num_experts)
-    return x.index_select(0, sorted_idx // k), sorted_idx, tokens_per_expert
-
-
-def megatron_combine(y: torch.Tensor, sorted_idx: torch.Tensor, probs: torch.Tensor, num_tokens: int):
-    k = probs.shape[1]
-    weighted = y * probs.reshape(-1)[sorted_idx, None].to(y.dtype)
-    out = y.new_zeros(num_tokens, y.shape[1])
-    return out.index_add_(0, sorted_idx // k, weighted)
-
-
-def hf_lists(topk_ids: torch.Tensor, num_experts: int) -> list:
-    """Per expert ``(tok, slot)`` as the HF loop finds them (``torch.where`` on the one-hot mask)."""
-    mask_EKT = torch.nn.functional.one_hot(topk_ids, num_experts).permute(2, 1, 0)
-    out = []
-    for e in range(num_experts):
-        slot, tok = torch.where(mask_EKT[e])
-        out.append((tok, slot))
-    return out
-
-
-def hf_combine(ys: list, lists: list, gates: torch.Tensor, num_tokens: int):
-    out = ys[0].new_zeros(num_tokens, ys[0].shape[1])
-    for y_e, (tok, slot) in zip(ys, lists):
-        out.index_add_(0, tok, y_e * gates[tok, slot, None])
-    return out
-
-
 def bench_shape(T: int, H: int, E: int, k: int, reps: int, seed: int) -> dict:
+    """Dispatch and combine times (ms) and speed-ups of the fused kernels over the peers at one shape."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=gen)
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
+    ids = topk_ids(T, k, E, "uniform", generator=gen).contiguous()
     probs = torch.rand(T, k, generator=gen)
     probs = probs / probs.sum(-1, keepdim=True)
     plan = ck.route(ids, E)
@@ -83,7 +59,7 @@ def bench_shape(T: int, H: int, E: int, k: int, reps: int, seed: int) -> dict:
         "megatron_combine": lambda: megatron_combine(y_meg, sorted_idx, probs, T),
         "hf_combine": lambda: hf_combine(ys_hf, lists, probs, T),
     }, reps=reps)
-    moved = (T * k + T) * H * 4                           # bytes a combine must read + write (fp32)
+    moved = unpermute_bytes(T, H, k, x.element_size())  # bytes a combine must read + write
     return {"T": T, "H": H, "E": E, "k": k, **{f"{n}_ms": v * 1e3 for n, v in t.items()},
             "speedup_dispatch": t["megatron_dispatch"] / t["fused_dispatch"],
             "speedup_combine_megatron": t["megatron_combine"] / t["fused_combine"],
@@ -93,22 +69,28 @@ def bench_shape(T: int, H: int, E: int, k: int, reps: int, seed: int) -> dict:
 
 
 def shapes(quick: bool) -> list:
+    """The ``(T, H, E, k)`` shapes measured (two in quick mode)."""
     if quick:
         return [(256, 1024, 16, 2), (256, 1024, 128, 8)]
     return ([(T, H, 16, 2) for T in (1024, 4096) for H in (1024, 2048)]
             + [(T, H, 128, 8) for T in (1024, 2048) for H in (1024, 2048)])
 
 
-def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
+def run(out_dir, *, quick: bool = False, seed: int = 0) -> dict:
+    """Time every shape, write ``combine.json`` and ``combine.png`` under ``out_dir``."""
     t0 = time.perf_counter()
     reps = 3 if quick else 7
     rows = []
-    for T, H, E, k in shapes(quick):
+    todo = shapes(quick)
+    bar = progress(len(todo), f"[{NAME}] shapes")
+    for T, H, E, k in todo:
         r = bench_shape(T, H, E, k, reps, seed)
         rows.append(r)
-        log(f"[{NAME}] T={T} H={H} E={E} k={k}: combine fused {r['fused_combine_ms']:.2f} ms, megatron "
-            f"{r['megatron_combine_ms']:.2f} ms (x{r['speedup_combine_megatron']:.2f}), hf {r['hf_combine_ms']:.2f} ms "
-            f"(x{r['speedup_combine_hf']:.2f}); dispatch x{r['speedup_dispatch']:.2f}")
+        logger.info(f"[{NAME}] T={T} H={H} E={E} k={k}: combine fused {r['fused_combine_ms']:.2f} ms, megatron "
+                   f"{r['megatron_combine_ms']:.2f} ms (x{r['speedup_combine_megatron']:.2f}), hf {r['hf_combine_ms']:.2f} ms "
+                   f"(x{r['speedup_combine_hf']:.2f}); dispatch x{r['speedup_dispatch']:.2f}")
+        bar.update(1)
+    bar.close()
     geo = lambda xs: float(torch.tensor(xs).log().mean().exp())
     result = {
         "setup": {"dtype": "float32", "reps": reps, "routing": "uniform random top-k", "seed": seed,
@@ -117,7 +99,7 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
         "geomean_speedup": {key: geo([r[key] for r in rows])
                             for key in ("speedup_dispatch", "speedup_combine_megatron", "speedup_combine_hf")},
     }
-    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0, log=log)
+    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0)
 
 
 def _plot(plt, result, path):

@@ -7,19 +7,23 @@ Every experiment writes ``<out_dir>/<name>.json`` (its result dict, with ``"mach
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from compass_kernels.benchmarking.timers import median_times  # noqa: F401 - the experiments' timer
 from compass_model.config import CompassConfig
+
+logger = logging.getLogger(__name__)
 
 
 def machine_info() -> dict:
+    """The machine, threads, library versions and CPU kernel backends a result was measured with."""
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -53,7 +57,7 @@ def _jsonable(obj):
     return obj
 
 
-def finish(out_dir, name: str, result: dict, plot, *, quick: bool, t0: float, log=print) -> dict:
+def finish(out_dir, name: str, result: dict, plot, *, quick: bool, t0: float) -> dict:
     """Add ``machine``/``quick``/``seconds`` to ``result``, write ``name.json`` and ``name.png``
     (``plot(fig_module, result, path)`` draws and saves it) and return the dict."""
     out = Path(out_dir)
@@ -70,23 +74,8 @@ def finish(out_dir, name: str, result: dict, plot, *, quick: bool, t0: float, lo
         plot(plt, result, png)
     finally:
         plt.close("all")
-    log(f"[{name}] wrote {out / (name + '.json')} and {png} ({result['seconds']:.1f} s)")
+    logger.info(f"[{name}] wrote {out / (name + '.json')} and {png} ({result['seconds']:.1f} s)")
     return result
-
-
-def median_times(fns: dict, reps: int, warmup: int = 1) -> dict:
-    """Median wall seconds of each callable, the callables *interleaved* (fn1, fn2, ..., fn1, ...) so
-    that load from other processes on a shared machine hits them alike."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ---- a small LM training loop ---------------------------------------------------------------------
@@ -112,60 +101,37 @@ def stage_data(kind: str, seq_len: int, rows: int, seed: int, pool_size: int):
     return _DATA_CACHE[key]
 
 
-def batch_kwargs(b) -> dict:
-    return {"input_ids": b.input_ids, "labels": b.labels, "loss_mask": b.loss_mask(),
-            "position_ids": b.position_ids, "attention_mask": b.attention_mask()}
-
-
 def train_lm(config: CompassConfig, data, steps: int, *, lr: float = 3e-3, warmup: int = 10, seed: int = 0,
-             eval_batches: list | None = None) -> dict:
-    """AdamW (the trainer's ``make_optimizer``, warmup + cosine ``lr_at``, clip 1.0) for ``steps`` steps
-    of one micro-batch each. The loss is the model's own total (lm + alpha(step) aux + z coef z), so
-    the aux-coefficient decay follows ``model.step``. Returns the model and per-step records:
-    ``lm``, ``loss``, ``aux``, ``z``, ``aux_coef``, per-MoE-block ``counts`` (assignments per expert)
-    and ``entropy`` (normalised load entropy, mean over blocks); ``eval_lm``: mean LM loss on
-    ``eval_batches`` after training (None without them)."""
+             eval_batches: list | None = None, progress=False) -> dict:
+    """A fresh model trained by the one training loop (``train.loop``: the shared ``make_optimizer``
+    without weight decay, warmup + cosine ``lr_at``, clip 1.0) for ``steps`` steps of one micro-batch
+    each, on the LM objective (lm + MTP at the config's weight + alpha(step) aux + z coef z; the
+    aux-coefficient decay follows ``model.step``). Returns the model and per-step records: ``lm``,
+    ``loss``, ``aux``, ``z``, ``aux_coef``, per-MoE-block ``counts`` (assignments per expert) and
+    ``entropy`` (normalised load entropy, mean over blocks); ``eval_lm``: mean LM loss on
+    ``eval_batches`` after training (None without them). ``progress``: as ``train_loop``'s."""
     from compass_model.model import CompassForCausalLM
-    from compass_model.moe import aux_loss_coefficient
-    from compass_model.train.schedule import lr_at
-    from compass_model.train.trainer import make_optimizer
+    from compass_model.train.loop import LoopConfig, train_loop
+    from compass_model.train.objectives import LMObjective, batch_inputs
 
     torch.manual_seed(seed)
     model = CompassForCausalLM(config)
-    opt = make_optimizer(model, lr, 0.0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    records = []
-    for step in range(steps):
-        cur = lr_at(step, steps, lr, min(warmup, max(steps - 1, 0)), 0.1)
-        for g in opt.param_groups:
-            g["lr"] = cur
-        (b,) = data.micro_batches(step, 1)
-        coef = float(aux_loss_coefficient(config, model.step))
-        out = model(**batch_kwargs(b))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.after_optimizer_step()
-        stats = out.router_stats[:config.n_moe_layers]
-        # "load" is a fraction; times the assignment count T k gives counts
-        n_assign = int((b.input_ids.numel()) * config.top_k)
-        records.append({
-            "step": step, "loss": float(out.loss.detach()), "lm": float(out.losses["lm"].detach()),
-            "aux": float(out.losses["aux"].detach()), "z": float(out.losses["z"].detach()), "aux_coef": coef,
-            "counts": [[round(float(v) * n_assign) for v in s["load"]] for s in stats],
-            "entropy": float(torch.stack([s["entropy"] for s in stats]).mean()) if stats else 1.0,
-        })
+    objective = LMObjective(data, mtp_weight=config.mtp_loss_weight if config.mtp_depth else 0.0,
+                            per_block_load=True)
+    cfg = LoopConfig("lm", steps, lr, min(warmup, max(steps - 1, 0)), 0.1, clip=1.0)
+    records = [{"step": r["step"], "loss": r["loss"], "lm": r["lm"], "aux": r["aux"], "z": r["z"],
+                "aux_coef": r["aux_coef"], "counts": r.get("block_counts", []), "entropy": r.get("load_entropy", 1.0)}
+               for r in train_loop(model, objective, cfg, progress=progress)]
     eval_lm = None
     if eval_batches:
         model.eval()
         with torch.no_grad():
-            eval_lm = sum(float(model(**batch_kwargs(b)).losses["lm"]) for b in eval_batches) / len(eval_batches)
+            eval_lm = sum(float(model(**batch_inputs(b)).losses["lm"]) for b in eval_batches) / len(eval_batches)
         model.train()
     return {"model": model, "records": records, "eval_lm": eval_lm}
 
 
 def mean(xs):
+    """The mean of ``xs`` (NaN if empty)."""
     xs = list(xs)
     return sum(xs) / len(xs) if xs else float("nan")

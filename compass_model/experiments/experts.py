@@ -12,17 +12,20 @@ Per configuration:
   * ``eval_lm`` / ``final_lm``: LM loss of the tiny proxy after a fixed step budget (held-out batches /
     mean of the last steps; mean over ``lm["seeds"]`` model seeds, same data), the "fewer but larger
     experts" question; total/active parameters too.
-Timings: medians of interleaved repetitions (``common.median_times``); a shared machine is noisy, so
-compare within one run.
+Timings: medians of interleaved repetitions (``compass_kernels.benchmarking.timers.median_times``); a
+shared machine is noisy, so compare within one run.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 import compass_kernels as ck
+from compass_kernels.benchmarking.inputs import offsets_of, topk_ids
+from compass_kernels.benchmarking.models import gemm_flops
 from compass_model.experiments.common import (
     finish,
     mean,
@@ -31,13 +34,16 @@ from compass_model.experiments.common import (
     stage_data,
     train_lm,
 )
+from compass_model.train.progress import progress
 
+logger = logging.getLogger(__name__)
 NAME = "experts"
 EXPERTS = (4, 8, 16, 32)
 TOPK = (1, 2, 4)
 
 
 def grid(experts=EXPERTS, topk=TOPK) -> list:
+    """The ``(E, k)`` pairs with ``E >= k``."""
     return [(E, k) for E in experts for k in topk if E >= k]
 
 
@@ -49,9 +55,8 @@ def ffn_dim(f0: int, k: int) -> int:
 
 
 def _random_offsets(T: int, E: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)])
-    counts = torch.bincount(ids.reshape(-1), minlength=E)
-    return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    counts = torch.bincount(topk_ids(T, k, E, "uniform", generator=gen).reshape(-1), minlength=E)
+    return offsets_of(counts)
 
 
 def time_layer(E: int, k: int, d: int, f0: int, T: int, reps: int, seed: int) -> dict:
@@ -77,13 +82,14 @@ def time_layer(E: int, k: int, d: int, f0: int, T: int, reps: int, seed: int) ->
     t = median_times({"grouped": lambda: ck.grouped_gemm(x_MD, w_EDF, offsets),
                       "dense": lambda: torch.mm(x_MD, w_DF),
                       "layer": layer_fwd}, reps=reps)
-    flops = 2 * T * k * d * 2 * F
+    flops = gemm_flops(T * k, d, 2 * F)                       # the up projection w13 [d, 2F]
     return {"grouped_s": t["grouped"], "dense_s": t["dense"], "gemm_eff": t["dense"] / t["grouped"],
             "grouped_gflops": flops / t["grouped"] / 1e9, "dense_gflops": flops / t["dense"] / 1e9,
             "layer_s": t["layer"], "tokens_per_s": T / t["layer"]}
 
 
-def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
+def run(out_dir, *, quick: bool = False, seed: int = 0) -> dict:
+    """Measure every configuration, write ``experts.json`` and ``experts.png`` under ``out_dir``."""
     t0 = time.perf_counter()
     if quick:
         configs = grid((4, 16), (1, 2, 4))
@@ -98,6 +104,7 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
     eval_batches = stage_data("ecommerce", lm["seq_len"], lm["rows"], seed + 1000, lm["pool"]).micro_batches(
         0, lm["eval"])
     rows = []
+    bar = progress(len(configs), f"[{NAME}] configurations")
     for E, k in configs:
         t = time.perf_counter()
         timing = time_layer(E, k, bench["d"], bench["f0"], bench["T"], bench["reps"], seed)
@@ -113,15 +120,17 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
                "final_entropy": mean(mean(x["entropy"] for x in r["records"][-lm["last"]:]) for r in runs),
                "seconds": round(time.perf_counter() - t, 2)}
         rows.append(row)
-        log(f"[{NAME}] {row['label']:>7}: gemm eff {row['gemm_eff']:.2f}  layer {row['tokens_per_s']:.0f} tok/s  "
-            f"eval lm {row['eval_lm']:.3f}  ({row['seconds']} s)")
+        logger.info(f"[{NAME}] {row['label']:>7}: gemm eff {row['gemm_eff']:.2f}  layer {row['tokens_per_s']:.0f} tok/s  "
+                   f"eval lm {row['eval_lm']:.3f}  ({row['seconds']} s)")
+        bar.update(1)
+    bar.close()
     result = {
         "setup": {"f0_lm": f0_lm, "active_ffn_width_lm": 2 * f0_lm, "bench": bench, "lm": lm, "seed": seed,
                   "threads": torch.get_num_threads()},
         "configs": rows,
         "best_eval_lm": min(rows, key=lambda r: r["eval_lm"])["label"],
     }
-    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0, log=log)
+    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0)
 
 
 def _plot(plt, result, path):

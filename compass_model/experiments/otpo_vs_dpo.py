@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import random
 import re
 import time
@@ -33,6 +34,7 @@ from compass_model.experiments.common import (
     train_lm,
 )
 
+logger = logging.getLogger(__name__)
 NAME = "otpo-vs-dpo"
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
@@ -51,6 +53,7 @@ def perturb_last_number(text: str, rng: random.Random) -> str | None:
 
 
 def make_pairs(n: int, seed: int, tokenizer, max_len: int, families=("extract", "price")) -> list:
+    """``n`` one-token-different pairs (``perturb_last_number``) of generated tasks that fit ``max_len``."""
     from compass_model.data import make_tasks
     from compass_model.train.align import pair_fits
     rng = random.Random(f"otpo-vs-dpo/{seed}")
@@ -142,7 +145,8 @@ def weight_stats(model, batch, eps: float, tau: float = 0.2) -> dict:
     }
 
 
-def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
+def run(out_dir, *, quick: bool = False, seed: int = 0) -> dict:
+    """Weight statistics and DPO / OTPO training, write ``otpo-vs-dpo.json`` and ``.png`` under ``out_dir``."""
     from compass_model.data import ByteTokenizer
     from compass_model.train.align import (
         encode_pairs,
@@ -170,16 +174,16 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
     from compass_model.model import CompassForCausalLM
     random_model = CompassForCausalLM(cfg)
     pre = train_lm(cfg, stage_data("ecommerce", p["pre_seq"], p["pre_rows"], seed, p["pool"]), p["pre_steps"],
-                   seed=seed)
+                   seed=seed, progress=True)
     base = pre["model"]
     weights = {}
     for label, model in (("random", random_model), ("lm_trained", base)):
         for eps in (1.0, 0.1):
             s = weight_stats(model, held, eps)
             weights[f"{label}/eps{eps:g}"] = s
-            log(f"[{NAME}] weights {label:>10} eps {eps:g}: concentration {s['concentration']:.3f} "
-                f"(diff {s['weight_on_diff']:.3f} vs other {s['weight_off_diff']:.3f}); "
-                f"next token {s['concentration_next']:.3f}")
+            logger.info(f"[{NAME}] weights {label:>10} eps {eps:g}: concentration {s['concentration']:.3f} "
+                       f"(diff {s['weight_on_diff']:.3f} vs other {s['weight_off_diff']:.3f}); "
+                       f"next token {s['concentration_next']:.3f}")
 
     ref_train = reference_logprobs(base, train)
     ref_held = reference_logprobs(base, held)
@@ -192,14 +196,14 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
         t = time.perf_counter()
         model = copy.deepcopy(base)
         recs = train_preference(model, train, ref_train, steps=p["steps"], lr=p["lr"], micro_batch=p["micro"],
-                                warmup_steps=min(5, p["steps"] - 1), seed=seed, **kw)
+                                warmup_steps=min(5, p["steps"] - 1), seed=seed, progress=True, **kw)
         a = preference_accuracy(model, held, ref_held)
         a["train_loss_first"], a["train_loss_last"] = recs[0]["loss"], recs[-1]["loss"]
         a["seconds"] = round(time.perf_counter() - t, 2)
         acc[name] = a
         curves[name] = [r["loss"] for r in recs]
-        log(f"[{NAME}] {name:>11}: held-out reward acc {a['reward_accuracy']:.3f}  logp acc {a['logp_accuracy']:.3f}  "
-            f"margin {a['margin']:.4f}  ({a['seconds']} s)")
+        logger.info(f"[{NAME}] {name:>11}: held-out reward acc {a['reward_accuracy']:.3f}  logp acc {a['logp_accuracy']:.3f}  "
+                   f"margin {a['margin']:.4f}  ({a['seconds']} s)")
     result = {
         "setup": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in p.items()}, "seed": seed,
                   "n_layers": cfg.n_layers, "beta": 0.1, "pretrain_final_lm": pre["records"][-1]["lm"],
@@ -211,7 +215,7 @@ def run(out_dir, *, quick: bool = False, seed: int = 0, log=print) -> dict:
         "train_loss": curves,
         "example_pair": {k: pairs[p["n_train"]][k] for k in ("prompt", "chosen", "rejected")},
     }
-    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0, log=log)
+    return finish(out_dir, NAME, result, _plot, quick=quick, t0=t0)
 
 
 def _plot(plt, result, path):

@@ -18,7 +18,8 @@ Pipeline (``run_alignment``):
    OTPO can weight them with weights that only exist at train time (summing first is a known bug).
 4. **Training** (``train_preference``): DPO (sequence sums) as the baseline, then OTPO (optimal-
    transport token weights from the policy's detached final-norm hidden states), both from the same
-   SFT start. AdamW, warmup + cosine ``lr_at``, gradient clipping at 1.0, atomic resumable checkpoints.
+   SFT start, through the one training loop (``loop.py``): AdamW, warmup + cosine ``lr_at``, gradient
+   clipping at 1.0, atomic resumable checkpoints.
 5. **Evaluation** (``preference_accuracy``) on held-out pairs.
 """
 
@@ -26,132 +27,40 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
-from compass_model.checkpoint import WEIGHTS_NAME, from_pretrained, load_config
-from compass_model.data import (
-    load_preference_jsonl,
-    make_tasks,
-)
-from compass_model.losses import (
-    dpo_loss,
-    otpo_loss,
-    otpo_weights,
-    sequence_logprobs,
-)
+from compass_model.checkpoint import from_pretrained, load_config
+from compass_model.data import load_preference_jsonl, make_tasks
+from compass_model.losses import sequence_logprobs
+from compass_model.train import parallel
 from compass_model.train.data import catalogue_items
+from compass_model.train.dcp_checkpoint import laid_out_model
+from compass_model.train.loop import LoopConfig, train_loop
+from compass_model.train.objectives import (
+    METHODS,
+    PreferenceObjective,
+    preference_step_loss,
+    step_indices,
+)
 from compass_model.train.pairs import (
     PairBatch,
     build_pairs,
     encode_pairs,
-    forward_pairs,
     load_reference,
-    model_device,
     pair_fits,
     pair_logprobs,
     pairs_from_records,
     reference_logprobs,
     save_reference,
 )
-from compass_model.train import parallel
-from compass_model.train.dcp_checkpoint import (
-    laid_out_model,
-    load_model_shards,
-    load_optimizer,
-    save_distributed_checkpoint,
-)
-from compass_model.train.schedule import lr_at
-from compass_model.train.state import latest_checkpoint, save_checkpoint, trainer_state
+from compass_model.train.state import latest_checkpoint, trainer_state
 
-METHODS = ("dpo", "otpo")
+ALIGN_BETAS = (0.9, 0.999)             # AdamW's defaults, as alignment has always trained
 ALIGN_TASK_SEED_OFFSET, EVAL_TASK_SEED_OFFSET = 2, 1002
 
 
 # ---- 4. training ---------------------------------------------------------------------------------
-
-def _rewards_metrics(loss, chosen_rewards, rejected_rewards) -> dict:
-    margin = chosen_rewards - rejected_rewards
-    return {"loss": float(loss.detach()), "reward_margin": float(margin.mean()),
-            "reward_accuracy": float((margin > 0).float().mean()),
-            "chosen_reward": float(chosen_rewards.mean()), "rejected_reward": float(rejected_rewards.mean())}
-
-
-def preference_step_loss(model, batch_slice: PairBatch, ref_slice, method: str, beta: float = 0.1,
-                         eps: float = 1.0, tau: float = 0.2, router_losses: bool = False, sft_weight: float = 0.0,
-                         share: float = 1.0, router_share: int = 1, nll_tokens: float | None = None):
-    """The preference loss of one micro-batch: ``(loss, metrics)``, one forward on chosen + rejected.
-
-    ``ref_slice``: ``(ref_chosen [B, L], ref_rejected [B, L])`` per-token reference log-probs.
-    ``method="dpo"``: sequence sums (``sequence_logprobs`` + ``dpo_loss``); ``"otpo"``: OT token weights
-    from the policy's detached hidden states (``otpo_weights``) + ``otpo_loss``. ``router_losses``:
-    add the MoE balancing terms (aux + z, as the model's own total loss weights them) to the returned
-    loss; ``metrics["loss"]`` is always the preference loss alone (``ln 2`` when policy == reference).
-    ``sft_weight``: add that times the chosen responses' token-mean NLL (RPO, arXiv 2404.19733; Llama
-    3): the chosen answers are the data's references, and without it a few hundred pairs pull the
-    policy off its task answers (``compass demo``: SFT accuracy 0.41 -> 0.30 after 100 steps).
-
-    Data parallelism (``batch_slice`` a rank's pairs of a micro-batch): ``share`` is their fraction
-    of the micro-batch, ``router_share`` how many forwards average the router terms
-    (``parallel.router_share``) and ``nll_tokens`` the micro-batch's chosen-token count, so the ranks'
-    losses and their mean metrics *sum* to the single-process ones (``weight_min`` / ``weight_max``
-    reduce by min / max)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    dev = model_device(model)
-    b = batch_slice.to(dev)
-    ref_c, ref_r = (t.to(dev) for t in ref_slice)
-    lp_c, lp_r, h_c, h_r, router = forward_pairs(model, b)
-    if method == "dpo":
-        loss, cr, rr = dpo_loss(sequence_logprobs(lp_c, b.chosen_mask), sequence_logprobs(lp_r, b.rejected_mask),
-                                sequence_logprobs(ref_c, b.chosen_mask), sequence_logprobs(ref_r, b.rejected_mask),
-                                beta)
-        metrics = _rewards_metrics(loss, cr, rr)
-    else:
-        w_c, w_r = otpo_weights(h_c.detach().float(), h_r.detach().float(), b.chosen_mask, b.rejected_mask,
-                                eps=eps, tau=tau)
-        loss, cr, rr = otpo_loss(lp_c, lp_r, ref_c, ref_r, w_c, w_r, beta)
-        metrics = _rewards_metrics(loss, cr, rr)
-        metrics["weight_min"] = float(w_c[b.chosen_mask].min()) if b.chosen_mask.any() else 0.0
-        metrics["weight_max"] = float(w_c[b.chosen_mask].max()) if b.chosen_mask.any() else 0.0
-    for k in ("loss", "reward_margin", "reward_accuracy", "chosen_reward", "rejected_reward"):
-        metrics[k] *= share
-    router = router / router_share
-    metrics["router_loss"] = float(router.detach())
-    total = loss * share + router if router_losses else loss * share
-    if sft_weight:
-        m = b.chosen_mask.float()
-        nll = -(lp_c * m).sum() / (m.sum().clamp(min=1) if nll_tokens is None else max(nll_tokens, 1.0))
-        metrics["sft_nll"] = float(nll.detach())
-        total = total + sft_weight * nll
-    return total, metrics
-
-
-def step_indices(n: int, step: int, per_step: int, seed: int) -> list:
-    """The pair indices of optimizer step ``step``: a pure function of ``(n, step, per_step, seed)``.
-    Pairs are read as a stream of epochs, each a permutation seeded by ``(seed, epoch)``, so every pair
-    is seen once per epoch and a resumed run draws exactly the minibatch an uninterrupted one would."""
-    per_step = min(per_step, n)
-    out, perms = [], {}
-    for k in range(step * per_step, (step + 1) * per_step):
-        epoch = k // n
-        if epoch not in perms:
-            perms[epoch] = random.Random(f"align/{seed}/{epoch}").sample(range(n), n)
-        out.append(perms[epoch][k % n])
-    return out
-
-
-def _load_weights(model, checkpoint_dir, ctx=None) -> None:
-    if ctx is not None:
-        load_model_shards(checkpoint_dir, model, ctx)
-        return
-    state = load_file(str(Path(checkpoint_dir) / WEIGHTS_NAME), device=str(model_device(model)))
-    model.load_state_dict(state, strict=True)
-
 
 def _check_split(micro_batch: int, per_step: int, ctx) -> None:
     """Every micro-batch's pairs must split evenly over the ranks (each rank forwards its share)."""
@@ -166,12 +75,13 @@ def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, l
                      beta: float = 0.1, eps: float = 1.0, tau: float = 0.2, warmup_steps: int = 0, seed: int = 0,
                      stage_dir=None, metrics=None, resume: bool = False, save_every: int = 1, grad_accum: int = 1,
                      weight_decay: float = 0.0, router_losses: bool = True, sft_weight: float = 0.0,
-                     ctx=None) -> list:
+                     ctx=None, progress: bool = False) -> list:
     """Train ``model`` in place on preference pairs; returns the per-step records of this call.
 
-    Each optimizer step takes ``micro_batch * grad_accum`` pairs (``step_indices``), AdamW at
-    ``lr_at(step, steps, lr, warmup_steps)``, gradients clipped to norm 1.0, then
-    ``model.after_optimizer_step()``. Records ``{"stage": "align-<method>", "step", "loss", "lr",
+    ``loop.train_loop`` with a ``objectives.PreferenceObjective``: each optimizer step takes
+    ``micro_batch * grad_accum`` pairs (``step_indices``), AdamW (betas 0.9, 0.999; ``weight_decay``
+    on matrices only, the shared ``loop.make_optimizer`` groups) at ``lr_at(step, steps, lr,
+    warmup_steps)``, gradients clipped to norm 1.0, then ``model.after_optimizer_step()``. Records ``{"stage": "align-<method>", "step", "loss", "lr",
     "reward_margin", "reward_accuracy", "seconds", ...}`` go to ``metrics`` (a ``MetricsWriter``) too.
 
     ``stage_dir``: atomic checkpoints (``state.save_checkpoint``) every ``save_every`` steps and at the
@@ -182,7 +92,8 @@ def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, l
     ``ctx`` (``parallel.EPContext``; ``model`` laid out by ``parallel.shard``): as the trainer, every
     rank forwards its contiguous share of each micro-batch's pairs, gradients are summed over the
     ranks, clipped by their global norm, router statistics are the layout's (global by default), and
-    checkpoints are DCP shards (``dcp_checkpoint.py``); rank 0 writes the metrics.
+    checkpoints are DCP shards (``dcp_checkpoint.py``); rank 0 writes the metrics. ``progress``: a
+    bar on a terminal, else a log line every tenth of the steps (``progress.py``).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -192,84 +103,29 @@ def train_preference(model, batch: PairBatch, ref, *, method: str, steps: int, l
     ref_c, ref_r = ref
     if tuple(ref_c.shape) != tuple(batch.chosen_ids.shape) or tuple(ref_r.shape) != tuple(batch.rejected_ids.shape):
         raise ValueError(f"reference log-probs {tuple(ref_c.shape)} do not match the batch {tuple(batch.chosen_ids.shape)}")
-    stage = f"align-{method}"
     per_step = min(micro_batch * grad_accum, len(batch))
     _check_split(micro_batch, per_step, ctx)
-    metrics = metrics if ctx is None or ctx.is_main else None
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay,
-                            foreach=False if ctx is not None and ctx.fsdp else None)
-    start, extra = 0, {"loss_first": None, "loss_last": None, "seconds": 0.0}
-    if resume and stage_dir is not None and (ckpt := latest_checkpoint(stage_dir)) is not None:
-        state = trainer_state(ckpt)
-        _load_weights(model, ckpt, ctx)
-        extra.update({k: v for k, v in (state.get("extra") or {}).items() if k in extra})
-        if state["done"]:
-            return []
-        load_optimizer(ckpt, state, model, opt, ctx)
-        start = int(state["step"])
-    if metrics is not None:
-        metrics.truncate_after(stage, start)
-    n = len(batch)
-    records = []
-    model.train()
-    for step in range(start, steps):
-        t0 = time.perf_counter()
-        cur_lr = lr_at(step, steps, lr, warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = cur_lr
-        idx = step_indices(n, step, per_step, seed)
-        opt.zero_grad(set_to_none=True)
-        agg: dict = {}
-        for i in range(0, len(idx), micro_batch):
-            sub = torch.tensor(idx[i:i + micro_batch])
-            mine, dist_kw = sub, {}
-            if ctx is not None:                 # this rank's contiguous share of the micro-batch
-                k = len(sub) // ctx.world
-                mine = sub[ctx.rank * k:(ctx.rank + 1) * k]
-                dist_kw = {"share": k / len(sub), "router_share": parallel.router_share(ctx),
-                           "nll_tokens": float(batch.chosen_mask[sub].sum())}
-            loss, m = preference_step_loss(model, batch.select(mine), (ref_c[mine], ref_r[mine]), method, beta,
-                                           eps, tau, router_losses=router_losses, sft_weight=sft_weight, **dist_kw)
-            w = len(sub) / len(idx)             # each micro loss is a mean over its pairs
-            (loss * w).backward()
-            for k, v in parallel.reduce_metrics(m, ctx).items():
-                agg[k] = agg.get(k, 0.0) + w * v
-        parallel.reduce_gradients(model, ctx)
-        grad_norm = parallel.clip_grad_norm(model, 1.0, ctx)
-        opt.step()
-        parallel.sync_router_load(model, ctx)
-        model.after_optimizer_step()
-        seconds = time.perf_counter() - t0
-        rec = {"stage": stage, "step": step, "loss": agg["loss"], "lr": cur_lr,
-               "reward_margin": agg["reward_margin"], "reward_accuracy": agg["reward_accuracy"],
-               "seconds": seconds, "grad_norm": float(grad_norm),
-               **{k: v for k, v in agg.items() if k not in ("loss", "reward_margin", "reward_accuracy")}}
-        records.append(rec)
-        if metrics is not None:
-            metrics.write(rec)
-        if extra["loss_first"] is None:
-            extra["loss_first"] = rec["loss"]
-        extra["loss_last"] = rec["loss"]
-        extra["seconds"] = float(extra["seconds"]) + seconds
-        done = step + 1 == steps
-        if stage_dir is not None and (done or (step + 1) % save_every == 0):
-            keep = {**extra, "method": method, "steps": steps, "seed": seed}
-            if ctx is None:
-                save_checkpoint(stage_dir, model, opt, step + 1, done=done, extra=keep)
-            else:
-                save_distributed_checkpoint(stage_dir, model, opt, step + 1, done, ctx, extra=keep)
-    return records
+    objective = PreferenceObjective(batch, ref, method=method, micro_batch=micro_batch, per_step=per_step, seed=seed,
+                                    beta=beta, eps=eps, tau=tau, router_losses=router_losses,
+                                    sft_weight=sft_weight, ctx=ctx)
+    cfg = LoopConfig(f"align-{method}", steps, lr, warmup_steps, weight_decay=weight_decay, betas=ALIGN_BETAS,
+                     save_every=save_every)
+    return train_loop(model, objective, cfg, stage_dir=stage_dir, metrics=metrics, resume=resume,
+                      resume_weights=True, ctx=ctx, progress=progress,
+                      summary_extra={"method": method, "steps": steps, "seed": seed})
 
 
 # ---- 5. evaluation -------------------------------------------------------------------------------
 
-def preference_accuracy(model, batch: PairBatch, ref, beta: float = 0.1, micro_batch: int = 16) -> dict:
+def preference_accuracy(model, batch: PairBatch, ref, beta: float = 0.1, micro_batch: int = 16,
+                        desc: str | None = None) -> dict:
     """Held-out preference metrics (eval mode, no grad), from sequence sums over the response:
     ``reward_accuracy``: fraction of pairs with ``beta ((pi_c - ref_c) - (pi_r - ref_r)) > 0``;
     ``logp_accuracy``: fraction whose mean per-token log-prob is higher on the chosen side;
     ``margin``: the mean reward margin; ``n``: pairs. (For the reference model itself every margin is
-    0, so its ``reward_accuracy`` is 0 and only ``logp_accuracy`` is informative.)"""
-    lp_c, lp_r = pair_logprobs(model, batch, micro_batch)
+    0, so its ``reward_accuracy`` is 0 and only ``logp_accuracy`` is informative.) ``desc``: report
+    progress under that label (``pairs.pair_logprobs``)."""
+    lp_c, lp_r = pair_logprobs(model, batch, micro_batch, desc)
     ref_c, ref_r = (t.to(lp_c.device) for t in ref)
     mc, mr = batch.chosen_mask.to(lp_c.device), batch.rejected_mask.to(lp_c.device)
     margin = beta * ((sequence_logprobs(lp_c, mc) - sequence_logprobs(ref_c, mc))
@@ -314,7 +170,7 @@ def _stage_summary(stage_dir: Path, records: list) -> dict:
 
 
 def _pairs_and_reference(sft, out_dir: Path, tokenizer, *, n_pairs, eval_pairs, micro_batch, max_len, seed,
-                         resume, pairs_file, max_new_tokens, temperature, top_p, tries):
+                         resume, pairs_file, max_new_tokens, temperature, top_p, tries, progress=False):
     """Steps 1 and 2 of ``run_alignment`` (cached under ``out_dir``) with the SFT model ``sft`` (None:
     read the caches only): ``(train_b, eval_b, refs, pair counts and stats)``."""
     # 1. pairs (cached)
@@ -357,7 +213,8 @@ def _pairs_and_reference(sft, out_dir: Path, tokenizer, *, n_pairs, eval_pairs, 
         if resume and path.is_file():
             refs[name] = load_reference(path, b)
         else:
-            refs[name] = reference_logprobs(sft, b, micro_batch)
+            refs[name] = reference_logprobs(sft, b, micro_batch, desc=f"reference log-probs ({name} pairs)"
+                                            if progress else None)
             save_reference(path, *refs[name], batch=b)
     return train_b, eval_b, refs, {"train": len(train_pairs), "eval": len(eval_pairs_), **pstats}
 
@@ -366,7 +223,8 @@ def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs
                   micro_batch: int, max_len: int, beta: float = 0.1, seed: int = 0, metrics=None,
                   resume: bool = False, pairs_file=None, eps: float = 1.0, tau: float = 0.2,
                   warmup_steps: int = 0, max_new_tokens: int | None = None, temperature: float = 1.0,
-                  top_p: float = 0.95, tries: int = 2, device=None, sft_weight: float = 0.0, ctx=None) -> dict:
+                  top_p: float = 0.95, tries: int = 2, device=None, sft_weight: float = 0.0, ctx=None,
+                  progress: bool = False) -> dict:
     """Stage 7: pairs -> reference log-probs -> DPO baseline and OTPO, both from the SFT model.
 
     Train pairs come from ``make_tasks(n_pairs, seed + 2)``, held-out pairs from
@@ -397,12 +255,18 @@ def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs
           "tries": tries}
     sft = load() if main else None
     if main:
-        train_b, eval_b, refs, pstats = _pairs_and_reference(sft, out_dir, tokenizer, resume=resume, **kw)
+        train_b, eval_b, refs, pstats = _pairs_and_reference(sft, out_dir, tokenizer, resume=resume,
+                                                             progress=progress, **kw)
     parallel.barrier(ctx)
     if not main:                                    # rank 0's files, as a resume reads them
         train_b, eval_b, refs, pstats = _pairs_and_reference(None, out_dir, tokenizer, resume=True, **kw)
+
+    def desc(label: str) -> str | None:
+        return f"preference accuracy ({label})" if progress else None
+
     result = {"pairs": pstats,
-              "sft_eval": preference_accuracy(sft, eval_b, refs["eval"], beta, micro_batch) if main else None}
+              "sft_eval": preference_accuracy(sft, eval_b, refs["eval"], beta, micro_batch, desc("SFT, held-out"))
+              if main else None}
     del sft
 
     # 3. DPO baseline, then OTPO, each from the SFT weights
@@ -412,12 +276,14 @@ def run_alignment(sft_model_dir, out_dir, tokenizer, *, n_pairs: int, eval_pairs
         records = train_preference(policy, train_b, refs["train"], method=method, steps=steps, lr=lr,
                                    micro_batch=micro_batch, beta=beta, eps=eps, tau=tau, warmup_steps=warmup_steps,
                                    seed=seed, stage_dir=stage_dir, metrics=metrics, resume=resume,
-                                   sft_weight=sft_weight, ctx=ctx)
+                                   sft_weight=sft_weight, ctx=ctx, progress=progress)
         if main:
             final = policy if ctx is None else from_pretrained(latest_checkpoint(stage_dir), device)
             result[method] = {**_stage_summary(stage_dir, records),
-                              "eval": preference_accuracy(final, eval_b, refs["eval"], beta, micro_batch),
-                              "train_eval": preference_accuracy(final, train_b, refs["train"], beta, micro_batch)}
+                              "eval": preference_accuracy(final, eval_b, refs["eval"], beta, micro_batch,
+                                                          desc(f"{method}, held-out")),
+                              "train_eval": preference_accuracy(final, train_b, refs["train"], beta, micro_batch,
+                                                                desc(f"{method}, train"))}
         del policy
         parallel.barrier(ctx)
     if not main:

@@ -136,8 +136,14 @@ def load_optimizer(ckpt_dir, trainer: dict, model, opt, ctx) -> None:
         if ctx is not None:
             raise ValueError(f"{ckpt_dir} is a single-process checkpoint (optimizer state in trainer.pt); "
                              "resume it in one process, or start the stage afresh with --dp / --ep")
-        if trainer.get("optimizer") is not None:
-            opt.load_state_dict(trainer["optimizer"])
+        saved = trainer.get("optimizer")
+        if saved is not None:
+            if len(saved["param_groups"]) != len(opt.param_groups):
+                raise ValueError(f"{ckpt_dir}: its optimizer state has {len(saved['param_groups'])} parameter "
+                                 f"group(s), this optimizer {len(opt.param_groups)} (weight decay on matrices, "
+                                 "none on vectors); a checkpoint of an earlier alignment optimizer cannot "
+                                 "resume: start the stage afresh")
+            opt.load_state_dict(saved)
         return
     import torch.distributed.checkpoint as dcp
 

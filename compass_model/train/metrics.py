@@ -26,6 +26,8 @@ def _complete_lines(path: Path) -> list:
 
 
 class MetricsWriter:
+    """Appends per-step records to the JSON-lines file ``path`` (its folder is created)."""
+
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,11 +43,13 @@ class MetricsWriter:
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
+        """Append one record (non-finite floats written as strings)."""
         with self.path.open("a") as f:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
 
 def read_metrics(path) -> list:
+    """The complete records of ``path`` (``[]`` if it does not exist yet)."""
     path = Path(path)
     if not path.exists():
         return []

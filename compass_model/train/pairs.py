@@ -141,6 +141,7 @@ class PairBatch:
         return PairBatch(*(getattr(self, f.name)[idx] for f in fields(self)))
 
     def to(self, device) -> PairBatch:
+        """The batch with every tensor on ``device``."""
         return PairBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
     def fingerprint(self) -> str:
@@ -202,6 +203,7 @@ def pair_fits(pair: dict, tokenizer, max_len: int) -> bool:
 # ---- 3. reference log-probs ----------------------------------------------------------------------
 
 def model_device(model):
+    """The device of ``model``'s parameters."""
     return next(model.parameters()).device
 
 
@@ -217,27 +219,33 @@ def forward_pairs(model, b: PairBatch):
 
 
 @torch.no_grad()
-def pair_logprobs(model, batch: PairBatch, micro_batch: int):
+def pair_logprobs(model, batch: PairBatch, micro_batch: int, desc: str | None = None):
+    """Per-token log-probs ``(chosen [N, L], rejected [N, L])`` of ``model`` on ``batch``, fp32,
+    in eval mode without grad, ``micro_batch`` pairs per forward (the training mode is restored).
+    ``desc``: report the pairs done under that label (``progress.py``; None: silently)."""
     was_training = model.training
     model.eval()
     dev = model_device(model)
     try:
         cs, rs = [], []
-        for i in range(0, len(batch), micro_batch):
-            lp_c, lp_r, *_ = forward_pairs(model, batch.select(slice(i, i + micro_batch)).to(dev))
-            cs.append(lp_c.float())
-            rs.append(lp_r.float())
+        with progress(len(batch), desc or "", enabled=desc is not None) as counter:
+            for i in range(0, len(batch), micro_batch):
+                lp_c, lp_r, *_ = forward_pairs(model, batch.select(slice(i, i + micro_batch)).to(dev))
+                cs.append(lp_c.float())
+                rs.append(lp_r.float())
+                counter.update(len(lp_c))
     finally:
         model.train(was_training)
     return torch.cat(cs), torch.cat(rs)
 
 
-def reference_logprobs(ref_model, batch: PairBatch, micro_batch: int = 16):
+def reference_logprobs(ref_model, batch: PairBatch, micro_batch: int = 16, desc: str | None = None):
     """Per-token reference log-probs ``(ref_chosen [N, L], ref_rejected [N, L])``, fp32, 0 off the
-    response, computed once (eval mode, no grad) in micro-batches of ``micro_batch`` pairs."""
+    response, computed once (eval mode, no grad) in micro-batches of ``micro_batch`` pairs
+    (``desc``: progress, as ``pair_logprobs``)."""
     if micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
-    return pair_logprobs(ref_model, batch, micro_batch)
+    return pair_logprobs(ref_model, batch, micro_batch, desc)
 
 
 def save_reference(path, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, batch: PairBatch | None = None) -> None:

@@ -58,10 +58,12 @@ class EPContext:
 
     @property
     def is_main(self) -> bool:
+        """Rank 0: the rank that writes metrics, checkpoints' headers and reports."""
         return self.rank == 0
 
     @property
     def fsdp(self) -> bool:
+        """Data parallelism over more than one replica (dense weights FSDP2-sharded)."""
         return self.dp > 1
 
     def group(self, dim: str):
@@ -110,6 +112,7 @@ def init_ep(ep: int, timeout_s: float = 600, dp: int = 1, router_stats: str = "g
 
 
 def backend_device() -> str:
+    """Where collectives run: ``cuda`` under NCCL, else ``cpu`` (gloo)."""
     return "cuda" if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
 
 
@@ -161,6 +164,7 @@ def fully_shard_dense(model, ctx: EPContext, bf16: bool = False):
 
 
 def check_rows(stage, ctx: EPContext | None) -> None:
+    """A stage's micro-batch rows (and SFT's long rows) must split evenly over the ranks."""
     if ctx is not None and (stage.rows % ctx.world or getattr(stage, "long_rows", 0) % ctx.world):
         raise ValueError(f"stage {stage.name}: rows ({stage.rows}) and long_rows must be divisible by the world size "
                          f"{ctx.world} (--dp {ctx.dp} x --ep {ctx.ep}: each micro-batch's rows are split "
@@ -287,5 +291,6 @@ def exit_ep(ctx: EPContext | None) -> None:
 
 
 def barrier(ctx: EPContext | None) -> None:
+    """Wait for every rank (nothing without ``ctx``)."""
     if ctx is not None:
         dist.barrier()

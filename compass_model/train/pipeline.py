@@ -44,7 +44,7 @@ from compass_model.train.state import (
 )
 from compass_model.train.trainer import stage_dir_for, stage_summary, train_stage
 
-logger = logging.getLogger("compass")
+logger = logging.getLogger(__name__)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -117,7 +117,7 @@ def _check_checkpoints(out: Path, stages, prev_dir, run: dict, resume: bool) -> 
 def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, seed: int = 0, data_file=None,
                  resume: bool = False, overwrite: bool = False, progress: bool = True, evaluate: bool = True,
                  eval_kwargs: dict | None = None, fp8: bool = False, fp8_tasks: int | None = None, ctx=None,
-                 stop_after: int | None = None, device=None, keep_last: int = 2, log=logger.info,
+                 stop_after: int | None = None, device=None, keep_last: int = 2,
                  activation_checkpointing: bool = False) -> dict:
     """Train ``stages`` (StageConfigs, recipe order) from ``config``; returns the report dict.
     ``data_file``: None (generated data), one path for every stage, or ``{stage: path}`` /
@@ -143,13 +143,13 @@ def run_pipeline(out_dir, config: CompassConfig, stages: list, tokenizer, *, see
         return _run(Path(out_dir), config, stages, tokenizer, seed=seed, files=files, resume=resume,
                     progress=progress, evaluate=evaluate, eval_kwargs=eval_kwargs, fp8=fp8, fp8_tasks=fp8_tasks,
                     ctx=ctx, stop_after=stop_after, device=device, keep_last=keep_last, run=run,
-                    activation_checkpointing=activation_checkpointing,
-                    log=log if main else (lambda *a, **k: None))
+                    activation_checkpointing=activation_checkpointing)
 
 
 def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress, evaluate, eval_kwargs, fp8,
-         fp8_tasks, ctx, stop_after, device, keep_last, run, log, activation_checkpointing=False) -> dict:
+         fp8_tasks, ctx, stop_after, device, keep_last, run, activation_checkpointing=False) -> dict:
     main = ctx is None or ctx.is_main
+    log = logger.info if main else (lambda *a: None)       # rank 0 reports the run
     prepared = check_stage_data(stages, tokenizer, files, seed)      # every file, before any step
     prev_dir = _earlier_stage_checkpoint(out, stages[0].name)
     if stages[0].name == "align" and prev_dir is None:
@@ -181,14 +181,15 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
             from compass_model.train.align import run_alignment
             kw = dict(n_pairs=stage.n_pairs, eval_pairs=stage.eval_pairs, steps=stage.steps, lr=stage.lr,
                       micro_batch=stage.rows, max_len=stage.seq_len, beta=stage.beta, seed=seed,
-                      warmup_steps=stage.warmup_steps, pairs_file=files.get("align"), device=device, ctx=ctx)
+                      warmup_steps=stage.warmup_steps, pairs_file=files.get("align"), device=device, ctx=ctx,
+                      progress=progress)
             report["alignment"] = run_alignment(prev_dir, out, tokenizer, sft_weight=stage.sft_weight,
                                                 metrics=metrics, resume=resume, **kw)
             report["alignment"]["sft_weight"] = stage.sft_weight
             if stage.compare_nll and ctx is None:        # one process: the comparison is the demo's
                 nll_other = _align_other_way(prev_dir, out, tokenizer, stage, kw, run_alignment)
         else:
-            ckpt = usable_checkpoint(sdir, log) if resume else None
+            ckpt = usable_checkpoint(sdir, warn=main) if resume else None
             model = _stage_model(ckpt, prev_dir, config, stage, seed, ctx, device)
             if activation_checkpointing:
                 from compass_model.train.recompute import apply_activation_checkpointing

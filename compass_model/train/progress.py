@@ -51,11 +51,13 @@ class progress:
             self._logging = True
 
     def set_postfix(self, **kw) -> None:
+        """Show ``key=value`` pairs after the count (the bar's postfix, the log line's tail)."""
         self._postfix = " ".join(f"{k}={v}" for k, v in kw.items())
         if self._bar is not None:
             self._bar.set_postfix(**kw)
 
     def update(self, k: int = 1) -> None:
+        """Advance by ``k`` items; off a terminal, log a line when a tenth more is done."""
         self.n += k
         if self._bar is not None:
             self._bar.update(k)
@@ -66,6 +68,7 @@ class progress:
                         f" {self._postfix}" if self._postfix else "")
 
     def close(self) -> None:
+        """Finish the bar (nothing more is reported)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -42,6 +42,7 @@ def _differences(old: dict, new: dict) -> str:
 
 
 def check_fingerprint(stored: dict | None, new: dict, where) -> None:
+    """RunDirError if ``stored`` (a checkpoint's or ``run.json``'s) is of another config or seed."""
     if stored and stored.get("digest") != new["digest"]:
         raise RunDirError(f"--resume: {where} belongs to a run with another model config or seed "
                           f"({_differences(stored, new)}); resume with the original --preset/--config/--seed, "
@@ -75,6 +76,7 @@ def prepare(out, run: dict, *, resume: bool, overwrite: bool) -> None:
 
 
 def record(out, run: dict) -> None:
+    """Write the run's fingerprint to ``OUT/run.json`` (atomically)."""
     run_file = Path(out) / RUN_FILE
     tmp = run_file.with_suffix(".tmp")
     tmp.write_text(json.dumps(run, indent=1))

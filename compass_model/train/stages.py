@@ -32,6 +32,8 @@ def stage_kind(name: str) -> str:
 
 @dataclass(frozen=True)
 class StageConfig:
+    """One stage of the recipe: its steps, batch shape, optimisation, precision, data kind and, for
+    alignment, the preference settings (fields checked on construction)."""
     name: str
     steps: int
     rows: int = 8                    # rows per micro-batch
@@ -88,10 +90,12 @@ class StageConfig:
 
     @property
     def kind(self) -> str:
+        """The stage kind (``stage_kind``): ``long_context`` for every ``long_context_*`` phase."""
         return stage_kind(self.name)
 
     @property
     def data_kind(self) -> str:
+        """The data the stage trains on (``data``, else its kind)."""
         return self.data or self.kind
 
     def mtp_weight(self, model_config) -> float:
@@ -104,6 +108,7 @@ class StageConfig:
         return model_config.mtp_loss_weight if self.kind in (*PRETRAIN_STAGES, "sft") else 0.0
 
     def replace(self, **changes) -> StageConfig:
+        """A copy with ``changes`` applied (and checked)."""
         return dataclasses.replace(self, **changes)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -35,6 +36,8 @@ from compass_model.checkpoint import (
     save_pretrained,
     sharded_metadata,
 )
+
+logger = logging.getLogger(__name__)
 
 LATEST = "LATEST"
 TRAINER_NAME = "trainer.pt"
@@ -133,6 +136,7 @@ def latest_checkpoint(stage_dir) -> Path | None:
 
 
 def trainer_state(checkpoint_dir) -> dict:
+    """The ``trainer.pt`` of a checkpoint: step, done, optimizer state, extra (and run)."""
     # our own file (optimizer tensors and plain Python values): weights_only keeps pickle code out
     path = Path(checkpoint_dir) / TRAINER_NAME
     try:
@@ -149,10 +153,11 @@ def run_of(checkpoint_dir) -> dict | None:
     return json.loads(text) if text else None
 
 
-def usable_checkpoint(stage_dir, log=None) -> Path | None:
+def usable_checkpoint(stage_dir, warn: bool = True) -> Path | None:
     """The newest checkpoint of ``stage_dir`` whose files verify (weights digest, trainer state), or
     None. A damaged newer one is renamed ``.damaged-step-N`` and ``LATEST`` moves back to the one
-    used, so that everything after (optimizer state, metrics truncation) agrees on it."""
+    used, so that everything after (optimizer state, metrics truncation) agrees on it. ``warn``: log
+    each checkpoint passed over (a warning on this module's logger)."""
     stage_dir = Path(stage_dir)
     try:
         latest = latest_checkpoint(stage_dir)
@@ -167,8 +172,8 @@ def usable_checkpoint(stage_dir, log=None) -> Path | None:
                 load_weights(path)
             trainer_state(path)
         except (CheckpointError, FileNotFoundError) as e:
-            if log is not None:
-                log(f"checkpoint {path} is unusable ({e}); trying an older one")
+            if warn:
+                logger.warning("checkpoint %s is unusable (%s); trying an older one", path, e)
             os.replace(path, path.with_name(f".damaged-{path.name}"))
             continue
         if path != latest:
@@ -183,11 +188,13 @@ def usable_checkpoint(stage_dir, log=None) -> Path | None:
 
 
 def stage_done(stage_dir) -> bool:
+    """Whether the stage's latest checkpoint marks it finished."""
     path = latest_checkpoint(stage_dir)
     return path is not None and bool(trainer_state(path)["done"])
 
 
 def load_model(checkpoint_dir, device=None):
+    """The model of a checkpoint directory (``checkpoint.from_pretrained``)."""
     return from_pretrained(checkpoint_dir, device)
 
 

@@ -16,7 +16,9 @@ import compass_kernels
 from helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
-QUICK_SUITES = ["bench/test_moe_layer_bench.py"]          # suites that read bench/quick.py
+QUICK_SUITES = ["bench/test_moe_layer_bench.py", "bench/test_routing_bench.py",      # suites that read
+                "bench/test_grouped_gemm_bench.py", "bench/test_sort_chunks_bench.py",  # bench/quick.py
+                "bench/test_fp8_bench.py"]
 
 
 @pytest.mark.parametrize("suite", QUICK_SUITES)

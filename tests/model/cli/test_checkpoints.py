@@ -97,7 +97,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch, exc):
         monkeypatch.setattr(state.torch, "save", full)
         monkeypatch.setattr(state.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
     else:                                              # the weights' writer
-        monkeypatch.setattr("compass_model.checkpoint.save_file", full)
+        monkeypatch.setattr("compass_model.checkpoint_files.save_file", full)
     with pytest.raises(CheckpointWriteError, match=f"no space left on {tmp_path}") as e:
         save_checkpoint(tmp_path, model, opt, 2)
     assert e.value.errno == errno.ENOSPC and "step-000001 is intact" in str(e.value)
@@ -112,7 +112,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch, exc):
 def test_disk_full_in_the_cli_is_one_line(train, tmp_path, monkeypatch, capsys):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr("compass_model.checkpoint.save_file", full)
+    monkeypatch.setattr("compass_model.checkpoint_files.save_file", full)
     assert train(tmp_path / "run") == 1
     err = capsys.readouterr().err.splitlines()[-1]
     assert err.startswith("compass: error: no space left on ") and "--resume" in err
@@ -124,7 +124,7 @@ def test_other_write_errors_are_not_called_disk_full(tmp_path, monkeypatch):
 
     def broken(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr("compass_model.checkpoint.save_file", broken)
+    monkeypatch.setattr("compass_model.checkpoint_files.save_file", broken)
     with pytest.raises(PermissionError):
         save_checkpoint(tmp_path, model, None, 1)
     assert not list(tmp_path.glob(".tmp-*"))

@@ -14,9 +14,10 @@ import compass_model.train.evaluate as evaluate_mod
 from compass_model.cli import main
 from compass_model.cli_commands import resolve_device
 from compass_model.data import ByteTokenizer
-from compass_model.train import pipeline, trainer
+from compass_model.train import pipeline
 from compass_model.train.data import data_files_for
 from compass_model.train.evaluate import evaluate_model
+from compass_model.train.objectives import batch_inputs
 from compass_model.train.state import resolve_checkpoint
 
 generate_mod = importlib.import_module("compass_model.generate")   # the package exports a same-named function
@@ -95,7 +96,7 @@ def test_train_puts_model_and_batches_on_the_device(train, tmp_path, monkeypatch
 
     def fake_train_stage(model, stage, data, sdir, metrics, **kw):
         dev = next(model.parameters()).device
-        batch = trainer._to(data.micro_batches(0, 1)[0], dev)          # what the trainer feeds the model
+        batch = batch_inputs(data.micro_batches(0, 1)[0], dev)         # what the LM objective feeds the model
         seen.update(model=dev, buffers={b.device for b in model.buffers()},
                     batch={t.device for t in batch.values()}, precision=stage.precision)
         raise _Stop

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 
@@ -67,7 +68,7 @@ def test_balance_metrics():
 
 
 def test_balance_quick(tmp_path):
-    res = _check_outputs(tmp_path, "balance", balance.run(tmp_path, quick=True, log=lambda *a: None))
+    res = _check_outputs(tmp_path, "balance", balance.run(tmp_path, quick=True))
     v = res["variants"]
     assert set(v) == {"no-aux", "aux", "aux+z", "aux-cosine+z", "aux-exp+z"}
     steps = res["setup"]["steps"]
@@ -101,7 +102,7 @@ def test_experts_grid():
 
 
 def test_experts_quick(tmp_path):
-    res = _check_outputs(tmp_path, "experts", experts.run(tmp_path, quick=True, log=lambda *a: None))
+    res = _check_outputs(tmp_path, "experts", experts.run(tmp_path, quick=True))
     rows = res["configs"]
     assert rows
     active = {r["active_params"] for r in rows}
@@ -145,8 +146,14 @@ def test_combine_peers_match_fused():
     torch.testing.assert_close(ref, (x[:, None] * probs[..., None]).sum(1))
 
 
-def test_combine_quick(tmp_path):
-    res = _check_outputs(tmp_path, "combine", combine.run(tmp_path, quick=True, log=lambda *a: None))
+def test_combine_quick(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="compass"), caplog.at_level(logging.INFO, logger="compass_model"):
+        res = _check_outputs(tmp_path, "combine", combine.run(tmp_path, quick=True))
+    msgs = [r.getMessage() for r in caplog.records]          # progress, the per-shape lines, the files
+    n = len(combine.shapes(True))
+    assert any(m.startswith(f"[combine] shapes: {n}/{n}") for m in msgs), msgs
+    assert sum(m.startswith("[combine] T=") for m in msgs) == n
+    assert any(m.startswith("[combine] wrote ") for m in msgs), msgs
     assert len(res["shapes"]) == len(combine.shapes(True))
     for r in res["shapes"]:
         for key in ("fused_dispatch_ms", "megatron_dispatch_ms", "fused_combine_ms", "megatron_combine_ms",
@@ -214,7 +221,7 @@ def test_make_pairs_differ_in_one_token():
 
 
 def test_otpo_vs_dpo_quick(tmp_path):
-    res = _check_outputs(tmp_path, "otpo-vs-dpo", otpo_vs_dpo.run(tmp_path, quick=True, log=lambda *a: None))
+    res = _check_outputs(tmp_path, "otpo-vs-dpo", otpo_vs_dpo.run(tmp_path, quick=True))
     assert res["dpo_concentration"] == 1.0
     assert 0 < res["diff_token_fraction"] < 0.2
     assert set(res["weights"]) == {"random/eps1", "random/eps0.1", "lm_trained/eps1", "lm_trained/eps0.1"}

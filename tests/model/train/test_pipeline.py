@@ -28,8 +28,7 @@ def _stages():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipeline")
-    report = run_pipeline(out, CFG, _stages(), ByteTokenizer(), progress=False, eval_kwargs=EVAL, fp8=True,
-                          log=lambda *a: None)
+    report = run_pipeline(out, CFG, _stages(), ByteTokenizer(), progress=False, eval_kwargs=EVAL, fp8=True)
     return out, report
 
 
@@ -81,8 +80,7 @@ def test_alignment_reports_the_nll_term_both_ways(run):
 def test_resume_skips_finished_stages(run):
     out, report = run
     before = (out / "metrics.jsonl").read_text()
-    again = run_pipeline(out, CFG, _stages(), ByteTokenizer(), resume=True, progress=False, evaluate=False,
-                         log=lambda *a: None)
+    again = run_pipeline(out, CFG, _stages(), ByteTokenizer(), resume=True, progress=False, evaluate=False)
     assert (out / "metrics.jsonl").read_text() == before                  # nothing retrained
     assert [s["loss_last"] for s in again["stages"]] == [s["loss_last"] for s in report["stages"]]
 
@@ -92,7 +90,7 @@ def test_partial_run_still_reports_4x_without_extension(run):
     checkpoint the earlier call's YaRN phases started from."""
     out, _ = run
     again = run_pipeline(out, CFG, [s for s in _stages() if s.name == "align"], ByteTokenizer(), resume=True,
-                         progress=False, eval_kwargs={**EVAL, "n_tasks": 7, "n_speculative": 0}, log=lambda *a: None)
+                         progress=False, eval_kwargs={**EVAL, "n_tasks": 7, "n_speculative": 0})
     no_ext = again["eval"]["long_context"]["4x_without_extension"]
     assert "reasoning" in no_ext["checkpoint"] and no_ext["rope_scaling"] == "none"
 
@@ -114,7 +112,7 @@ def test_cli_on_the_run(run, capsys, tmp_path):
 def test_stage_context_must_fit(tmp_path):
     bad = [demo_stages()[2].replace(steps=1, seq_len=512)]               # reasoning at 2x without YaRN
     with pytest.raises(ValueError, match="max_seq_len"):
-        run_pipeline(tmp_path, CFG, bad, ByteTokenizer(), progress=False, evaluate=False, log=lambda *a: None)
+        run_pipeline(tmp_path, CFG, bad, ByteTokenizer(), progress=False, evaluate=False)
 
 
 def test_train_from_config_file_and_bf16(tmp_path, capsys):
