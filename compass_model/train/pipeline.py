@@ -179,10 +179,10 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
             return {"complete": False, "stopped_in": stage.name} if main else {}
         elif stage.name == "align":
             from compass_model.train.align import run_alignment
-            kw = dict(n_pairs=stage.n_pairs, eval_pairs=stage.eval_pairs, steps=stage.steps, lr=stage.lr,
-                      micro_batch=stage.rows, max_len=stage.seq_len, beta=stage.beta, seed=seed,
-                      warmup_steps=stage.warmup_steps, pairs_file=files.get("align"), device=device, ctx=ctx,
-                      progress=progress)
+            kw = {"n_pairs": stage.n_pairs, "eval_pairs": stage.eval_pairs, "steps": stage.steps, "lr": stage.lr,
+                  "micro_batch": stage.rows, "max_len": stage.seq_len, "beta": stage.beta, "seed": seed,
+                  "warmup_steps": stage.warmup_steps, "pairs_file": files.get("align"), "device": device,
+                  "ctx": ctx, "progress": progress}
             report["alignment"] = run_alignment(prev_dir, out, tokenizer, sft_weight=stage.sft_weight,
                                                 metrics=metrics, resume=resume, **kw)
             report["alignment"]["sft_weight"] = stage.sft_weight

@@ -9,11 +9,16 @@ import pytest
 
 from compass_model import CompassConfig, CompassForCausalLM
 from compass_model.data import ByteTokenizer
-from compass_model.data.passkey import CODE_DIGITS, NEEDLE, curriculum_contexts, make_passkey_tasks
+from compass_model.data.passkey import (
+    CODE_DIGITS,
+    NEEDLE,
+    curriculum_contexts,
+    make_passkey_tasks,
+)
+from compass_model.train.data import StageData, stage_data
 from compass_model.train.evaluate import _prompt_ids
 from compass_model.train.pipeline import extend_context
 from compass_model.train.stages import StageConfig, demo_stages
-from compass_model.train.data import StageData, stage_data
 from compass_model.train.state import load_model, save_checkpoint
 from compass_model.train.trainer import make_optimizer
 
@@ -113,7 +118,7 @@ def test_long_rows_config_errors_name_the_field():
         StageConfig("sft", steps=1, long_every=0)
     with pytest.raises(ValueError, match="long_rows needs the sft kind"):
         StageData("general", TOK, 64, 2, pool_size=20, long_rows=1, long_seq_len=128)
-    sft = [s for s in demo_stages() if s.name == "sft"][0]
+    sft = next(s for s in demo_stages() if s.name == "sft")
     assert sft.long_rows >= 1 and sft.long_seq_len == 1024       # the demo's SFT keeps 4x retrieval
 
 
