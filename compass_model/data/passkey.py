@@ -53,6 +53,18 @@ def passkey_task(rng: random.Random, lang: str, context: int) -> Task:
     return Task("passkey", lang, prompt, code, {"gold": code, "depth": depth / max(1, len(lines) - 1)})
 
 
+def curriculum_contexts(context: int, shortest: int = 64) -> list:
+    """``context`` and its halvings down to ``shortest``, shortest first: ``1024 -> [64, 128, 256, 512, 1024]``.
+    Training on every length at once is the curriculum a small model needs: with a few catalogue lines
+    the needle is easy to find, and the same search then carries to longer catalogues."""
+    if context < shortest:
+        raise ValueError(f"context must be >= {shortest} tokens for a passkey task, got {context}")
+    out = [context]
+    while out[-1] // 2 >= shortest:
+        out.append(out[-1] // 2)
+    return out[::-1]
+
+
 def make_passkey_tasks(n: int, seed: int, context: int, langs=LANGS) -> list:
     """``n`` passkey tasks cycling over ``langs``, each fitting ``context`` byte tokens."""
     if context < 64:

@@ -34,7 +34,7 @@ from compass_model.data import (
     prompt_weight_for,
 )
 from compass_model.data.corpus import GENERAL
-from compass_model.data.passkey import make_passkey_tasks
+from compass_model.data.passkey import curriculum_contexts, make_passkey_tasks
 
 PRETRAIN_KINDS = ("general", "ecommerce", "reasoning", "long_context")
 SFT_KIND = "sft"
@@ -78,6 +78,9 @@ class StageData:
     seed: int = 0
     data_file: str | None = None
     pool_size: int = 2000
+    long_rows: int = 0              # SFT: rows of the extra long micro-batch (0: none)
+    long_seq_len: int = 0           # its row length: voucher codes at the curriculum lengths above seq_len
+    long_every: int = 1             # on steps where step % long_every == 0
 
     def __post_init__(self):
         if self.kind not in (*PRETRAIN_KINDS, SFT_KIND):
@@ -104,6 +107,15 @@ class StageData:
             self.docs = [tok.encode(t, bos=True, eos=True) for t in texts]
         if not (self.samples if self.kind == SFT_KIND else self.docs):
             raise ValueError(f"stage {self.kind!r} has no data")
+        self.long_samples = []
+        if self.long_rows:
+            if self.kind != SFT_KIND or self.long_seq_len <= self.seq_len or self.long_every < 1:
+                raise ValueError(f"long_rows needs the sft kind, long_seq_len > seq_len ({self.seq_len}) and "
+                                 f"long_every >= 1; got {self.kind!r}, {self.long_seq_len}, {self.long_every}")
+            lengths = [c for c in curriculum_contexts(self.long_seq_len) if c > self.seq_len]
+            self.long_samples = [(tok.encode(t.prompt), tok.encode(t.answer), prompt_weight_for("ecommerce"))
+                                 for c in lengths
+                                 for t in make_passkey_tasks(self.pool_size // 8, self.seed + TRAIN_TASK_SEED, c)]
 
     # ---- generated sources ----------------------------------------------------------------------
 
@@ -116,20 +128,25 @@ class StageData:
             tasks = make_tasks(n // 2, seed=s + TRAIN_TASK_SEED, families=("extract", "classify", "relevance"))
         elif self.kind == "reasoning":
             tasks = make_tasks(n // 2, seed=s + TRAIN_TASK_SEED, families=("price",))
-            # retrieval at the base context: the skill the long-context stages carry to 4x
-            return corpus + [_task_text(t) for t in tasks] + self._passkey_texts(n // 4)
-        else:  # long_context: one voucher code hidden in a catalogue that fills the stage's context
-            return corpus[: n // 4] + self._passkey_texts(n // 2)
+            # retrieval up to the base context: the skill the long-context stages carry to 4x
+            return corpus + [_task_text(t) for t in tasks] + self._passkey_texts(n)
+        else:  # long_context: one voucher code hidden in catalogues up to the stage's context
+            return corpus[: n // 4] + self._passkey_texts(n)
         return corpus + [_task_text(t) for t in tasks]
 
     def _passkey_texts(self, n: int) -> list:
-        """Retrieval documents read as ``prompt + answer`` (the prompt ends with the needle's words)."""
-        return [t.prompt + t.answer for t in make_passkey_tasks(n, self.seed + TRAIN_TASK_SEED, self.seq_len)]
+        """``n`` retrieval documents read as ``prompt + answer`` (the prompt ends with the needle's
+        words), in equal numbers at each ``curriculum_contexts(seq_len)`` length."""
+        return [t.prompt + t.answer for t in self._passkey_tasks(n)]
+
+    def _passkey_tasks(self, n: int) -> list:
+        lengths = curriculum_contexts(self.seq_len)
+        return [t for c in lengths for t in make_passkey_tasks(n // len(lengths), self.seed + TRAIN_TASK_SEED, c)]
 
     def _generated_sft(self) -> list:
         n, s = self.pool_size, self.seed
         tasks = make_tasks(n, seed=s + TRAIN_TASK_SEED, n_items=catalogue_items(self.seq_len))
-        keys = make_passkey_tasks(n // 8, s + TRAIN_TASK_SEED, self.seq_len)
+        keys = self._passkey_tasks(n // 4)
         return [t.to_sft() for t in tasks + keys] + general_instructions(n // 4, s + TRAIN_TASK_SEED)
 
     # ---- batches --------------------------------------------------------------------------------
@@ -138,18 +155,25 @@ class StageData:
         """The ``n_micro`` micro-batches (``PackedBatch`` of ``rows`` x ``seq_len``) of optimizer step
         ``step``; a pure function of (seed, kind, step)."""
         rng = random.Random(f"{self.seed}/{self.kind}/{step}")
-        return [self._one(rng) for _ in range(n_micro)]
+        out = [self._one(rng) for _ in range(n_micro)]
+        if self.long_samples and step % self.long_every == 0:
+            out.append(self._sft_batch(rng, self.long_samples, self.long_rows, self.long_seq_len))
+        return out
+
+    def _sft_batch(self, rng: random.Random, samples: list, rows: int, seq_len: int) -> PackedBatch:
+        tok = self.tokenizer
+        picked, used = [], 0
+        while used < rows * seq_len:
+            s = samples[rng.randrange(len(samples))]
+            picked.append(s)
+            used += len(s[0]) + len(s[1]) + 2
+        return _take_rows(pack_sft(picked, seq_len, tok.pad_id, tok.bos_id, tok.eos_id), rows)
 
     def _one(self, rng: random.Random) -> PackedBatch:
         budget = self.rows * self.seq_len
         tok = self.tokenizer
         if self.kind == SFT_KIND:
-            picked, used = [], 0
-            while used < budget:
-                s = self.samples[rng.randrange(len(self.samples))]
-                picked.append(s)
-                used += len(s[0]) + len(s[1]) + 2
-            b = pack_sft(picked, self.seq_len, tok.pad_id, tok.bos_id, tok.eos_id)
+            return self._sft_batch(rng, self.samples, self.rows, self.seq_len)
         else:
             picked, used = [], 0
             while used < budget:
@@ -201,6 +225,14 @@ def data_files_for(data, stage_names: list) -> dict:
     return out
 
 
+def stage_data(stage, tokenizer, seed: int = 0, data_file: str | None = None) -> StageData:
+    """The ``StageData`` a ``StageConfig`` trains on (SFT's generated long retrieval row only without a
+    data file: a user's own SFT data is not mixed with generated tasks)."""
+    long_rows = stage.long_rows if data_file is None else 0
+    return StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows, seed=seed, data_file=data_file,
+                     long_rows=long_rows, long_seq_len=stage.long_seq_len, long_every=stage.long_every)
+
+
 def check_stage_data(stages: list, tokenizer, files: dict, seed: int = 0) -> dict:
     """Load and check each stage's own file (``files``: ``data_files_for``) in the format its kind
     reads, before any training. Returns ``{stage name: StageData}`` for the pretraining / SFT
@@ -218,7 +250,7 @@ def check_stage_data(stages: list, tokenizer, files: dict, seed: int = 0) -> dic
                 if n <= st.eval_pairs:
                     raise ValueError(f"{path}: {n} records, need more than eval_pairs = {st.eval_pairs}")
             else:
-                out[st.name] = StageData(st.data_kind, tokenizer, st.seq_len, st.rows, seed=seed, data_file=path)
+                out[st.name] = stage_data(st, tokenizer, seed, data_file=path)
         except ValueError as e:
             raise ValueError(f"stage {st.name}: data file {path} is not usable: {e}{hint}") from e
     return out

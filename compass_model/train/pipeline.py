@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import torch
 from compass_model import CompassConfig
 from compass_model.train import parallel, rundir
 from compass_model.train.dcp_checkpoint import laid_out_model
-from compass_model.train.data import StageData, check_stage_data, data_files_for
+from compass_model.train.data import check_stage_data, data_files_for, stage_data
 from compass_model.train.metrics import MetricsWriter, read_metrics
 from compass_model.train.stages import STAGES, stage_kind
 from compass_model.train.state import (
@@ -165,6 +166,7 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
     parallel.barrier(ctx)
     report: dict = {"config": json.loads(config.to_json()), "seed": seed, "stages": []}
     pre_extension = None                            # the checkpoint the first YaRN phase started from
+    nll_other = None                                # the OTPO model aligned with the NLL term the other way
     t_start = time.perf_counter()
     for stage in stages:
         sdir = stage_dir_for(out, stage.name)
@@ -177,21 +179,26 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
             return {"complete": False, "stopped_in": stage.name} if main else {}
         elif stage.name == "align":
             from compass_model.train.align import run_alignment
-            report["alignment"] = run_alignment(
-                prev_dir, out, tokenizer, n_pairs=stage.n_pairs, eval_pairs=stage.eval_pairs, steps=stage.steps,
-                lr=stage.lr, micro_batch=stage.rows, max_len=stage.seq_len, beta=stage.beta, seed=seed,
-                warmup_steps=stage.warmup_steps, sft_weight=stage.sft_weight,
-                metrics=metrics, resume=resume, pairs_file=files.get("align"), device=device, ctx=ctx,
-                progress=progress)
+            kw = {"n_pairs": stage.n_pairs, "eval_pairs": stage.eval_pairs, "steps": stage.steps, "lr": stage.lr,
+                  "micro_batch": stage.rows, "max_len": stage.seq_len, "beta": stage.beta, "seed": seed,
+                  "warmup_steps": stage.warmup_steps, "pairs_file": files.get("align"), "device": device,
+                  "ctx": ctx, "progress": progress}
+            report["alignment"] = run_alignment(prev_dir, out, tokenizer, sft_weight=stage.sft_weight,
+                                                metrics=metrics, resume=resume, **kw)
             report["alignment"]["sft_weight"] = stage.sft_weight
+            if stage.compare_nll and ctx is None:        # one process: the comparison is the demo's
+                nll_other = _align_other_way(prev_dir, out, tokenizer, stage, kw, run_alignment)
         else:
             ckpt = usable_checkpoint(sdir, warn=main) if resume else None
             model = _stage_model(ckpt, prev_dir, config, stage, seed, ctx, device)
             if activation_checkpointing:
                 from compass_model.train.recompute import apply_activation_checkpointing
                 apply_activation_checkpointing(model)
-            data = prepared.get(stage.name) or StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows,
-                                                         seed=seed)
+            if stage.long_rows and stage.long_seq_len > model.config.max_seq_len:
+                log(f"[{stage.name}] no long retrieval row: long_seq_len {stage.long_seq_len} > the model's "
+                    f"max_seq_len {model.config.max_seq_len} (no YaRN phase before it)")
+                stage = stage.replace(long_rows=0)
+            data = prepared.get(stage.name) or stage_data(stage, tokenizer, seed)
             before = 0 if ckpt is None else trainer_state(ckpt)["step"]
             train_stage(model, stage, data, sdir, metrics, resume=ckpt is not None, progress=progress, ctx=ctx,
                         stop_after=stop_after, keep_last=keep_last, run=run)
@@ -218,6 +225,7 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
         t0 = time.perf_counter()
         model = load_model(prev_dir, device)
         report["eval"] = evaluate_model(model, tokenizer, progress=progress, **(eval_kwargs or {}))
+        pre_extension = pre_extension or _pre_extension_checkpoint(out)     # YaRN phases of an earlier call
         if pre_extension is not None and report["eval"]["long_context"]:
             report["eval"]["long_context"]["4x_without_extension"] = _without_extension(
                 pre_extension, tokenizer, eval_kwargs or {}, device)
@@ -227,6 +235,8 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
             ev = evaluate_model(load_model(sft_dir, device), tokenizer, progress=progress,
                                 desc="eval (SFT model)", **{**(eval_kwargs or {}), "n_long": 0, "n_speculative": 0})
             report["eval_sft"] = {k: ev[k] for k in ("accuracy", "per_language", "per_family")}
+        if nll_other is not None and "alignment" in report:
+            report["alignment"]["nll_term"] = _nll_term(report, nll_other, tokenizer, eval_kwargs or {}, device)
         report["eval_seconds"] = time.perf_counter() - t0
         if fp8:
             from compass_model.train.fp8_report import fp8_report
@@ -239,6 +249,18 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
     return report
 
 
+def _pre_extension_checkpoint(out: Path):
+    """The checkpoint the run's YaRN phases started from when an earlier call trained them (a partial run
+    such as ``--stages sft,align``): the nearest finished stage before ``long_context``; None without them."""
+    if not any(stage_done(d) for d in out.glob("checkpoints/long_context_*")):
+        return None
+    for kind in reversed(STAGES[:STAGES.index("long_context")]):
+        d = stage_dir_for(out, kind)
+        if stage_done(d):
+            return latest_checkpoint(d)
+    return None
+
+
 def _without_extension(checkpoint, tokenizer, eval_kwargs: dict, device=None) -> dict:
     """4x retrieval of the model the YaRN phases started from, its RoPE simply run past the trained
     context (no YaRN, no long-context training): what the extension stages are measured against."""
@@ -249,6 +271,39 @@ def _without_extension(checkpoint, tokenizer, eval_kwargs: dict, device=None) ->
         model.set_rope(max_seq_len=4 * base)
     res = long_context_eval(model, tokenizer, base, n=eval_kwargs.get("n_long", 14), factors=(("4x", 4),))["4x"]
     return {**res, "checkpoint": str(checkpoint), "rope_scaling": model.config.rope_scaling}
+
+
+def _align_other_way(sft_dir, out: Path, tokenizer, stage, kw: dict, run_alignment) -> dict:
+    """OTPO (and DPO) again from the same SFT model, pairs and reference log-probs, with the chosen-answer
+    NLL term the other way (weight 1 when the stage has none, else 0), under ``out/align-nll-other``."""
+    other = out / "align-nll-other"
+    other.mkdir(exist_ok=True)
+    for name in ("pairs.json", "reference-train.safetensors", "reference-eval.safetensors"):
+        if (out / name).is_file():
+            shutil.copyfile(out / name, other / name)
+    weight = 0.0 if stage.sft_weight > 0 else 1.0
+    res = run_alignment(sft_dir, other, tokenizer, sft_weight=weight, resume=True, **kw)
+    return {"sft_weight": weight, "checkpoint": latest_checkpoint(other / "checkpoints" / "align"),
+            "preference_accuracy": res.get("otpo", {}).get("eval", {}).get("reward_accuracy")}
+
+
+def _nll_term(report: dict, other: dict, tokenizer, eval_kwargs: dict, device=None) -> dict:
+    """``alignment.nll_term``: whether the run's alignment used the NLL term on chosen answers, why, and the
+    task accuracy (and retrieval at 1x / 4x) of the final model aligned each way."""
+    from compass_model.train.evaluate import evaluate_model
+    ev = evaluate_model(load_model(other["checkpoint"], device), tokenizer, progress=False,
+                        desc="eval (aligned the other way)", **{**eval_kwargs, "n_speculative": 0})
+    mine = report["eval"]
+    used = report["alignment"]["sft_weight"] > 0
+    side = lambda e: {"accuracy": e["accuracy"], **{f"retrieval_{k}": v.get("accuracy")  # noqa: E731
+                                                     for k, v in e["long_context"].items() if k in ("1x", "4x")}}
+    with_, without = (side(mine), side(ev)) if used else (side(ev), side(mine))
+    why = ("on: the stage sets sft_weight > 0 (neither the paper nor the official OTPO configs add it)" if used else
+           "off, as in the paper and the official OTPO configs (sft_weight = 0); the run with it on is measured "
+           "beside it from the same SFT model and pairs")
+    return {"used": used, "weight": report["alignment"]["sft_weight"] if used else other["sft_weight"], "why": why,
+            "accuracy_without": without["accuracy"], "accuracy_with": with_["accuracy"],
+            "without": without, "with": with_, "other_checkpoint": str(other["checkpoint"])}
 
 
 def _router_report(ev: dict, records: list) -> dict:

@@ -50,19 +50,31 @@ class StageConfig:
     mtp_every: int = 1               # MTP loss on steps where step % mtp_every == 0
     rope_factor: float = 1.0         # > 1: YaRN, context x factor over the previous stage's
     save_every: int = 1              # checkpoint every n steps (and at the end)
+    # SFT only: every ``long_every``-th step adds a micro-batch of ``long_rows`` rows of ``long_seq_len``
+    # tokens holding voucher-code retrieval longer than ``seq_len`` (train/data.py), so that SFT at the
+    # base context keeps the long-context skill (0 rows: off)
+    long_rows: int = 0
+    long_seq_len: int = 0
+    long_every: int = 1
     # alignment only
     beta: float = 0.1
     sft_weight: float = 0.0          # RPO: + this x the chosen answers' NLL (0: pure DPO / OTPO, the paper)
+    compare_nll: bool = False        # also align the other way (NLL weight 1 if sft_weight is 0, else 0) and
+                                     # report both models' accuracy (report.json: alignment.nll_term)
     n_pairs: int = 64
     eval_pairs: int = 32
 
     def __post_init__(self):
         if stage_kind(self.name) not in STAGES or self.name == _LONG + "_":
             raise ValueError(f"stage name must be one of {STAGES} or long_context_<suffix>, got {self.name!r}")
-        for f in ("steps", "rows", "grad_accum", "seq_len", "mtp_every", "save_every"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f == "steps" else 1):
-                raise ValueError(f"stage {self.name}: {f} must be an int >= {0 if f == 'steps' else 1}, got {v!r}")
+        for f in ("steps", "rows", "grad_accum", "seq_len", "mtp_every", "save_every", "long_rows", "long_seq_len",
+                  "long_every"):
+            v, low = getattr(self, f), 0 if f in ("steps", "long_rows", "long_seq_len") else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"stage {self.name}: {f} must be an int >= {low}, got {v!r}")
+        if self.long_rows and (self.kind != "sft" or self.long_seq_len <= self.seq_len):
+            raise ValueError(f"stage {self.name}: long_rows needs an sft stage and long_seq_len > seq_len "
+                             f"({self.seq_len}), got long_seq_len {self.long_seq_len}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"stage {self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.lr > 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.clip <= 0:
@@ -71,6 +83,8 @@ class StageConfig:
             raise ValueError(f"stage {self.name}: rope_factor must be >= 1, got {self.rope_factor}")
         if self.mtp_loss_weight is not None and not self.mtp_loss_weight >= 0:
             raise ValueError(f"stage {self.name}: mtp_loss_weight must be None or >= 0, got {self.mtp_loss_weight}")
+        if not isinstance(self.compare_nll, bool):
+            raise ValueError(f"stage {self.name}: compare_nll must be a bool, got {self.compare_nll!r}")
         if not self.sft_weight >= 0:
             raise ValueError(f"stage {self.name}: sft_weight must be >= 0, got {self.sft_weight}")
 
@@ -103,8 +117,11 @@ def demo_stages(base_context: int = 256) -> list:
     base/2, reasoning and SFT at base, then two YaRN phases: ``long_context_2x`` (x2 over the base)
     and ``long_context_4x`` (x2 over that, 4 x base in all). MTP at the preset's weight throughout
     (SFT included: the final model's draft module must match its trunk for speculative decoding).
-    The reasoning stage mixes in 1x voucher-code retrieval so that the 4x retrieval of the model
-    without the YaRN phases (``eval.long_context``) measures the extension, not an untaught task."""
+    Voucher-code retrieval (``data/passkey.py``) runs through reasoning, both YaRN phases and SFT at
+    the curriculum lengths (the context halved down to 64 tokens); SFT's extra 1024-token row every
+    second step keeps the 4x skill while it trains at the base context (docs/algorithms.md measures
+    why both are needed). Alignment is the paper's (no NLL term) and is also run with the term, so
+    ``report.json`` shows the accuracy both ways (``alignment.nll_term``)."""
     half = base_context // 2
     return [
         StageConfig("general", steps=500, rows=16, seq_len=half, lr=3e-3, warmup_steps=25),
@@ -114,9 +131,10 @@ def demo_stages(base_context: int = 256) -> list:
                     rope_factor=2.0),
         StageConfig("long_context_4x", steps=150, rows=2, seq_len=4 * base_context, lr=1e-3, warmup_steps=10,
                     rope_factor=2.0),
-        StageConfig("sft", steps=3000, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30),
+        StageConfig("sft", steps=3000, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30,
+                    long_rows=1, long_seq_len=4 * base_context, long_every=2),
         StageConfig("align", steps=100, rows=8, seq_len=base_context, lr=1e-4, warmup_steps=10, n_pairs=128,
-                    eval_pairs=48),
+                    eval_pairs=48, compare_nll=True),
     ]
 
 

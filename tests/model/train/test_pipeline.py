@@ -66,12 +66,33 @@ def test_every_stage_runs_and_reports(run):
         assert (out / "plots" / name).stat().st_size > 1000
 
 
+def test_alignment_reports_the_nll_term_both_ways(run):
+    """The demo aligns once as the paper does (no NLL term on chosen answers) and once with it, from the
+    same SFT model and pairs, and says in report.json which one the final model used and why."""
+    out, report = run
+    nll = json.loads((out / "report.json").read_text())["alignment"]["nll_term"]
+    assert nll["used"] is False and nll["weight"] == 1.0 and "paper" in nll["why"]
+    assert nll["accuracy_without"] == report["eval"]["accuracy"]          # the final model is the one without
+    assert 0 <= nll["accuracy_with"] <= 1 and set(nll["with"]) == {"accuracy", "retrieval_1x", "retrieval_4x"}
+    assert (out / "align-nll-other" / "pairs.json").read_text() == (out / "pairs.json").read_text()
+
+
 def test_resume_skips_finished_stages(run):
     out, report = run
     before = (out / "metrics.jsonl").read_text()
     again = run_pipeline(out, CFG, _stages(), ByteTokenizer(), resume=True, progress=False, evaluate=False)
     assert (out / "metrics.jsonl").read_text() == before                  # nothing retrained
     assert [s["loss_last"] for s in again["stages"]] == [s["loss_last"] for s in report["stages"]]
+
+
+def test_partial_run_still_reports_4x_without_extension(run):
+    """A later call that trains only the last stages (here: resumes align) evaluates against the
+    checkpoint the earlier call's YaRN phases started from."""
+    out, _ = run
+    again = run_pipeline(out, CFG, [s for s in _stages() if s.name == "align"], ByteTokenizer(), resume=True,
+                         progress=False, eval_kwargs={**EVAL, "n_tasks": 7, "n_speculative": 0})
+    no_ext = again["eval"]["long_context"]["4x_without_extension"]
+    assert "reasoning" in no_ext["checkpoint"] and no_ext["rope_scaling"] == "none"
 
 
 def test_cli_on_the_run(run, capsys, tmp_path):
