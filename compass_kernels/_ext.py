@@ -97,6 +97,15 @@ cuda = (_boundary.Kernels(cuda_module, DTYPE_CODES, _stream_handle, torch.cuda.d
         if cuda_module is not None else None)
 
 
+
+def kernels(backend: str) -> _boundary.Kernels:
+    """The compiled entry points of ``backend`` ("cpu" or "cuda"); launchers call this only after the
+    backend resolved to it, so a missing module here is a bug, said as such."""
+    k = cpu if backend == "cpu" else cuda if backend == "cuda" else None
+    if k is None:
+        raise RuntimeError(f"compass: no compiled {backend!r} module, yet a launcher was asked to use it")
+    return k
+
 def dtype_code(dtype: torch.dtype) -> int:
     return DTYPE_CODES[dtype]
 

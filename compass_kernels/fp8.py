@@ -232,7 +232,7 @@ def _quantize_impl(x, granularity: str, block_size: int, dtype):
     scale = _ext.empty(scale_shape(x.shape, granularity, block_size), dtype=torch.float32, device=x.device)
     if backend == "cpu":
         sb, _ = _strides(x3)  # x3's row stride travels with x3
-        _ext.cpu.quantize_fp8(x=x3, B=B, M=M, K=K, stride_b=sb, granularity=GRANULARITY_CODES[granularity],
+        _ext.kernels("cpu").quantize_fp8(x=x3, B=B, M=M, K=K, stride_b=sb, granularity=GRANULARITY_CODES[granularity],
                               block_size=block_size, data=data, scale=scale)
     else:
         scale3 = scale.view(B, *scale_shape((M, K), granularity, block_size))

@@ -125,7 +125,7 @@ _PAD_MIN_GROUPS = 8
 _PAD_WASTE = 0.5
 
 
-def _padded_span(b: list[int]):
+def _padded_span(b: list[int]) -> tuple[int, int, int] | None:
     """(e, f, m): the nonempty groups lie in e..f-1, the tallest has m rows; None when padding them
     all to m rows does not pay (few groups, a group of >= _CPU_BIG rows, or too much padding)."""
     E = len(b) - 1
@@ -273,7 +273,7 @@ def _cutlass_serves(*tensors, trans_b: bool, K: int, N: int) -> bool:
     t0 = tensors[0]
     return (t0.dtype in (torch.bfloat16, torch.float16)
             and torch.cuda.get_device_capability(t0.device)[0] == 9
-            and _ext.cuda.grouped_gemm_supported(_ext.dtype_code(t0.dtype), trans_b, K, N)
+            and _ext.kernels("cuda").grouped_gemm_supported(_ext.dtype_code(t0.dtype), trans_b, K, N)
             and all(t.data_ptr() % 16 == 0 for t in tensors))
 
 

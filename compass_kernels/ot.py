@@ -171,7 +171,7 @@ def _sinkhorn_kernel(backend: str, cost, a, b, eps, tau, max_iter, tol, check_ev
     plan = _ext.empty(B, n, m, dtype=dt, device=cost.device)
     iters = _ext.empty(B, dtype=torch.int32, device=cost.device)
     if backend == "cpu":
-        _ext.cpu.sinkhorn(cost=cost, a=a, b=b, B=B, n=n, m=m, eps=eps, tau=-1.0 if tau is None else tau,
+        _ext.kernels("cpu").sinkhorn(cost=cost, a=a, b=b, B=B, n=n, m=m, eps=eps, tau=-1.0 if tau is None else tau,
                           max_iter=max_iter, tol=tol, check_every=check_every, plan=plan, iters=iters)
     else:
         _triton().sinkhorn(cost, a, b, eps, tau, max_iter, tol, check_every, plan, iters)
@@ -260,7 +260,7 @@ def _otpo_impl(h_chosen, h_rejected, mask_chosen, mask_rejected, eps, tau, max_i
         w_c = _ext.empty(B, L, dtype=dt, device=hc.device)
         w_r = _ext.empty(B, L, dtype=dt, device=hc.device)
         iters = _ext.empty(B, dtype=torch.int32, device=hc.device)
-        _ext.cpu.otpo_weights(h_c=hc, h_r=hr, mask_c=mc, mask_r=mr, B=B, L=L, D=hc.shape[2], eps=eps, tau=tau,
+        _ext.kernels("cpu").otpo_weights(h_c=hc, h_r=hr, mask_c=mc, mask_r=mr, B=B, L=L, D=hc.shape[2], eps=eps, tau=tau,
                               max_iter=max_iter, tol=tol, check_every=check_every, scale_floor=floor, w_c=w_c,
                               w_r=w_r, iters=iters)
         return w_c.to(out), w_r.to(out)

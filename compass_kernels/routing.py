@@ -158,11 +158,12 @@ def _route_impl(topk_ids, num_experts: int, capacity: int, align: int):
         ws = _ext.empty(tr.route_workspace_numel(T, k, num_experts), dtype=torch.int64, device=ids.device)
         tr.route(ids, num_experts, capacity, align, row, tpe, off, ws)
         return row, tpe, off
-    kernels = _ext.cpu if backend == "cpu" else _ext.cuda
-    ws = None if backend == "cpu" else _ext.empty(kernels.route_workspace_numel(T, k, num_experts),
-                                                  dtype=torch.int64, device=ids.device)
+    kernels = _ext.kernels(backend)
+    cws: torch.Tensor | None = None
+    if backend == "cuda":
+        cws = _ext.empty(kernels.route_workspace_numel(T, k, num_experts), dtype=torch.int64, device=ids.device)
     kernels.route(topk_ids=ids, T=T, k=k, E=num_experts, capacity=capacity, align=align, row_id_map=row,
-                  tokens_per_expert=tpe, expert_offsets=off, workspace=ws)
+                  tokens_per_expert=tpe, expert_offsets=off, workspace=cws)
     return row, tpe, off
 
 
@@ -178,7 +179,7 @@ def _permute_impl(x, row_id_map, expert_offsets, tokens_per_expert, num_rows: in
     if backend == "triton":
         _triton().permute(x, row_id_map, expert_offsets, tokens_per_expert, out)
         return out
-    (_ext.cpu if backend == "cpu" else _ext.cuda).permute(
+    _ext.kernels(backend).permute(
         x=x, elem_size=x.element_size(), T=T, H=H, row_id_map=row_id_map, k=k, expert_offsets=expert_offsets,
         tokens_per_expert=tokens_per_expert, E=E, num_rows=num_rows, out=out)
     return out
@@ -196,7 +197,7 @@ def _unpermute_impl(y, row_id_map, probs):
     if backend == "triton":
         _triton().unpermute(y, row_id_map, probs, out)
         return out
-    (_ext.cpu if backend == "cpu" else _ext.cuda).unpermute(
+    _ext.kernels(backend).unpermute(
         y=y, num_rows=R, H=H, row_id_map=row_id_map, T=T, k=k, probs=probs, out=out)
     return out
 
@@ -215,7 +216,7 @@ def _unpermute_bwd_impl(grad_out, y, row_id_map, expert_offsets, tokens_per_expe
         _triton().unpermute_bwd(grad_out, y, row_id_map, expert_offsets, tokens_per_expert, probs,
                                 grad_y, grad_probs)
         return grad_y, grad_probs
-    (_ext.cpu if backend == "cpu" else _ext.cuda).unpermute_bwd(
+    _ext.kernels(backend).unpermute_bwd(
         grad_out=grad_out, y=y, num_rows=R, H=H, row_id_map=row_id_map, T=T, k=k, expert_offsets=expert_offsets,
         tokens_per_expert=tokens_per_expert, E=E, probs=probs, grad_y=grad_y, grad_probs=grad_probs)
     return grad_y, grad_probs
@@ -277,9 +278,10 @@ def _unpermute_bwd_backward(ctx, g_grad_y, g_grad_probs):
 def _route_op(topk_ids: torch.Tensor, num_experts: int, capacity: int, align: int) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor
 ]:
-    i64 = dict(dtype=torch.int64, device=topk_ids.device)
-    return (topk_ids.new_empty(topk_ids.shape, dtype=torch.int64), torch.empty(num_experts, **i64),
-            torch.empty(num_experts + 1, **i64))
+    dev = topk_ids.device
+    return (topk_ids.new_empty(topk_ids.shape, dtype=torch.int64),
+            torch.empty(num_experts, dtype=torch.int64, device=dev),
+            torch.empty(num_experts + 1, dtype=torch.int64, device=dev))
 
 
 @define("permute", impl=_permute_impl, backends=_ALL, backward=_permute_backward, setup_context=_permute_setup,
