@@ -1,8 +1,8 @@
 """Whole tiny models of every family in the installed transformers whose experts use
 ``@use_experts_implementation`` (hf_models.families()), "compass" against "eager": the output
-(logits, or the last hidden state of a text model) and every parameter's gradient in fp32. A few
-families run in the default suite, the rest are marked slow; families the generic tiny config cannot
-build are skipped with the reason (SKIP)."""
+(logits, or the last hidden state of a text model) and every parameter's gradient in fp32. Every
+family runs in the default suite (CI) except the six that test_hf_models.py covers more fully;
+families the generic tiny config cannot build are skipped with the reason (SKIP)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ INIT = {
                    "kv_lora_rank": 16, "index_head_dim": 8},
 }
 SKIP: dict[str, str] = {}   # family -> why the generic tiny config cannot build it (none with transformers 5.24)
-# the default suite: families with a layout or an architecture the six of test_hf_models.py lack
+# families with a layout or an architecture the six of test_hf_models.py lack (checked to exist)
 DEFAULT = ("deepseek_v2", "jamba", "nemotron_h", "qwen3_next", "qwen3_vl_moe", "granitemoe")
 # the six most used families have their own, fuller tests in test_hf_models.py
 COVERED = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
@@ -50,7 +50,7 @@ def _params():
         marks = []
         if fam in SKIP:
             marks.append(pytest.mark.skip(reason=SKIP[fam]))
-        elif fam not in DEFAULT:                      # (COVERED run by default in test_hf_models.py)
+        elif fam in COVERED:                          # run by default in test_hf_models.py
             marks.append(pytest.mark.slow)
         out.append(pytest.param(fam, marks=marks, id=fam))
     return out
