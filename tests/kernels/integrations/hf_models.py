@@ -9,7 +9,7 @@ import importlib
 
 import torch
 
-from kernels.integrations.hf_families import experts_classes
+from kernels.integrations.hf_families import _configs, experts_classes
 
 VOCAB, LAYERS = 64, 2
 
@@ -32,15 +32,6 @@ def _cut(value, old_layers: int):
     if isinstance(value, (list, tuple)) and old_layers > LAYERS and len(value) == old_layers:
         return type(value)(value[:LAYERS])
     return value
-
-
-def _configs(cfg, depth=0):
-    yield cfg
-    if depth < 2:
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            sub = getattr(cfg, key, None)
-            if sub is not None and hasattr(sub, "to_dict"):
-                yield from _configs(sub, depth + 1)
 
 
 def shrink_config(cfg):
