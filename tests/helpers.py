@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,13 @@ from compass_kernels import _backend
 from compass_kernels.benchmarking.inputs import topk_ids as make_ids  # noqa: F401 - the tests' routing patterns
 
 REPO_ROOT = Path(__file__).resolve().parents[1]   # the checkout these tests belong to
+
+
+def run_python(code: str) -> str:
+    """stdout of ``python -c code`` in a fresh interpreter at the repository root (fails on a nonzero exit)."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from helpers import REPO_ROOT
+from helpers import run_python
 
 # packages that only extras install; none may load with `import compass_kernels`
 EXTRAS_ONLY = ("matplotlib", "tqdm", "safetensors", "nvtx", "numpy", "transformers", "tokenizers", "ot",
                "compass_model")
 
 
-def _run(code: str) -> str:
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
 def test_import_compass_kernels_loads_no_extra():
     # torch itself may load numpy and tqdm when they are installed: count only what compass_kernels adds
-    out = _run(
+    out = run_python(
         "import sys, json\n"
         "import torch\n"
         "before = {m.split('.')[0] for m in sys.modules}\n"
@@ -38,7 +30,7 @@ def test_import_compass_kernels_loads_no_extra():
 
 
 def test_missing_triton_names_its_extra():
-    out = _run("import sys\n"
+    out = run_python("import sys\n"
                "sys.modules['triton'] = None\n"
                "from compass_kernels import _backend\n"
                "print(_backend._triton_status())\n")

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
-from helpers import REPO_ROOT
-
-
-def _run(code: str) -> str:
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    return r.stdout
+from helpers import run_python
 
 
 def test_missing_extras_name_the_extra():
     # block the optional packages (None in sys.modules makes `import x` raise ImportError)
-    out = _run(
+    out = run_python(
         "import sys\n"
         "for m in ('safetensors', 'matplotlib', 'tokenizers'): sys.modules[m] = None\n"
         "msgs = []\n"
