@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("transformers", minversion="5")
 
 import compass_kernels.integrations.transformers as hf
+from kernels.integrations.hf_models import assert_bf16_close
 
 NAME = hf.register()
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -94,9 +95,7 @@ def test_bf16_logits_match_eager(family):
     ref32 = _model(family, "eager")(ids).logits
     ref = _model(family, "eager", torch.bfloat16)(ids).logits.float()
     got = _model(family, NAME, torch.bfloat16)(ids).logits.float()
-    scale = ref32.abs().max()
-    assert (got - ref).abs().max() <= 5e-2 * scale
-    assert (got - ref32).abs().max() <= 1.5 * (ref - ref32).abs().max() + 1e-2 * scale
+    assert_bf16_close(got, ref, ref32, family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
