@@ -267,10 +267,10 @@ PRESETS: dict[str, dict] = {
     # ~64 assignments a batch, so the aux coefficient is 0.1: over 200 steps 0.01 held the normalised
     # load entropy at ~0.77, 0.03 at ~0.90, 0.1 at ~0.95 (no aux loss: ~0.3-0.7).
     # The aux coefficient decays (the sources' decaying auxiliary loss) by a cosine from 0.1 to 0.03
-    # over the demo's 2300 pretraining steps; the step counter lives in the model, so SFT keeps 0.03.
+    # over the demo's 2800 pretraining steps; the step counter lives in the model, so SFT keeps 0.03.
     "tiny": dict(vocab_size=264, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=16,
                  top_k=2, expert_ffn_dim=64, aux_loss_coef=0.1, aux_loss_decay="cosine",
-                 aux_loss_decay_steps=2300, aux_loss_min_coef=0.03, mtp_depth=1, max_seq_len=256),
+                 aux_loss_decay_steps=2800, aux_loss_min_coef=0.03, mtp_depth=1, max_seq_len=256),
     # A one-GPU development model (0.23B total, 0.08B active) with the dense-first and shared-expert paths.
     "small": dict(vocab_size=32768, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, num_experts=16,
                   top_k=2, expert_ffn_dim=1024, n_dense_layers=1, shared_expert_dim=1024, mtp_depth=1,

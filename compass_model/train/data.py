@@ -34,7 +34,7 @@ from compass_model.data import (
     prompt_weight_for,
 )
 from compass_model.data.corpus import GENERAL
-from compass_model.data.passkey import curriculum_contexts, make_passkey_tasks
+from compass_model.data.passkey import curriculum_contexts, make_passkey_tasks, passkey_task
 
 PRETRAIN_KINDS = ("general", "ecommerce", "reasoning", "long_context")
 SFT_KIND = "sft"
@@ -78,9 +78,10 @@ class StageData:
     seed: int = 0
     data_file: str | None = None
     pool_size: int = 2000
-    long_rows: int = 0              # SFT: rows of the extra long micro-batch (0: none)
-    long_seq_len: int = 0           # its row length: voucher codes at the curriculum lengths above seq_len
-    long_every: int = 1             # on steps where step % long_every == 0
+    retrieval_rows: int = 0         # rows of the extra voucher-code micro-batch (0: none)
+    retrieval_seq_len: int = 0      # its row length (0: seq_len); codes at the curriculum lengths up to
+                                    # seq_len, or, for longer rows, at those above seq_len
+    retrieval_every: int = 1        # on steps where step % retrieval_every == 0
 
     def __post_init__(self):
         if self.kind not in (*PRETRAIN_KINDS, SFT_KIND):
@@ -107,15 +108,13 @@ class StageData:
             self.docs = [tok.encode(t, bos=True, eos=True) for t in texts]
         if not (self.samples if self.kind == SFT_KIND else self.docs):
             raise ValueError(f"stage {self.kind!r} has no data")
-        self.long_samples = []
-        if self.long_rows:
-            if self.kind != SFT_KIND or self.long_seq_len <= self.seq_len or self.long_every < 1:
-                raise ValueError(f"long_rows needs the sft kind, long_seq_len > seq_len ({self.seq_len}) and "
-                                 f"long_every >= 1; got {self.kind!r}, {self.long_seq_len}, {self.long_every}")
-            lengths = [c for c in curriculum_contexts(self.long_seq_len) if c > self.seq_len]
-            self.long_samples = [(tok.encode(t.prompt), tok.encode(t.answer), prompt_weight_for("ecommerce"))
-                                 for c in lengths
-                                 for t in make_passkey_tasks(self.pool_size // 8, self.seed + TRAIN_TASK_SEED, c)]
+        self.retrieval_seq_len = self.retrieval_seq_len or self.seq_len
+        if self.retrieval_rows < 0 or self.retrieval_every < 1 or self.retrieval_seq_len < 64:
+            raise ValueError(f"need retrieval_rows >= 0, retrieval_every >= 1 and retrieval_seq_len >= 64 (or 0); "
+                             f"got {self.retrieval_rows}, {self.retrieval_every}, {self.retrieval_seq_len}")
+        lengths = curriculum_contexts(self.retrieval_seq_len)
+        longer = [c for c in lengths if c > self.seq_len]
+        self.retrieval_lengths = (longer or lengths) if self.retrieval_rows else []
 
     # ---- generated sources ----------------------------------------------------------------------
 
@@ -156,9 +155,28 @@ class StageData:
         ``step``; a pure function of (seed, kind, step)."""
         rng = random.Random(f"{self.seed}/{self.kind}/{step}")
         out = [self._one(rng) for _ in range(n_micro)]
-        if self.long_samples and step % self.long_every == 0:
-            out.append(self._sft_batch(rng, self.long_samples, self.long_rows, self.long_seq_len))
+        if self.retrieval_rows and step % self.retrieval_every == 0:
+            out.append(self._retrieval_batch(rng))
         return out
+
+    def _retrieval_batch(self, rng: random.Random) -> PackedBatch:
+        """``retrieval_rows`` rows of voucher-code tasks drawn afresh from the step's ``rng`` at
+        ``retrieval_lengths`` (a fresh catalogue and code each time: a fixed pool lets the small model
+        memorise codes instead of searching), as the stage reads text: SFT samples with the loss on the
+        whole sequence, or pretraining documents."""
+        tok, L = self.tokenizer, self.retrieval_seq_len
+        picked, used = [], 0
+        while used < self.retrieval_rows * L:
+            t = passkey_task(rng, LANGS[rng.randrange(len(LANGS))], rng.choice(self.retrieval_lengths))
+            if self.kind == SFT_KIND:
+                picked.append((tok.encode(t.prompt), tok.encode(t.answer), prompt_weight_for("ecommerce")))
+                used += len(picked[-1][0]) + len(picked[-1][1]) + 2
+            else:
+                picked.append(tok.encode(t.prompt + t.answer, bos=True, eos=True))
+                used += len(picked[-1])
+        b = (pack_sft(picked, L, tok.pad_id, tok.bos_id, tok.eos_id) if self.kind == SFT_KIND
+             else pack_pretraining(picked, L, tok.pad_id))
+        return _take_rows(b, self.retrieval_rows)
 
     def _sft_batch(self, rng: random.Random, samples: list, rows: int, seq_len: int) -> PackedBatch:
         tok = self.tokenizer
@@ -226,11 +244,11 @@ def data_files_for(data, stage_names: list) -> dict:
 
 
 def stage_data(stage, tokenizer, seed: int = 0, data_file: str | None = None) -> StageData:
-    """The ``StageData`` a ``StageConfig`` trains on (SFT's generated long retrieval row only without a
-    data file: a user's own SFT data is not mixed with generated tasks)."""
-    long_rows = stage.long_rows if data_file is None else 0
+    """The ``StageData`` a ``StageConfig`` trains on (the generated retrieval micro-batch only without a
+    data file: a user's own data is not mixed with generated tasks)."""
+    rows = stage.retrieval_rows if data_file is None else 0
     return StageData(stage.data_kind, tokenizer, stage.seq_len, stage.rows, seed=seed, data_file=data_file,
-                     long_rows=long_rows, long_seq_len=stage.long_seq_len, long_every=stage.long_every)
+                     retrieval_rows=rows, retrieval_seq_len=stage.retrieval_len, retrieval_every=stage.retrieval_every)
 
 
 def check_stage_data(stages: list, tokenizer, files: dict, seed: int = 0) -> dict:

@@ -164,9 +164,9 @@ def fully_shard_dense(model, ctx: EPContext, bf16: bool = False):
 
 
 def check_rows(stage, ctx: EPContext | None) -> None:
-    """A stage's micro-batch rows (and SFT's long rows) must split evenly over the ranks."""
-    if ctx is not None and (stage.rows % ctx.world or getattr(stage, "long_rows", 0) % ctx.world):
-        raise ValueError(f"stage {stage.name}: rows ({stage.rows}) and long_rows must be divisible by the world size "
+    """A stage's micro-batch rows (and its retrieval rows) must split evenly over the ranks."""
+    if ctx is not None and (stage.rows % ctx.world or getattr(stage, "retrieval_rows", 0) % ctx.world):
+        raise ValueError(f"stage {stage.name}: rows ({stage.rows}) and retrieval_rows must be divisible by the world size "
                          f"{ctx.world} (--dp {ctx.dp} x --ep {ctx.ep}: each micro-batch's rows are split "
                          "over the ranks)")
 

@@ -194,10 +194,10 @@ def _run(out: Path, config, stages, tokenizer, *, seed, files, resume, progress,
             if activation_checkpointing:
                 from compass_model.train.recompute import apply_activation_checkpointing
                 apply_activation_checkpointing(model)
-            if stage.long_rows and stage.long_seq_len > model.config.max_seq_len:
-                log(f"[{stage.name}] no long retrieval row: long_seq_len {stage.long_seq_len} > the model's "
+            if stage.retrieval_rows and stage.retrieval_len > model.config.max_seq_len:
+                log(f"[{stage.name}] no retrieval rows: retrieval_seq_len {stage.retrieval_len} > the model's "
                     f"max_seq_len {model.config.max_seq_len} (no YaRN phase before it)")
-                stage = stage.replace(long_rows=0)
+                stage = stage.replace(retrieval_rows=0)
             data = prepared.get(stage.name) or stage_data(stage, tokenizer, seed)
             before = 0 if ckpt is None else trainer_state(ckpt)["step"]
             train_stage(model, stage, data, sdir, metrics, resume=ckpt is not None, progress=progress, ctx=ctx,

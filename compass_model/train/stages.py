@@ -50,12 +50,13 @@ class StageConfig:
     mtp_every: int = 1               # MTP loss on steps where step % mtp_every == 0
     rope_factor: float = 1.0         # > 1: YaRN, context x factor over the previous stage's
     save_every: int = 1              # checkpoint every n steps (and at the end)
-    # SFT only: every ``long_every``-th step adds a micro-batch of ``long_rows`` rows of ``long_seq_len``
-    # tokens holding voucher-code retrieval longer than ``seq_len`` (train/data.py), so that SFT at the
-    # base context keeps the long-context skill (0 rows: off)
-    long_rows: int = 0
-    long_seq_len: int = 0
-    long_every: int = 1
+    # pretraining and SFT: every ``retrieval_every``-th step adds a micro-batch of ``retrieval_rows`` rows
+    # of ``retrieval_seq_len`` tokens (0: ``seq_len``) of voucher-code retrieval drawn afresh for the step
+    # (train/data.py): at the curriculum lengths up to ``seq_len``, or, for rows longer than ``seq_len``,
+    # at those above it (SFT at the base context keeps the 4x skill that way). 0 rows: off
+    retrieval_rows: int = 0
+    retrieval_seq_len: int = 0
+    retrieval_every: int = 1
     # alignment only
     beta: float = 0.1
     sft_weight: float = 0.0          # RPO: + this x the chosen answers' NLL (0: pure DPO / OTPO, the paper)
@@ -67,14 +68,16 @@ class StageConfig:
     def __post_init__(self):
         if stage_kind(self.name) not in STAGES or self.name == _LONG + "_":
             raise ValueError(f"stage name must be one of {STAGES} or long_context_<suffix>, got {self.name!r}")
-        for f in ("steps", "rows", "grad_accum", "seq_len", "mtp_every", "save_every", "long_rows", "long_seq_len",
-                  "long_every"):
-            v, low = getattr(self, f), 0 if f in ("steps", "long_rows", "long_seq_len") else 1
+        for f in ("steps", "rows", "grad_accum", "seq_len", "mtp_every", "save_every", "retrieval_rows",
+                  "retrieval_seq_len", "retrieval_every"):
+            v, low = getattr(self, f), 0 if f in ("steps", "retrieval_rows", "retrieval_seq_len") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"stage {self.name}: {f} must be an int >= {low}, got {v!r}")
-        if self.long_rows and (self.kind != "sft" or self.long_seq_len <= self.seq_len):
-            raise ValueError(f"stage {self.name}: long_rows needs an sft stage and long_seq_len > seq_len "
-                             f"({self.seq_len}), got long_seq_len {self.long_seq_len}")
+        if self.retrieval_rows and self.kind == "align":
+            raise ValueError(f"stage {self.name}: retrieval_rows needs a pretraining or sft stage, not alignment")
+        if self.retrieval_seq_len and self.retrieval_seq_len < 64:
+            raise ValueError(f"stage {self.name}: retrieval_seq_len must be 0 (the stage's seq_len) or >= 64 "
+                             f"tokens, got {self.retrieval_seq_len}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"stage {self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.lr > 0 or self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1 or self.clip <= 0:
@@ -92,6 +95,11 @@ class StageConfig:
     def kind(self) -> str:
         """The stage kind (``stage_kind``): ``long_context`` for every ``long_context_*`` phase."""
         return stage_kind(self.name)
+
+    @property
+    def retrieval_len(self) -> int:
+        """The row length of the stage's retrieval micro-batch (``retrieval_seq_len``, else ``seq_len``)."""
+        return self.retrieval_seq_len or self.seq_len
 
     @property
     def data_kind(self) -> str:
@@ -118,21 +126,23 @@ def demo_stages(base_context: int = 256) -> list:
     and ``long_context_4x`` (x2 over that, 4 x base in all). MTP at the preset's weight throughout
     (SFT included: the final model's draft module must match its trunk for speculative decoding).
     Voucher-code retrieval (``data/passkey.py``) runs through reasoning, both YaRN phases and SFT at
-    the curriculum lengths (the context halved down to 64 tokens); SFT's extra 1024-token row every
-    second step keeps the 4x skill while it trains at the base context (docs/algorithms.md measures
-    why both are needed). Alignment is the paper's (no NLL term) and is also run with the term, so
+    the curriculum lengths (the context halved down to 64 tokens). Reasoning adds a micro-batch of 8
+    fresh retrieval rows every step for 1000 steps at lr 3e-3: at this size the search forms only
+    after ~800 steps of dense retrieval (docs/algorithms.md); SFT's extra 1024-token row every second
+    step keeps the 4x skill while it trains at the base context. Alignment is the paper's (no NLL term) and is also run with the term, so
     ``report.json`` shows the accuracy both ways (``alignment.nll_term``)."""
     half = base_context // 2
     return [
         StageConfig("general", steps=500, rows=16, seq_len=half, lr=3e-3, warmup_steps=25),
         StageConfig("ecommerce", steps=1000, rows=16, seq_len=half, lr=3e-3, warmup_steps=20),
-        StageConfig("reasoning", steps=500, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=20),
+        StageConfig("reasoning", steps=1000, rows=8, seq_len=base_context, lr=3e-3, warmup_steps=20,
+                    retrieval_rows=8),
         StageConfig("long_context_2x", steps=150, rows=4, seq_len=2 * base_context, lr=1e-3, warmup_steps=10,
                     rope_factor=2.0),
         StageConfig("long_context_4x", steps=150, rows=2, seq_len=4 * base_context, lr=1e-3, warmup_steps=10,
                     rope_factor=2.0),
-        StageConfig("sft", steps=3000, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30,
-                    long_rows=1, long_seq_len=4 * base_context, long_every=2),
+        StageConfig("sft", steps=1500, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30,
+                    retrieval_rows=1, retrieval_seq_len=4 * base_context, retrieval_every=2),
         StageConfig("align", steps=100, rows=8, seq_len=base_context, lr=1e-4, warmup_steps=10, n_pairs=128,
                     eval_pairs=48, compare_nll=True),
     ]

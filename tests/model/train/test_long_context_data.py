@@ -5,6 +5,8 @@ the one evaluated; SFT's extra long micro-batch keeps retrieval above the base c
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from compass_model import CompassConfig, CompassForCausalLM
@@ -92,8 +94,8 @@ def test_eval_uses_the_scaling_the_4x_stage_trained(tmp_path):
     assert (c.rope_scaling, c.rope_factor, c.rope_original_max_len, c.max_seq_len) == ("yarn", 4.0, 256, 1024)
 
 
-def test_sft_long_micro_batch_holds_longer_retrieval_every_nth_step():
-    st = StageConfig("sft", steps=4, rows=2, seq_len=256, long_rows=1, long_seq_len=1024, long_every=2)
+def test_sft_retrieval_micro_batch_holds_longer_retrieval_every_nth_step():
+    st = StageConfig("sft", steps=4, rows=2, seq_len=256, retrieval_rows=1, retrieval_seq_len=1024, retrieval_every=2)
     data = stage_data(st, TOK)
     b0, b1 = data.micro_batches(0, 1), data.micro_batches(1, 1)
     assert len(b0) == 2 and len(b1) == 1 and b0[0].input_ids.shape == (2, 256)
@@ -102,24 +104,46 @@ def test_sft_long_micro_batch_holds_longer_retrieval_every_nth_step():
     row = long.input_ids[0].tolist()
     assert len(_find(row, NEEDLE_IDS)) >= 2 and int((long.doc_ids[0].bincount()[1:]).max()) > 256
     assert bool(long.response_mask.any())                            # the code is in the loss
+    assert float(long.prompt_weight[long.prompt_mask].min()) == 1.0  # and the catalogue: the whole sequence
     again = data.micro_batches(0, 1)                                 # deterministic (resume)
     assert all(bool((a.input_ids == b.input_ids).all()) for a, b in zip(again, b0))
+    assert data.retrieval_lengths == [512, 1024]                     # the base context's own samples cover <= 256
     # SFT's own passkey samples cover the curriculum up to its seq_len
     keys = [p for p, _, _ in data.samples if TOK.decode(p).startswith("Catalogue:")]
     assert min(len(p) for p in keys) < 64 and max(len(p) for p in keys) > 128
 
 
-def test_long_rows_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="long_rows needs an sft stage"):
-        StageConfig("reasoning", steps=1, long_rows=1, long_seq_len=1024)
-    with pytest.raises(ValueError, match="long_seq_len > seq_len"):
-        StageConfig("sft", steps=1, seq_len=256, long_rows=1, long_seq_len=256)
-    with pytest.raises(ValueError, match="long_every must be an int >= 1"):
-        StageConfig("sft", steps=1, long_every=0)
-    with pytest.raises(ValueError, match="long_rows needs the sft kind"):
-        StageData("general", TOK, 64, 2, pool_size=20, long_rows=1, long_seq_len=128)
-    sft = next(s for s in demo_stages() if s.name == "sft")
-    assert sft.long_rows >= 1 and sft.long_seq_len == 1024       # the demo's SFT keeps 4x retrieval
+def test_pretraining_retrieval_rows_are_fresh_curriculum_documents_every_step():
+    """reasoning with ``retrieval_rows``: every step adds that many rows of voucher-code documents at
+    64/128/256 tokens, drawn afresh (no two steps share a code), deterministic per step."""
+    st = StageConfig("reasoning", steps=4, rows=2, seq_len=256, retrieval_rows=3)
+    data = stage_data(st, TOK)
+    assert data.retrieval_lengths == [64, 128, 256]
+    codes = []
+    for step in range(4):
+        micro = data.micro_batches(step, 1)
+        assert len(micro) == 2 and micro[1].input_ids.shape == (3, 256)
+        text = "".join(TOK.decode([t for t in r if t < 256]) for r in micro[1].input_ids.tolist())
+        found = re.findall(r"Voucher code: (\d{4})", text)
+        assert len(found) >= 6                                        # needle + question, several docs a row
+        codes.append(set(found))
+        assert bool((micro[1].input_ids == data.micro_batches(step, 1)[1].input_ids).all())
+    assert all(not (a & b) for i, a in enumerate(codes) for b in codes[i + 1:])
+    assert len(StageData("reasoning", TOK, 256, 2, pool_size=20).micro_batches(0, 1)) == 1   # default: off
+
+
+def test_retrieval_rows_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="retrieval_rows needs a pretraining or sft stage"):
+        StageConfig("align", steps=1, retrieval_rows=1)
+    with pytest.raises(ValueError, match="retrieval_seq_len must be 0"):
+        StageConfig("sft", steps=1, seq_len=256, retrieval_rows=1, retrieval_seq_len=32)
+    with pytest.raises(ValueError, match="retrieval_every must be an int >= 1"):
+        StageConfig("sft", steps=1, retrieval_every=0)
+    with pytest.raises(ValueError, match="retrieval_every >= 1"):
+        StageData("general", TOK, 64, 2, pool_size=20, retrieval_rows=1, retrieval_every=0)
+    stages = {s.name: s for s in demo_stages()}
+    assert stages["sft"].retrieval_rows >= 1 and stages["sft"].retrieval_len == 1024   # SFT keeps 4x retrieval
+    assert stages["reasoning"].retrieval_rows >= 1 and stages["reasoning"].retrieval_len == 256   # the search forms
 
 
 def test_sft_without_yarn_phases_or_with_a_file_trains_no_long_row(tmp_path, caplog):
@@ -127,10 +151,10 @@ def test_sft_without_yarn_phases_or_with_a_file_trains_no_long_row(tmp_path, cap
     a user's SFT file gets no generated retrieval row."""
     from compass_model.train.pipeline import run_pipeline
     stages = [StageConfig("general", steps=1, rows=1, seq_len=64),
-              StageConfig("sft", steps=1, rows=1, seq_len=256, long_rows=1, long_seq_len=1024)]
+              StageConfig("sft", steps=1, rows=1, seq_len=256, retrieval_rows=1, retrieval_seq_len=1024)]
     with caplog.at_level("INFO"):
         run_pipeline(tmp_path / "o", CompassConfig.from_preset("tiny"), stages, TOK, progress=False, evaluate=False)
-    assert "no long retrieval row" in caplog.text
+    assert "no retrieval rows" in caplog.text
     f = tmp_path / "sft.jsonl"
     f.write_text('{"prompt": "Hi", "response": "Hello", "domain": "general"}\n' * 3)
-    assert stage_data(stages[1], TOK, data_file=str(f)).long_samples == []
+    assert stage_data(stages[1], TOK, data_file=str(f)).micro_batches(0, 1)[1:] == []
