@@ -109,12 +109,11 @@ class StageData:
         if not (self.samples if self.kind == SFT_KIND else self.docs):
             raise ValueError(f"stage {self.kind!r} has no data")
         self.retrieval_seq_len = self.retrieval_seq_len or self.seq_len
-        if self.retrieval_rows < 0 or self.retrieval_every < 1 or self.retrieval_seq_len < 64:
+        if self.retrieval_rows < 0 or self.retrieval_every < 1 or (self.retrieval_rows and self.retrieval_seq_len < 64):
             raise ValueError(f"need retrieval_rows >= 0, retrieval_every >= 1 and retrieval_seq_len >= 64 (or 0); "
                              f"got {self.retrieval_rows}, {self.retrieval_every}, {self.retrieval_seq_len}")
-        lengths = curriculum_contexts(self.retrieval_seq_len)
-        longer = [c for c in lengths if c > self.seq_len]
-        self.retrieval_lengths = (longer or lengths) if self.retrieval_rows else []
+        lengths = curriculum_contexts(self.retrieval_seq_len) if self.retrieval_rows else []
+        self.retrieval_lengths = [c for c in lengths if c > self.seq_len] or lengths
 
     # ---- generated sources ----------------------------------------------------------------------
 

@@ -126,10 +126,10 @@ def demo_stages(base_context: int = 256) -> list:
     and ``long_context_4x`` (x2 over that, 4 x base in all). MTP at the preset's weight throughout
     (SFT included: the final model's draft module must match its trunk for speculative decoding).
     Voucher-code retrieval (``data/passkey.py``) runs through reasoning, both YaRN phases and SFT at
-    the curriculum lengths (the context halved down to 64 tokens). Reasoning adds a micro-batch of 8
-    fresh retrieval rows every step for 1000 steps at lr 3e-3: at this size the search forms only
-    after ~800 steps of dense retrieval (docs/algorithms.md); SFT's extra 1024-token row every second
-    step keeps the 4x skill while it trains at the base context. Alignment is the paper's (no NLL term) and is also run with the term, so
+    the curriculum lengths (the context halved down to 64 tokens). general, ecommerce and reasoning
+    add a micro-batch of fresh retrieval rows every step (2500 steps at lr 3e-3): at this size the
+    search forms only after ~1000 steps of dense retrieval (docs/algorithms.md); SFT's extra
+    1024-token row every second step keeps the 4x skill while it trains at the base context. Alignment is the paper's (no NLL term) and is also run with the term, so
     ``report.json`` shows the accuracy both ways (``alignment.nll_term``)."""
     half = base_context // 2
     return [
