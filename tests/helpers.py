@@ -62,3 +62,16 @@ def route_oracle(topk_ids: torch.Tensor, E: int, capacity=None, align: int = 1):
                 row[t][j] = off[e] + rank[t][j]
     return (torch.tensor(row, dtype=torch.int64).reshape(T, k), torch.tensor(kept, dtype=torch.int64),
             torch.tensor(off, dtype=torch.int64))
+
+
+def skip_missing_triton(backend: str) -> None:
+    """Skip a Triton-backend case when the Triton FP8 kernels are not built."""
+    import importlib
+
+    if backend == "triton" and not importlib.import_module("compass_kernels.fp8")._TRITON:
+        pytest.skip("compass_kernels.triton.fp8 is not built yet")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a 1- or 4-byte tensor (for bit-exact comparisons)."""
+    return t.view({1: torch.uint8, 4: torch.int32}[t.element_size()])

@@ -120,3 +120,16 @@ def test_ci_runs_the_readmes_test_command():
     assert '".[test]"' in commands[1] and commands[1].endswith("pytest -q")
     ci = (REPO_ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci, "the test line of .ci/run differs from the README's"
+
+
+def test_tests_import_helpers_by_module_not_through_test_directories():
+    """The test directories (``tests/kernels``, ``tests/model``, ...) are namespace packages on the
+    test path, and an installed distribution of the same name wins once anything imports it first
+    (transformers >= 5.25 depends on a package called ``kernels``). Shared test helpers therefore
+    live in uniquely named modules directly under ``tests/`` and are imported by that name."""
+    tests = REPO_ROOT / "tests"
+    dirs = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))}
+    pattern = re.compile(rf"^\s*(?:from|import)\s+({'|'.join(sorted(dirs))})(?:\.|\s|$)", re.M)
+    bad = [f"{p.relative_to(REPO_ROOT)}: {m.group(0).strip()}" for p in sorted(tests.rglob("*.py"))
+           for m in pattern.finditer(p.read_text())]
+    assert not bad, "import the helper from a module under tests/ instead: " + "; ".join(bad)

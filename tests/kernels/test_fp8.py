@@ -12,6 +12,8 @@ import torch
 import compass_kernels as ck
 from compass_kernels.fp8_ref import FP8_MAX, GRANULARITIES, dequantize_fp8_ref, quantize_fp8_ref, scale_shape
 
+from helpers import bits, skip_missing_triton
+
 fp8 = importlib.import_module("compass_kernels.fp8")
 
 FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -28,11 +30,6 @@ SHAPES = [
 ]
 
 
-def skip_missing_triton(backend: str) -> None:
-    if backend == "triton" and not fp8._TRITON:
-        pytest.skip("compass_kernels.triton.fp8 is not built yet")
-
-
 def spanning(shape, dtype=torch.float32, lo=-3.0, hi=3.0) -> torch.Tensor:
     """Random signs and magnitudes log-uniform in [10^lo, 10^hi], a few all-zero rows."""
     mag = 10.0 ** (torch.rand(shape) * (hi - lo) + lo)
@@ -40,10 +37,6 @@ def spanning(shape, dtype=torch.float32, lo=-3.0, hi=3.0) -> torch.Tensor:
     if len(shape) >= 2 and shape[-2] > 2:
         x[..., 1, :] = 0.0
     return x.to(dtype)
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 4: torch.int32}[t.element_size()])
 
 
 def assert_bitexact(got, want) -> None:

@@ -13,7 +13,7 @@ from compass_kernels.fp8_ref import grouped_gemm_fp8_ref
 from compass_kernels.grouped_gemm_ref import grouped_gemm_ref
 from compass_kernels.routing_ref import permute_ref
 from helpers import cpu_backends, make_ids
-from kernels.test_fp8 import bits, skip_missing_triton
+from helpers import bits, skip_missing_triton
 
 fp8 = importlib.import_module("compass_kernels.fp8")
 

@@ -16,8 +16,8 @@ import torch
 pytest.importorskip("transformers", minversion="5")
 
 import compass_kernels.integrations.transformers as hf
-from kernels.integrations.hf_families import experts_classes
-from kernels.integrations.hf_models import assert_bf16_close, families, routing, tiny_model, to_dtype
+from hf_families import experts_classes
+from hf_models import assert_bf16_close, families, routing, tiny_model, to_dtype
 
 NAME = hf.register()
 
@@ -46,7 +46,7 @@ INIT = {
                    "v_head_dim": 8, "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 16,
                    "kv_lora_rank": 16, "index_head_dim": 8},
 }
-SKIP: dict[str, str] = {}   # family -> why the generic tiny config cannot build it (none with transformers 5.24)
+SKIP: dict[str, str] = {}   # family -> why the generic tiny config cannot build it (none with transformers 5.25)
 # families with a layout or an architecture the six of test_hf_models.py lack (checked to exist)
 DEFAULT = ("deepseek_v2", "jamba", "nemotron_h", "qwen3_next", "qwen3_vl_moe", "granitemoe")
 # the six most used families have their own, fuller tests in test_hf_models.py
@@ -163,7 +163,8 @@ NOT_GENERATIVE = {
 # vision-language families generated from text alone through their generative class
 GENERATE_WITH = {"hy_v4_vl": "HYV4VLForConditionalGeneration",
                  "mistral_large4": "MistralLarge4ForConditionalGeneration",
-                 "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+                 "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+                 "step3p7": "Step3p7ForConditionalGeneration"}
 
 
 @pytest.mark.parametrize("family", _params())

@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("transformers", minversion="5")
 
 import compass_kernels.integrations.transformers as hf
-from kernels.integrations.hf_models import assert_bf16_close
+from hf_models import assert_bf16_close
 
 NAME = hf.register()
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

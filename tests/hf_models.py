@@ -12,7 +12,7 @@ import itertools
 
 import torch
 
-from kernels.integrations.hf_families import _configs, experts_classes
+from hf_families import _configs, experts_classes
 
 VOCAB, LAYERS = 64, 2
 

@@ -74,6 +74,8 @@ def tiny_experts(qualname: str, seed: int = 0) -> torch.nn.Module:
     errors = []
     # an experts class whose caller passes its width (per-layer widths in the config) gets FFN
     extra = {"intermediate_size": FFN} if "intermediate_size" in inspect.signature(cls.__init__).parameters else {}
+    # a class built per layer (``layer_idx``) is tried at each layer index until one builds tiny
+    layers = range(4) if "layer_idx" in inspect.signature(cls.__init__).parameters else [None]
     for model_cls in config_classes:
         try:
             top = model_cls.config_class()
@@ -82,19 +84,20 @@ def tiny_experts(qualname: str, seed: int = 0) -> torch.nn.Module:
             continue
         for cfg in _configs(top):
             shrink(cfg)
-            try:
-                torch.manual_seed(seed)
-                m = cls(cfg, **extra)
-            except Exception as e:  # noqa: BLE001
-                errors.append(f"{type(cfg).__name__}: {e!r}")
-                continue
-            if sum(p.numel() for p in m.parameters()) > 1e6:
-                errors.append(f"{type(cfg).__name__}: not shrunk")
-                continue
-            with torch.no_grad():
-                for p in m.parameters():
-                    p.normal_(0, 0.3)
-            return m.float()
+            for layer in layers:
+                try:
+                    torch.manual_seed(seed)
+                    m = cls(cfg, **extra, **({} if layer is None else {"layer_idx": layer}))
+                except Exception as e:  # noqa: BLE001
+                    errors.append(f"{type(cfg).__name__}: {e!r}")
+                    continue
+                if sum(p.numel() for p in m.parameters()) > 1e6:
+                    errors.append(f"{type(cfg).__name__}: not shrunk")
+                    continue
+                with torch.no_grad():
+                    for p in m.parameters():
+                        p.normal_(0, 0.3)
+                return m.float()
     raise RuntimeError(f"no config builds {qualname}: {errors[:4]}")
 
 
