@@ -133,15 +133,15 @@ def demo_stages(base_context: int = 256) -> list:
     ``report.json`` shows the accuracy both ways (``alignment.nll_term``)."""
     half = base_context // 2
     return [
-        StageConfig("general", steps=500, rows=16, seq_len=half, lr=3e-3, warmup_steps=25, retrieval_rows=8),
-        StageConfig("ecommerce", steps=1000, rows=16, seq_len=half, lr=3e-3, warmup_steps=20, retrieval_rows=12),
+        StageConfig("general", steps=500, rows=16, seq_len=half, lr=3e-3, warmup_steps=25, retrieval_rows=4),
+        StageConfig("ecommerce", steps=1000, rows=16, seq_len=half, lr=3e-3, warmup_steps=20, retrieval_rows=8),
         StageConfig("reasoning", steps=1000, rows=4, seq_len=base_context, lr=3e-3, warmup_steps=20,
                     retrieval_rows=8),
         StageConfig("long_context_2x", steps=150, rows=4, seq_len=2 * base_context, lr=1e-3, warmup_steps=10,
                     rope_factor=2.0),
         StageConfig("long_context_4x", steps=150, rows=2, seq_len=4 * base_context, lr=1e-3, warmup_steps=10,
                     rope_factor=2.0),
-        StageConfig("sft", steps=800, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30,
+        StageConfig("sft", steps=1000, rows=8, seq_len=base_context, lr=2e-3, warmup_steps=30,
                     retrieval_rows=1, retrieval_seq_len=4 * base_context, retrieval_every=2),
         StageConfig("align", steps=100, rows=8, seq_len=base_context, lr=1e-4, warmup_steps=10, n_pairs=128,
                     eval_pairs=48, compare_nll=True),
