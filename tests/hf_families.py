@@ -73,9 +73,10 @@ def tiny_experts(qualname: str, seed: int = 0) -> torch.nn.Module:
                       and getattr(c, "config_class", None) is not None]
     errors = []
     # an experts class whose caller passes its width (per-layer widths in the config) gets FFN
-    extra = {"intermediate_size": FFN} if "intermediate_size" in inspect.signature(cls.__init__).parameters else {}
+    params = inspect.signature(cls.__init__).parameters
+    extra = {"intermediate_size": FFN} if "intermediate_size" in params else {}
     # a class built per layer (``layer_idx``) is tried at each layer index until one builds tiny
-    layers = range(4) if "layer_idx" in inspect.signature(cls.__init__).parameters else [None]
+    layers = range(4) if "layer_idx" in params else [None]
     for model_cls in config_classes:
         try:
             top = model_cls.config_class()

@@ -163,42 +163,30 @@ class StageData:
         ``retrieval_lengths`` (a fresh catalogue and code each time: a fixed pool lets the small model
         memorise codes instead of searching), as the stage reads text: SFT samples with the loss on the
         whole sequence, or pretraining documents."""
-        tok, L = self.tokenizer, self.retrieval_seq_len
-        picked, used = [], 0
-        while used < self.retrieval_rows * L:
+        tok = self.tokenizer
+
+        def draw():
             t = passkey_task(rng, LANGS[rng.randrange(len(LANGS))], rng.choice(self.retrieval_lengths))
             if self.kind == SFT_KIND:
-                picked.append((tok.encode(t.prompt), tok.encode(t.answer), prompt_weight_for("ecommerce")))
-                used += len(picked[-1][0]) + len(picked[-1][1]) + 2
-            else:
-                picked.append(tok.encode(t.prompt + t.answer, bos=True, eos=True))
-                used += len(picked[-1])
-        b = (pack_sft(picked, L, tok.pad_id, tok.bos_id, tok.eos_id) if self.kind == SFT_KIND
-             else pack_pretraining(picked, L, tok.pad_id))
-        return _take_rows(b, self.retrieval_rows)
-
-    def _sft_batch(self, rng: random.Random, samples: list, rows: int, seq_len: int) -> PackedBatch:
-        tok = self.tokenizer
-        picked, used = [], 0
-        while used < rows * seq_len:
-            s = samples[rng.randrange(len(samples))]
-            picked.append(s)
-            used += len(s[0]) + len(s[1]) + 2
-        return _take_rows(pack_sft(picked, seq_len, tok.pad_id, tok.bos_id, tok.eos_id), rows)
+                return tok.encode(t.prompt), tok.encode(t.answer), prompt_weight_for("ecommerce")
+            return tok.encode(t.prompt + t.answer, bos=True, eos=True)
+        return self._packed(draw, self.retrieval_rows, self.retrieval_seq_len)
 
     def _one(self, rng: random.Random) -> PackedBatch:
-        budget = self.rows * self.seq_len
-        tok = self.tokenizer
-        if self.kind == SFT_KIND:
-            return self._sft_batch(rng, self.samples, self.rows, self.seq_len)
-        else:
-            picked, used = [], 0
-            while used < budget:
-                d = self.docs[rng.randrange(len(self.docs))]
-                picked.append(d)
-                used += len(d)
-            b = pack_pretraining(picked, self.seq_len, tok.pad_id)
-        return _take_rows(b, self.rows)
+        pool = self.samples if self.kind == SFT_KIND else self.docs
+        return self._packed(lambda: pool[rng.randrange(len(pool))], self.rows, self.seq_len)
+
+    def _packed(self, draw, rows: int, seq_len: int) -> PackedBatch:
+        """``rows`` x ``seq_len`` filled with ``draw()``s (SFT samples ``(prompt, response, weight)``
+        or documents, by the stage's kind), packed first-fit."""
+        tok, sft = self.tokenizer, self.kind == SFT_KIND
+        picked, used = [], 0
+        while used < rows * seq_len:
+            picked.append(draw())
+            used += (len(picked[-1][0]) + len(picked[-1][1]) + 2) if sft else len(picked[-1])
+        b = (pack_sft(picked, seq_len, tok.pad_id, tok.bos_id, tok.eos_id) if sft
+             else pack_pretraining(picked, seq_len, tok.pad_id))
+        return _take_rows(b, rows)
 
 
 def _take_rows(b: PackedBatch, rows: int) -> PackedBatch:

@@ -129,8 +129,9 @@ def demo_stages(base_context: int = 256) -> list:
     the curriculum lengths (the context halved down to 64 tokens). general, ecommerce and reasoning
     add a micro-batch of fresh retrieval rows every step (2500 steps at lr 3e-3): at this size the
     search forms only after ~1000 steps of dense retrieval (docs/algorithms.md); SFT's extra
-    1024-token row every second step keeps the 4x skill while it trains at the base context. Alignment is the paper's (no NLL term) and is also run with the term, so
-    ``report.json`` shows the accuracy both ways (``alignment.nll_term``)."""
+    1024-token row every second step keeps the 4x skill while it trains at the base context.
+    Alignment is the paper's (no NLL term) and is also run with the term, so ``report.json`` shows
+    the accuracy both ways (``alignment.nll_term``)."""
     half = base_context // 2
     return [
         StageConfig("general", steps=500, rows=16, seq_len=half, lr=3e-3, warmup_steps=25, retrieval_rows=4),
