@@ -12,8 +12,7 @@ import compass_kernels as ck
 from compass_kernels.fp8_ref import grouped_gemm_fp8_ref
 from compass_kernels.grouped_gemm_ref import grouped_gemm_ref
 from compass_kernels.routing_ref import permute_ref
-from helpers import cpu_backends, make_ids
-from helpers import bits, skip_missing_triton
+from helpers import bits, cpu_backends, make_ids, skip_missing_triton
 
 fp8 = importlib.import_module("compass_kernels.fp8")
 
