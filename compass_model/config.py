@@ -121,7 +121,8 @@ class CompassConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> CompassConfig:
-        """A preset with some fields overridden; derived fields (head_dim, ...) follow the overrides."""
+        """A preset with some fields overridden; derived fields (head_dim, ...) follow the overrides
+        unless the preset gives them (``tiny`` fixes ``head_dim`` at 16)."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; expected one of {tuple(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -260,17 +261,20 @@ class CompassConfig:
 #   active: 2.15B + 44 * (151.1M + 4 * 335.5M)          = 67.8B (the paper's 71B within 5%).
 # docs/algorithms.md has both derivations.
 PRESETS: dict[str, dict] = {
-    # Trains on a 2-core CPU in seconds (~40 ms a step at 8 x 64 tokens, one thread): 0.45M parameters
-    # (0.67M with MTP), bytes as tokens (ByteTokenizer: 259 ids, padded to 264). max_seq_len 256 is
-    # the base context of `compass demo`'s first stages (its long-context stage scales it x4 by YaRN).
+    # Trains on a 2-core CPU in seconds: 0.49M parameters (0.73M with MTP), bytes as tokens
+    # (ByteTokenizer: 259 ids, padded to 264). max_seq_len 256 is the base context of `compass demo`'s
+    # first stages (its long-context stages scale it x4 by YaRN). Attention is 8 heads of 16 dims, each
+    # its own KV head (128 wide on a 64-wide trunk): with 4 heads sharing 2 KV heads the demo's needle
+    # search formed on half the seeds; each head is another chance for the induction head it needs
+    # (docs/algorithms.md, "Why some seeds miss it").
     # Bytes are a skewed vocabulary and each of the 16 experts sees
     # ~64 assignments a batch, so the aux coefficient is 0.1: over 200 steps 0.01 held the normalised
     # load entropy at ~0.77, 0.03 at ~0.90, 0.1 at ~0.95 (no aux loss: ~0.3-0.7).
     # The aux coefficient decays (the sources' decaying auxiliary loss) by a cosine from 0.1 to 0.03
-    # over the demo's 2800 pretraining steps; the step counter lives in the model, so SFT keeps 0.03.
-    "tiny": dict(vocab_size=264, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=16,
+    # over the demo's 3300 pretraining steps; the step counter lives in the model, so SFT keeps 0.03.
+    "tiny": dict(vocab_size=264, d_model=64, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=16, num_experts=16,
                  top_k=2, expert_ffn_dim=64, aux_loss_coef=0.1, aux_loss_decay="cosine",
-                 aux_loss_decay_steps=2800, aux_loss_min_coef=0.03, mtp_depth=1, max_seq_len=256),
+                 aux_loss_decay_steps=3300, aux_loss_min_coef=0.03, mtp_depth=1, max_seq_len=256),
     # A one-GPU development model (0.23B total, 0.08B active) with the dense-first and shared-expert paths.
     "small": dict(vocab_size=32768, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, num_experts=16,
                   top_k=2, expert_ffn_dim=1024, n_dense_layers=1, shared_expert_dim=1024, mtp_depth=1,

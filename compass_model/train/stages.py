@@ -127,8 +127,9 @@ def demo_stages(base_context: int = 256) -> list:
     (SFT included: the final model's draft module must match its trunk for speculative decoding).
     Voucher-code retrieval (``data/passkey.py``) runs through reasoning, both YaRN phases and SFT at
     the curriculum lengths (the context halved down to 64 tokens). general, ecommerce and reasoning
-    add a micro-batch of fresh retrieval rows every step (2500 steps at lr 3e-3): at this size the
-    search forms only after ~1000 steps of dense retrieval (docs/algorithms.md); SFT's extra
+    add a micro-batch of fresh retrieval rows every step (3000 steps at lr 3e-3): at this size the
+    search forms only after ~1000 steps of dense retrieval, mostly during reasoning's 1500 steps at
+    the base context (docs/algorithms.md); SFT's extra
     1024-token row every second step keeps the 4x skill while it trains at the base context.
     Alignment is the paper's (no NLL term) and is also run with the term, so ``report.json`` shows
     the accuracy both ways (``alignment.nll_term``)."""
@@ -136,7 +137,7 @@ def demo_stages(base_context: int = 256) -> list:
     return [
         StageConfig("general", steps=500, rows=16, seq_len=half, lr=3e-3, warmup_steps=25, retrieval_rows=4),
         StageConfig("ecommerce", steps=1000, rows=16, seq_len=half, lr=3e-3, warmup_steps=20, retrieval_rows=8),
-        StageConfig("reasoning", steps=1000, rows=4, seq_len=base_context, lr=3e-3, warmup_steps=20,
+        StageConfig("reasoning", steps=1500, rows=4, seq_len=base_context, lr=3e-3, warmup_steps=20,
                     retrieval_rows=8),
         StageConfig("long_context_2x", steps=150, rows=4, seq_len=2 * base_context, lr=1e-3, warmup_steps=10,
                     rope_factor=2.0),

@@ -48,7 +48,9 @@ def test_presets_are_valid_and_ordered():
     assert CompassConfig.from_preset("proxy-2b").num_parameters() == pytest.approx(2e9, rel=0.1)
     tiny = CompassConfig.from_preset("tiny")
     assert tiny.vocab_size >= ByteTokenizer.vocab_size and tiny.head_dim == 16 and tiny.dense_ffn_dim == 128
-    assert CompassConfig.from_preset("tiny", d_model=128).head_dim == 32      # derived from the override
+    assert (tiny.n_heads, tiny.n_kv_heads) == (8, 8)                          # the demo's needle search
+    assert CompassConfig.from_preset("tiny", d_model=128).head_dim == 16      # given by the preset
+    assert CompassConfig.from_preset("small", d_model=1024).head_dim == 128   # derived from the override
     with pytest.raises(ValueError, match="unknown preset"):
         CompassConfig.from_preset("huge")
 
