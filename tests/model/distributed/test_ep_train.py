@@ -1,6 +1,7 @@
 """`torchrun ... compass train --dp N --ep M` on gloo with the default recipe (aux loss, z-loss, and
 the aux-loss-free bias update switched on; two micro-batches per step): the single-process losses
-(1e-4) at --ep 2 and --dp 2 --ep 2, dense checkpoints equal to the single-process ones, and
+(1e-4) at --ep 2 and --dp 2 --ep 2, dense checkpoints equal to the single-process ones up to
+what a near-tied route flipped by fp32 summation order moves (`_assert_same_weights`), and
 resharding resumes: a --dp 2 --ep 2 run stopped after 2 steps continues at --ep 2 (and, slow, in one
 process and at --ep 1 under torchrun) with the uninterrupted run's losses. A distributed checkpoint's
 weights are DCP shards written by every rank; one process reads them as the dense model."""
@@ -48,6 +49,27 @@ def _same_losses(one, many, steps=range(STEPS), tol=1e-4):
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-3 * a["grad_norm"]
 
 
+def _assert_same_weights(ref, got):
+    """The weights of one training run in another layout. fp32 sums in another order there, and the
+    router's top-2 has near-ties in these batches (best-to-third margins down to ~3e-7 on scores of
+    ~0.06), so a token can go to another expert: that moves those two experts' weights by up to a
+    few Adam steps (lr 3e-3) and, through the gradients, the rest by up to ~2e-4. So: every element
+    within 1e-3 relative + 5e-4 absolute (a sixth of one step: a parameter a rank did not update, or
+    a misplaced shard, is far outside), except inside at most two experts of an expert tensor, which
+    stay within 1e-2."""
+    assert set(ref) == set(got)
+    for k, a in ref.items():
+        b = got[k]
+        assert b.shape == a.shape, k
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-2, msg=k)
+        off = (b - a).abs() > 5e-4 + 1e-3 * a.abs()
+        if k.endswith(("w13_EDF", "w2_EFD")):
+            experts = off.flatten(1).any(1).nonzero().flatten().tolist()
+            assert len(experts) <= 2, (k, experts)
+        else:
+            assert not off.any(), (k, (b - a).abs().max().item())
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ep_train")
@@ -60,9 +82,8 @@ def test_ep2_matches_one_process(runs):
     _assert_sharded(_step_dir(tmp, "ep2"), 2)
     assert (_step_dir(tmp, "one") / WEIGHTS_NAME).is_file()   # one process: model.safetensors as before
     w1, w2 = _weights(tmp, "one"), _weights(tmp, "ep2")
-    assert set(w1) == set(w2)                               # the shards consolidate to the dense model
-    for k in w1:                                            # router biases included: one bias update
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-3, atol=1e-5, msg=k)
+    _assert_same_weights(w1, w2)                            # the shards consolidate to the dense model,
+    #                                                         router biases included: one bias update
     final = resolve_checkpoint(tmp / "ep2")                 # what compass eval / generate load
     assert final == _step_dir(tmp, "ep2")
     dense = from_pretrained(final).state_dict()
@@ -98,8 +119,7 @@ def test_dp2_ep2_matches_one_process(runs):
     tmp, one = runs
     _same_losses(one, _train(tmp, "dp2ep2", 4, "--dp", "2", "--ep", "2"))
     w1, w4 = _weights(tmp, "one"), _weights(tmp, "dp2ep2")
-    for k in w1:
-        torch.testing.assert_close(w4[k], w1[k], rtol=1e-3, atol=1e-5, msg=k)
+    _assert_same_weights(w1, w4)
 
 
 @pytest.mark.slow
