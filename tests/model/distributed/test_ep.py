@@ -256,6 +256,7 @@ def test_ep_moe_matches_single_process(world, tmp_path):
 def _dead_rank_worker(rank: int, world: int, store: str) -> None:
     _init(rank, world, store)
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
+    dist.barrier(group=group)  # both ends of the group connected: rank 1 leaving mid-handshake fails new_group instead
     if rank == 1:
         _finish(rank, store)  # dies without joining the collective
     t0 = time.monotonic()
