@@ -247,10 +247,15 @@ def test_gpu_smoke_on_cpu_passes_every_triton_check():
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_exits_0(tmp_path):
-    """The dry run against this tree (copied to a site folder, as the built package would be)."""
+    """The dry run against the packages this process imported (copied to a site folder, compiled
+    modules included: the installed package, or a source tree built in place)."""
+    import compass_kernels
+    import compass_model
+
     site = tmp_path / "site"
-    for pkg in ("compass_kernels", "compass_model"):
-        shutil.copytree(ROOT / pkg, site / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for mod in (compass_kernels, compass_model):
+        src = pathlib.Path(mod.__file__).resolve().parent
+        shutil.copytree(src, site / src.name, ignore=shutil.ignore_patterns("__pycache__"))
     env = {**os.environ, "COMPASS_GPU_DRY_RUN": "1", "SITE": str(site), "OUT": str(tmp_path / "out"),
            "PYTHON": sys.executable}
     env.pop("PYTHONPATH", None)
