@@ -68,8 +68,7 @@ def time_layer(E: int, k: int, d: int, f0: int, T: int, reps: int, seed: int) ->
     w_EDF = torch.randn(E, d, 2 * F, generator=gen) * d ** -0.5
     w_DF = torch.randn(d, 2 * F, generator=gen) * d ** -0.5
     offsets = _random_offsets(T, E, k, gen)
-    cfg = small_config(d_model=d, n_heads=4, n_kv_heads=4, head_dim=None, num_experts=E, top_k=k,
-                       expert_ffn_dim=F)
+    cfg = small_config(d_model=d, num_experts=E, top_k=k, expert_ffn_dim=F)      # the MoE layer alone
     torch.manual_seed(seed)
     layer = MoE(cfg).eval()
     with torch.no_grad():

@@ -129,8 +129,8 @@ def demo_stages(base_context: int = 256) -> list:
     the curriculum lengths (the context halved down to 64 tokens). general, ecommerce and reasoning
     add a micro-batch of fresh retrieval rows every step (3000 steps at lr 3e-3): at this size the
     search forms only after ~1000 steps of dense retrieval, mostly during reasoning's 1500 steps at
-    the base context (docs/algorithms.md); SFT's extra
-    1024-token row every second step keeps the 4x skill while it trains at the base context.
+    the base context (docs/algorithms.md); SFT's extra 1024-token row every second step keeps the 4x
+    skill while it trains at the base context.
     Alignment is the paper's (no NLL term) and is also run with the term, so ``report.json`` shows
     the accuracy both ways (``alignment.nll_term``)."""
     half = base_context // 2

@@ -82,8 +82,8 @@ def test_ep2_matches_one_process(runs):
     _assert_sharded(_step_dir(tmp, "ep2"), 2)
     assert (_step_dir(tmp, "one") / WEIGHTS_NAME).is_file()   # one process: model.safetensors as before
     w1, w2 = _weights(tmp, "one"), _weights(tmp, "ep2")
-    _assert_same_weights(w1, w2)                            # the shards consolidate to the dense model,
-    #                                                         router biases included: one bias update
+    # the shards consolidate to the dense model, router biases included (one bias update)
+    _assert_same_weights(w1, w2)
     final = resolve_checkpoint(tmp / "ep2")                 # what compass eval / generate load
     assert final == _step_dir(tmp, "ep2")
     dense = from_pretrained(final).state_dict()
